@@ -1,0 +1,5 @@
+import sys
+
+from mpsclip.cli import main
+
+sys.exit(main())

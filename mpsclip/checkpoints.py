@@ -1,0 +1,188 @@
+"""Loading and saving MPSCLIP weights.
+
+Readable formats, detected from the file itself:
+- ours: ``<stem>.safetensors`` + ``<stem>.json`` (config; positional tables are not stored, they are recomputed);
+- the authors' ``checkpoint_best.pth``: ``{"model": state_dict, "config": ...}`` with the backbone and adapters
+  under ``model.``, the MPR head under ``mpr_head.`` and the buffers ``temp`` and ``*.pos_enc.pe``;
+- backbone only: an open_clip state dict (optionally under ``state_dict`` with a ``module.`` prefix) or an
+  OpenAI JIT archive. Adapters then start at identity and the MPR head at its initialisation.
+Nothing is ever loaded partially in silence: every mismatch is an :class:`MPSCLIPError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mpsclip import __version__
+from mpsclip.errors import MPSCLIPError
+from mpsclip.model import MPSCLIP, ModelConfig
+
+FORMAT = "mpsclip"
+_SHOWN = 5  # offending keys listed in an error message
+_RECOMPUTED_SUFFIX = ".pos_enc.pe"
+
+
+def config_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def save_model(model: MPSCLIP, path: str | Path) -> Path:
+    """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the weights path."""
+    weights = Path(path)
+    if weights.suffix != ".safetensors":
+        weights = weights.with_name(weights.name + ".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": __version__, "config": model.config.to_dict()}
+    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    _atomic_write(config_path(weights), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return weights
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP:
+    """Build an MPSCLIP from any readable checkpoint (see module docstring)."""
+    path = Path(path)
+    if path.suffix == ".json" and path.with_suffix(".safetensors").exists():
+        path = path.with_suffix(".safetensors")
+    if not path.exists():
+        raise MPSCLIPError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return _load_ours(path, arch, map_location)
+    state, kind = _read_torch_file(path, map_location)
+    model = MPSCLIP(config=ModelConfig(arch=arch or ModelConfig.arch))
+    if kind == "authors":
+        load_strict(model, state, path, require_adapters=True)
+    else:
+        load_strict(model, {f"clip.{k}": v for k, v in state.items()}, path, require_adapters=False)
+    return model
+
+
+def _load_ours(path: Path, arch: str | None, map_location: str) -> MPSCLIP:
+    cfg_file = config_path(path)
+    if not cfg_file.exists():
+        raise MPSCLIPError(f"{path}: its config {cfg_file.name} is missing beside it; save with MPSCLIP.save()")
+    try:
+        meta = json.loads(cfg_file.read_text())
+        config = ModelConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MPSCLIPError(f"{cfg_file}: not an mpsclip config ({err})") from err
+    if arch is not None and arch != config.arch:
+        raise MPSCLIPError(f"{path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
+    try:
+        state = load_file(str(path), device=map_location)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise MPSCLIPError(f"{path}: not a readable safetensors file ({err})") from err
+    model = MPSCLIP(config=config)
+    load_strict(model, state, path, require_adapters=True)
+    return model
+
+
+def _read_torch_file(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Returns the state dict in our key space for 'authors', or open_clip's key space for 'backbone'."""
+    try:
+        if _is_torchscript(path):
+            obj = torch.jit.load(str(path), map_location=map_location)
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for foreign files
+        raise MPSCLIPError(f"{path}: not a checkpoint mpsclip can read ({type(err).__name__}: {err})") from err
+    if isinstance(obj, torch.jit.ScriptModule):
+        state = dict(obj.state_dict())
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+        return state, "backbone"
+    if not isinstance(obj, Mapping):
+        raise MPSCLIPError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, not a state dict)")
+    if isinstance(obj.get("model"), Mapping):
+        state = _strip_prefix(dict(obj["model"]), "module.")
+        if any(k.startswith("model.") for k in state):
+            return _authors_to_ours(state), "authors"
+        obj = state
+    elif isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    state = _strip_prefix(dict(obj), "module.")
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MPSCLIPError(f"{path}: not a checkpoint (no tensors under 'model', 'state_dict' or the top level)")
+    if any(".g2adapter." in k for k in state):
+        return {f"clip.{k}" if not k.startswith(("mpr_head.", "temp")) else k: v for k, v in state.items()}, "authors"
+    return state, "backbone"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's CLIP releases are TorchScript archives: zip files holding a ``code/`` folder."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _authors_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if key.endswith(_RECOMPUTED_SUFFIX):
+            continue  # fixed sinusoidal tables: recomputed, not loaded
+        out["clip." + key[len("model.") :] if key.startswith("model.") else key] = value
+    return out
+
+
+def load_strict(model: MPSCLIP, state: dict[str, torch.Tensor], path: Path, require_adapters: bool) -> None:
+    """Load ``state`` into ``model`` or raise naming the first offending keys. Without ``require_adapters``
+    (a backbone-only file), adapter, MPR and ``temp`` entries keep their initial values."""
+    expected = model.state_dict()
+    optional = set() if require_adapters else {k for k in expected if not k.startswith("clip.") or ".g2adapter." in k}
+    optional.add("clip.logit_bias")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise MPSCLIPError(
+            f"{path}: {len(unexpected)} unexpected keys, e.g. {_first(unexpected)}; "
+            "is this a checkpoint of another model family?"
+        )
+    missing = [k for k in expected if k not in state and k not in optional]
+    adapter_missing = [k for k in missing if ".g2adapter." in k or k.startswith("mpr_head.")]
+    if adapter_missing:
+        raise MPSCLIPError(
+            f"{path}: {len(adapter_missing)} adapter/MPR keys are missing, e.g. {_first(adapter_missing)}; "
+            "the file is incomplete or from another MPS-CLIP variant"
+        )
+    if missing:
+        raise MPSCLIPError(f"{path}: {len(missing)} keys are missing, e.g. {_first(missing)}")
+    mismatched = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if mismatched:
+        detail = ", ".join(
+            f"{k} (file {list(state[k].shape)} vs model {list(expected[k].shape)})" for k in mismatched[:_SHOWN]
+        )
+        raise MPSCLIPError(
+            f"{path}: does not fit architecture {model.config.arch!r}: {len(mismatched)} tensors differ in "
+            f"shape, first: {detail}; pass the arch the checkpoint was trained with (--arch)"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _first(keys: list[str]) -> str:
+    return ", ".join(keys[:_SHOWN]) + (" ..." if len(keys) > _SHOWN else "")

@@ -1,0 +1,180 @@
+"""MPSCLIP: an open_clip CLIP (frozen) with G²A adapters in both towers and an MPR head."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpsclip.adapters import AdapterConfig, attach_adapters
+from mpsclip.distributed import gather_features
+from mpsclip.heads import MPRHead
+from mpsclip.losses import LossConfig, mpsclip_loss
+
+ARCH_CONFIG_DIR = Path(__file__).parent / "configs" / "arch"
+open_clip.add_model_config(ARCH_CONFIG_DIR)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an MPSCLIP (saved beside its weights)."""
+
+    arch: str = "ViT-B-32-quickgelu"
+    mpr_k: int = 4
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        adapter = AdapterConfig(**data.pop("adapter", {}))
+        loss = LossConfig(**data.pop("loss", {}))
+        return cls(adapter=adapter, loss=loss, **data)
+
+
+class MPSCLIP(nn.Module):
+    """Frozen open_clip backbone + G²A adapters + MPR head.
+
+    ``pretrained`` is passed to ``open_clip.create_model``: ``None`` (random init), ``"openai"`` (downloads
+    through open_clip where there is network) or a path to a backbone checkpoint.
+    """
+
+    def __init__(
+        self,
+        arch: str = "ViT-B-32-quickgelu",
+        pretrained: str | None = None,
+        *,
+        config: ModelConfig | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config or ModelConfig(arch=arch)
+        self.clip = open_clip.create_model(self.config.arch, pretrained=pretrained, cache_dir=cache_dir)
+        attach_adapters(self.clip.visual.transformer, self.config.adapter)
+        attach_adapters(self.clip.transformer, self.config.adapter)
+        self.mpr_head = MPRHead(self.embed_dim, self.config.mpr_k)
+        self.register_buffer("temp", torch.tensor(self.config.loss.temperature))
+        self._tokenizer = open_clip.get_tokenizer(self.config.arch)
+        self.freeze_backbone()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, arch: str | None = None, **kwargs: Any) -> MPSCLIP:
+        """Load ours (safetensors + JSON), the authors' ``checkpoint_best.pth``, an open_clip state dict or an
+        OpenAI JIT archive (backbone only: adapters then start at identity)."""
+        from mpsclip.checkpoints import load_model
+
+        return load_model(path, arch=arch, **kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.safetensors`` and ``<path>.json`` (config); returns the weights path."""
+        from mpsclip.checkpoints import save_model
+
+        return save_model(self, path)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.text_projection.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clip.visual.image_size[0])
+
+    def adapters(self) -> list[nn.Module]:
+        return [b.g2adapter for t in (self.clip.visual.transformer, self.clip.transformer) for b in t.resblocks]
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Train only adapters and MPR (default); ``frozen=False`` also trains the backbone.
+        ``logit_scale`` always stays frozen."""
+        for name, param in self.named_parameters():
+            trainable = ".g2adapter." in name or name.startswith("mpr_head.")
+            param.requires_grad = trainable or (not frozen and name != "clip.logit_scale")
+
+    # ----------------------------------------------------------------- towers
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
+        return self._tokenizer(texts)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images), dim=-1)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global embedding [B, D] and projected patch tokens [B, P, D], both L2-normalised."""
+        visual = self.clip.visual
+        pooled, tokens = visual._pool(visual.transformer(visual._embeds(images)))
+        return F.normalize(pooled @ visual.proj, dim=-1), F.normalize(tokens @ visual.proj, dim=-1)
+
+    def encode_regions(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean of the sub-images' global embeddings, L2-normalised; zeros where an image has none.
+
+        ``regions`` [B, R, 3, H, W], ``mask`` [B, R] bool. Only valid sub-images go through the tower.
+        """
+        b, r = mask.shape
+        feats = regions.new_zeros(b, r, self.embed_dim)
+        if bool(mask.any()):
+            feats[mask] = self.encode_image(regions[mask]).to(feats.dtype)
+        mean = feats.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1).to(feats.dtype)
+        return F.normalize(mean, dim=-1)
+
+    # ----------------------------------------------------------------- MPS-CLIP embeddings
+    def embed_images(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Retrieval embedding ``normalize(0.5 * (global + regions))``."""
+        glob = self.encode_image(images)
+        return F.normalize(0.5 * (glob + self.encode_regions(regions, mask)), dim=-1)
+
+    def perspectives_from(self, glob: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MPR perspectives [B, k, D] of the regions embedding (global embedding where no sub-image)."""
+        has_regions = mask.any(dim=1, keepdim=True)
+        return self.mpr_head(torch.where(has_regions, regions, glob))
+
+    def perspectives(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        glob = self.encode_image(images)
+        return self.perspectives_from(glob, self.encode_regions(regions, mask), mask)
+
+    def embed_all(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One pass giving ``global``, ``regions``, ``retrieval`` and ``perspectives`` embeddings."""
+        glob = self.encode_image(images)
+        reg = self.encode_regions(regions, mask)
+        return {
+            "global": glob,
+            "regions": reg,
+            "retrieval": F.normalize(0.5 * (glob + reg), dim=-1),
+            "perspectives": self.perspectives_from(glob, reg, mask),
+        }
+
+    # ----------------------------------------------------------------- objective
+    def loss(
+        self,
+        images: torch.Tensor,
+        regions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        tokens: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``{"contrastive", "triplet", "total"}``; features are gathered across DDP ranks first."""
+        glob = self.encode_image(images)
+        text = gather_features(self.encode_text(tokens))
+        views = None
+        if regions is not None and mask is not None and regions.shape[1] > 0:
+            views = gather_features(self.perspectives_from(glob, self.encode_regions(regions, mask), mask))
+        ids = gather_features(image_ids.view(-1)) if image_ids is not None else None
+        return mpsclip_loss(
+            gather_features(glob),
+            text,
+            views,
+            self.clip.logit_scale.exp(),
+            self.config.loss,
+            ids=ids,
+            temperature=self.temp.clamp(min=1e-3),
+        )

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mpsclip.model import MPSCLIP
+
+TINY = "MPS-Tiny"
+
+
+def randomize_adapters(model: MPSCLIP, seed: int = 0) -> MPSCLIP:
+    """Give every adapter (and the gate) non-trivial weights so tests see them working."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in model.adapters():
+            for name, param in adapter.named_parameters():
+                if name == "gate":
+                    param.fill_(0.3)
+                elif "norm" in name and name.endswith("weight"):
+                    param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+                else:
+                    param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> MPSCLIP:
+    logging.getLogger().setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    return randomize_adapters(MPSCLIP(TINY)).eval()
+
+
+@pytest.fixture()
+def batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "images": torch.randn(3, 3, 224, 224, generator=gen),
+        "regions": torch.randn(3, 2, 3, 224, 224, generator=gen),
+        "mask": torch.tensor([[True, True], [True, False], [False, False]]),
+    }
