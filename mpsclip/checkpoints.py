@@ -12,8 +12,6 @@ Nothing is ever loaded partially in silence: every mismatch is an :class:`MPSCLI
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from mpsclip import __version__
 from mpsclip.errors import MPSCLIPError
+from mpsclip.io import atomic_write, atomic_write_text
 from mpsclip.model import MPSCLIP, ModelConfig
 
 FORMAT = "mpsclip"
@@ -43,20 +42,9 @@ def save_model(model: MPSCLIP, path: str | Path) -> Path:
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "version": __version__, "config": model.config.to_dict()}
-    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    _atomic_write(config_path(weights), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    atomic_write_text(config_path(weights), json.dumps(meta, indent=2) + "\n")
     return weights
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP:

@@ -154,6 +154,17 @@ class MPSCLIP(nn.Module):
         }
 
     # ----------------------------------------------------------------- objective
+    def forward(
+        self,
+        images: torch.Tensor,
+        regions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        tokens: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Same as :meth:`loss` (``forward`` is what DistributedDataParallel wraps)."""
+        return self.loss(images, regions, mask, tokens, image_ids)
+
     def loss(
         self,
         images: torch.Tensor,

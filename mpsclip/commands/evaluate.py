@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint on a per-image evaluation file: R@1/5/10 both ways and mR in three modes.
+
+Modes: fused (the authors' retrieval embedding), global (no sub-images), max-response (max over the
+global embedding and the 4 MPR perspectives). Prints a table and writes <out>.json and <out>.md.
+
+Examples:
+  mpsclip evaluate runs/tiny/best.safetensors --data data/synth
+  mpsclip evaluate checkpoint_best.pth --eval-file rsitmd_test.json --image-root RSITMD/images \\
+      --sub-root RSITMD/subimages --out results/rsitmd
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "evaluate retrieval (fused, global, max-response) of a checkpoint"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="ours (.safetensors), the authors' .pth, or an open_clip file")
+    parser.add_argument("--arch", help="architecture of a .pth checkpoint (default ViT-B-32-quickgelu)")
+    parser.add_argument("--data", type=Path, help="a folder made by `mpsclip synth` (uses its test split)")
+    parser.add_argument("--eval-file", help="per-image evaluation annotations (JSON)")
+    parser.add_argument("--image-root", help="folder holding the images")
+    parser.add_argument("--sub-root", help="folder of <image stem>/<noun>_blackbg.png sub-images")
+    parser.add_argument("--out", type=Path, help="results path without suffix (default: <checkpoint>.eval)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--max-sub-images", type=int)
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, counting them")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpsclip.checkpoints import load_model
+    from mpsclip.data.annotations import load_eval
+    from mpsclip.errors import MPSCLIPError
+    from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
+    from mpsclip.metrics import chance_r_mean
+
+    eval_file = args.eval_file or (args.data / "test.json" if args.data else None)
+    image_root = args.image_root or args.data
+    sub_root = args.sub_root or (args.data / "subimages" if args.data else None)
+    if eval_file is None or image_root is None:
+        raise MPSCLIPError("give --data, or --eval-file and --image-root")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.checkpoint, arch=args.arch).to(device)
+    images = load_eval(eval_file)
+    emb = embed_eval_set(
+        model, images, image_root, sub_root, args.batch_size, args.num_workers, args.max_sub_images, device,
+        skip_bad_images=args.skip_bad_images,
+    )
+    results = score_all_modes(emb)
+    n_images, n_texts = emb.glob.shape[0], emb.text.shape[0]
+    print(f"{n_images} images, {n_texts} captions from {eval_file}")
+    print(markdown_table(results, chance_r_mean(n_images, max(1, round(n_texts / max(1, n_images))))))
+    out = args.out or Path(str(args.checkpoint) + ".eval")
+    write_results(out, results, n_images, n_texts)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,107 @@
+"""Extract nouns (keywords) from captions and write them into each record's ``nouns`` list.
+
+INPUT is an annotation file (a JSON list of records whose ``caption`` is a string or a list of strings) or a
+plain-text file with one caption per line. Backends: ``lexicon`` (offline, default), ``llm`` (a local model via
+transformers) and ``api`` (an OpenAI-compatible chat-completions endpoint). Failed records keep their old
+nouns and are listed in OUTPUT.failures.json.
+
+example:
+  mpsclip keywords captions.json --output captions_nouns.json
+  mpsclip keywords test.json --output out.json --evaluate
+  mpsclip keywords captions.txt --output out.json --backend api --api-url http://localhost:8000/v1 \\
+      --api-model qwen2.5-7b-instruct --concurrency 8
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "extract nouns from captions (lexicon, local LLM or chat API) into each record's 'nouns'"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="annotation .json or plain-text file (one caption per line)")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="where to write the records as JSON")
+    parser.add_argument("--backend", choices=("lexicon", "llm", "api"), default="lexicon")
+    score = parser.add_mutually_exclusive_group()
+    score.add_argument("--evaluate", action="store_true", help="print P/R/F1 against the input's own 'nouns'")
+    score.add_argument("--score-against", type=Path, metavar="REF.json", help="print P/R/F1 against REF's nouns")
+    parser.add_argument("--vocabulary", type=Path, help="lexicon: vocabulary file (default: the packaged one)")
+    parser.add_argument("--prompt-file", type=Path, help="llm/api: instruction text, {caption} is replaced")
+    parser.add_argument("--llm-model", help="llm: local model folder or Hugging Face cache id")
+    parser.add_argument("--device", default="cpu", help="llm: torch device (default: cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="llm: captions per generate call")
+    parser.add_argument("--api-url", help="api: endpoint base URL (env MPSCLIP_API_URL)")
+    parser.add_argument("--api-model", help="api: model name (env MPSCLIP_API_MODEL)")
+    parser.add_argument("--api-key", help="api: bearer key (env OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=8, help="api: requests in flight")
+    parser.add_argument("--cache", type=Path, help="api: reply cache folder (default: OUTPUT.cache/)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _backend(args: argparse.Namespace):  # -> a backend with extract(captions) -> list[Outcome]
+    from mpsclip.errors import MPSCLIPError
+
+    if args.batch_size < 1 or args.concurrency < 1:
+        raise MPSCLIPError("--batch-size and --concurrency must be at least 1")
+    if args.backend == "lexicon":
+        from mpsclip.keywords.lexicon import LexiconBackend, default_vocabulary, load_vocabulary
+
+        vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else default_vocabulary()
+        return LexiconBackend(vocabulary)
+    from mpsclip.keywords.llm import read_prompt
+
+    prompt = read_prompt(args.prompt_file)
+    if args.backend == "llm":
+        from mpsclip.keywords.llm import load_llm_backend
+
+        backend = load_llm_backend(args.llm_model, prompt, args.batch_size, args.device)
+        backend.progress = not args.no_progress
+        return backend
+    from mpsclip.keywords.api import ApiBackend, ApiConfig
+
+    cache = args.cache or args.output.with_name(args.output.name + ".cache")
+    config = ApiConfig.from_options(
+        args.api_url, args.api_model, args.api_key, cache, prompt=prompt, concurrency=args.concurrency
+    )
+    return ApiBackend(config, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mpsclip.keywords import evaluate_nouns
+    from mpsclip.keywords.io import (
+        captions_of,
+        failures_path,
+        merge_outcomes,
+        read_records,
+        reference_nouns,
+        write_outputs,
+    )
+
+    records = read_records(args.input)
+    reference = None
+    if args.evaluate:
+        reference = reference_nouns(records, str(args.input))
+    elif args.score_against:
+        reference = reference_nouns(read_records(args.score_against), str(args.score_against))
+        if len(reference) != len(records):
+            from mpsclip.errors import MPSCLIPError
+
+            raise MPSCLIPError(
+                f"{args.score_against} has {len(reference)} records but {args.input} has {len(records)}; "
+                "score against the reference file for the same records"
+            )
+    backend = _backend(args)
+    captions = [caption for record in records for caption in captions_of(record)]
+    merged, failures = merge_outcomes(records, backend.extract(captions))
+    write_outputs(args.output, merged, failures)
+
+    found = sum(len(record.get("nouns") or []) for record in merged)
+    print(f"{len(merged)} records, {len(captions)} captions, {found} nouns -> {args.output}")
+    if failures:
+        print(f"{len(failures)} captions failed; their records kept old nouns: {failures_path(args.output)}")
+    if reference is not None:
+        score = evaluate_nouns([record.get("nouns") or [] for record in merged], reference)
+        print(f"precision {score['precision']:.4f}  recall {score['recall']:.4f}  f1 {score['f1']:.4f}")
+    return 0

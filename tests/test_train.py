@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from mpsclip.checkpoints import load_model
+from mpsclip.data.synth import generate
+from mpsclip.errors import MPSCLIPError
+from mpsclip.train import TrainConfig, linear_warmup_decay, train
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, n_train=6, n_test=4, seed=3, workers=1)
+    return out
+
+
+def _config(data, **extra) -> TrainConfig:
+    base = dict(
+        arch="MPS-Tiny",
+        pretrained=None,
+        train_file=str(data / "train.json"),
+        image_root=str(data),
+        sub_root=str(data / "subimages"),
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        num_workers=0,
+        unfreeze_backbone=False,
+        max_sub_images=1,
+        seed=5,
+        adapter={"bottleneck": 32, "heads": 4},
+    )
+    base.update(extra)
+    return TrainConfig(**base)
+
+
+def _trainable(path):
+    model = load_model(path)
+    return {n: p for n, p in model.named_parameters() if ".g2adapter." in n or n.startswith("mpr_head.")}
+
+
+def test_killed_run_resumes_to_identical_weights(synth, tmp_path):
+    cfg = _config(synth)
+    train(cfg, tmp_path / "full")
+    stopped = train(cfg, tmp_path / "crashed", stop_after_steps=4)  # 3 steps per epoch: dies in epoch 2
+    assert stopped == {"stopped_at_step": 4}
+    assert json.loads((tmp_path / "crashed" / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    train(cfg, tmp_path / "crashed", resume=True)
+    full = _trainable(tmp_path / "full" / "last.safetensors")
+    resumed = _trainable(tmp_path / "crashed" / "last.safetensors")
+    assert full.keys() == resumed.keys()
+    changed = 0
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+        changed += int(full[name].abs().sum() > 0)
+    assert changed > 0
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2]
+
+
+def test_evaluates_each_epoch_and_keeps_best(synth, tmp_path):
+    cfg = _config(synth, epochs=1, eval_file=str(synth / "test.json"))
+    summary = train(cfg, tmp_path)
+    assert set(summary["eval"]) == {"fused", "global", "max-response"}
+    assert (tmp_path / "best.safetensors").exists() and (tmp_path / "last.json").exists()
+
+
+def test_schedule_warms_up_then_decays():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_warmup_decay(opt, total_steps=10, warmup=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] > lrs[5] > lrs[9] > 0
+
+
+def test_config_errors_name_the_file(tmp_path):
+    bad = tmp_path / "cfg.yaml"
+    bad.write_text("epochs: 3\nlearning_rate: 1\n")
+    with pytest.raises(MPSCLIPError, match=r"cfg.yaml: unknown keys \['learning_rate'\]"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(MPSCLIPError, match="shipped configs: rsicd, rsitmd, tiny"):
+        TrainConfig.from_yaml(tmp_path / "nope.yaml")
+    assert TrainConfig.from_yaml("tiny", epochs=1).epochs == 1
