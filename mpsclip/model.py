@@ -81,6 +81,13 @@ class MPSCLIP(nn.Module):
 
         return save_model(self, path)
 
+    def optimize(self, precision: str = "fp16", kernels: bool = True, cuda_graphs: bool = True) -> Any:
+        """Inference-only towers with fused Triton adapters, SDPA attention and CUDA graphs
+        (:func:`mpsclip.kernels.optimize`); falls back to PyTorch with a warning without a GPU or Triton."""
+        from mpsclip.kernels import optimize
+
+        return optimize(self.clip, precision=precision, kernels=kernels, cuda_graphs=cuda_graphs)
+
     @property
     def embed_dim(self) -> int:
         return int(self.clip.text_projection.shape[1])
