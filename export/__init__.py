@@ -1,0 +1,149 @@
+"""Export MPS-CLIP's towers for serving: ONNX, TensorRT, AOTInductor or a Triton model repository.
+
+``export(checkpoint, fmt, out)`` writes everything into a temporary folder beside ``out``, verifies parity
+with PyTorch, writes ``manifest.json`` and only then renames the folder to ``out``: a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnxruntime
+from mpsclip.export import aoti, tensorrt, triton_repo
+from mpsclip.export.manifest import build_manifest, write_manifest
+from mpsclip.export.onnx import DTYPES, write_onnx
+from mpsclip.export.ort import OrtEncoder
+from mpsclip.export.towers import TOWERS
+from mpsclip.export.verify import Encoder, not_run, verify_tower
+
+from mpsclip.checkpoints import load_model
+from mpsclip.errors import MPSCLIPError
+from mpsclip.model import MPSCLIP
+
+__all__ = ["FORMATS", "OrtEncoder", "export"]
+
+FORMATS = ("onnx", "tensorrt", "aoti", "triton-repo")
+
+
+def export(
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path,
+    precision: str = "fp32",
+    towers: tuple[str, ...] = TOWERS,
+    min_batch: int = 1,
+    opt_batch: int = 256,
+    max_batch: int = 1024,
+    verify: bool = True,
+    arch: str | None = None,
+    backend: str = "onnxruntime",
+) -> Path:
+    """Export ``towers`` of the checkpoint to the folder ``out`` (which must not exist, or be empty)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_arguments(fmt, out, precision, towers, (min_batch, opt_batch, max_batch), backend)
+    if fmt == "tensorrt" or (fmt == "triton-repo" and backend == "tensorrt"):
+        tensorrt.require_tensorrt()
+    if fmt == "aoti":
+        aoti.require_cuda()
+    model = load_model(checkpoint, arch=arch).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        stage = Path(tmp) / out.name
+        stage.mkdir()
+        files = {
+            t: _write_tower(model, t, stage, fmt, precision, (min_batch, opt_batch, max_batch), backend) for t in towers
+        }
+        if fmt == "triton-repo":
+            triton_repo.write_docs(stage, model, backend)
+        verification = {
+            t: _verify(model, t, stage / files[t], precision) if verify else not_run("--no-verify") for t in towers
+        }
+        manifest = build_manifest(
+            checkpoint=checkpoint,
+            model=model,
+            fmt=fmt,
+            precision=precision,
+            files=files,
+            batch={"min": min_batch, "opt": opt_batch, "max": max_batch},
+            verification=verification,
+        )
+        write_manifest(stage, manifest)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(stage, out)
+    return out
+
+
+def _check_arguments(
+    fmt: str, out: Path, precision: str, towers: tuple[str, ...], batches: tuple[int, int, int], backend: str
+) -> None:
+    if fmt not in FORMATS:
+        raise MPSCLIPError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if precision not in DTYPES:
+        raise MPSCLIPError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    if precision == "bf16" and (fmt == "onnx" or (fmt == "triton-repo" and backend == "onnxruntime")):
+        raise MPSCLIPError("ONNX cannot hold bf16 convolutions; use --precision fp16, or --format tensorrt/aoti")
+    if not towers or any(t not in TOWERS for t in towers) or len(set(towers)) != len(towers):
+        raise MPSCLIPError(f"towers {list(towers)}: give one or both of {', '.join(TOWERS)}, e.g. --towers image,text")
+    if not 1 <= batches[0] <= batches[1] <= batches[2]:
+        raise MPSCLIPError(f"batch sizes min/opt/max {list(batches)}: need 1 <= min <= opt <= max")
+    if backend not in triton_repo.BACKENDS:
+        raise MPSCLIPError(f"unknown backend {backend!r}; choose one of {', '.join(triton_repo.BACKENDS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MPSCLIPError(f"{out}: already exists and is not an empty folder; remove it or choose another --out")
+
+
+def _write_tower(
+    model: MPSCLIP, tower: str, stage: Path, fmt: str, precision: str, batches: tuple[int, int, int], backend: str
+) -> str:
+    """Write the artefact of ``tower`` under ``stage``; returns its path relative to ``stage``."""
+    name = f"{tower}_encoder"
+    if fmt == "onnx":
+        write_onnx(model, tower, stage / f"{name}.onnx", precision)
+        return f"{name}.onnx"
+    if fmt == "aoti":
+        aoti.compile_tower(
+            model, tower, stage / f"{name}.pt2", precision=precision, min_batch=batches[0], max_batch=batches[2]
+        )
+        return f"{name}.pt2"
+    if fmt == "tensorrt":
+        _build_plan(model, tower, stage / f"{name}.plan", precision, batches)
+        return f"{name}.plan"
+    triton_repo.write_config(stage, model, tower, backend, opt_batch=batches[1], max_batch=batches[2])
+    relative = f"{name}/1/{triton_repo.BACKENDS[backend]}"
+    (stage / relative).parent.mkdir(parents=True)
+    if backend == "tensorrt":
+        _build_plan(model, tower, stage / relative, precision, batches)
+    else:
+        write_onnx(model, tower, stage / relative, precision)
+    return relative
+
+
+def _build_plan(model: MPSCLIP, tower: str, plan: Path, precision: str, batches: tuple[int, int, int]) -> None:
+    """TensorRT takes the float32 ONNX graph and lowers precision through its builder flags."""
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / f"{tower}.onnx"
+        write_onnx(model, tower, onnx_path, "fp32")
+        tensorrt.build_engine(
+            onnx_path, plan, precision=precision, batches=batches, timing_cache=plan.parent / "timing.cache"
+        )
+
+
+def _verify(model: MPSCLIP, tower: str, artefact: Path, precision: str) -> dict[str, object]:
+    if (
+        artefact.suffix == ".onnx"
+        and precision != "fp32"
+        and "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    ):
+        return not_run(f"{precision} ONNX needs onnxruntime's CUDA provider (a GPU) to run; CPU kernels lack it")
+    return verify_tower(model, tower, _encoder(artefact), precision)
+
+
+def _encoder(artefact: Path) -> Encoder:
+    if artefact.suffix == ".plan":
+        return tensorrt.TrtEncoder(artefact)
+    if artefact.suffix == ".pt2":
+        return aoti.AotiEncoder(artefact)
+    return OrtEncoder(artefact)

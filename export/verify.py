@@ -1,0 +1,77 @@
+"""Parity of an exported tower against the PyTorch model on fixed, seeded inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpsclip.export.onnx import mha_fast_path_disabled
+from mpsclip.export.towers import build_tower, example_input
+
+from mpsclip.errors import MPSCLIPError
+from mpsclip.model import MPSCLIP
+
+Encoder = Callable[[np.ndarray], np.ndarray]
+BATCHES = (1, 3)  # two sizes, so that a batch dimension baked in as a constant shows up
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    min_cosine: float
+    max_abs: float | None  # None: not checked (reduced precision)
+
+
+TOLERANCES = {
+    "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-4),
+    "fp16": Tolerance(min_cosine=0.999, max_abs=None),
+    "bf16": Tolerance(min_cosine=0.999, max_abs=None),
+}
+
+
+def compare(reference: np.ndarray, output: np.ndarray) -> tuple[float, float]:
+    """Max absolute error and minimum row-wise cosine similarity of two ``[B, D]`` arrays."""
+    if reference.shape != output.shape:
+        raise MPSCLIPError(f"exported output has shape {list(output.shape)}, PyTorch gives {list(reference.shape)}")
+    output = output.astype(np.float64)
+    reference = reference.astype(np.float64)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(output, axis=1)
+    cosine = (reference * output).sum(axis=1) / np.maximum(norms, 1e-12)
+    return float(np.abs(reference - output).max()), float(cosine.min())
+
+
+def verify_tower(model: MPSCLIP, tower: str, encoder: Encoder, precision: str) -> dict[str, object]:
+    """Run ``encoder`` and the float32 PyTorch tower on seeded inputs; raise if outside the tolerance.
+
+    Returns the figures for the manifest: ``max_abs``, ``min_cosine``, the batches and the tolerance."""
+    module = build_tower(model, tower)
+    max_abs, min_cosine = 0.0, 1.0
+    for batch in BATCHES:
+        inputs = example_input(model, tower, batch, seed=SEED + batch)
+        with torch.no_grad(), mha_fast_path_disabled():
+            reference = module(inputs).numpy()
+        err, cos = compare(reference, np.asarray(encoder(inputs.numpy())))
+        max_abs, min_cosine = max(max_abs, err), min(min_cosine, cos)
+    tolerance = TOLERANCES[precision]
+    figures = {
+        "status": "verified",
+        "max_abs": max_abs,
+        "min_cosine": min_cosine,
+        "batches": list(BATCHES),
+        "tolerance": {"min_cosine": tolerance.min_cosine, "max_abs": tolerance.max_abs},
+    }
+    too_far = tolerance.max_abs is not None and not max_abs <= tolerance.max_abs
+    if too_far or not min_cosine >= tolerance.min_cosine:
+        raise MPSCLIPError(
+            f"{tower} tower: exported {precision} output differs from PyTorch (max abs {max_abs:.3g}, "
+            f"min cosine {min_cosine:.7f}; needed max abs <= {tolerance.max_abs}, cosine >= {tolerance.min_cosine}); "
+            "nothing was written. Try --precision fp32 or another --format, and report the figures"
+        )
+    return figures
+
+
+def not_run(reason: str) -> dict[str, object]:
+    """Manifest entry for a tower whose verification did not run (never reported as verified)."""
+    return {"status": "not-run", "reason": reason}
