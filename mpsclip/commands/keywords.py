@@ -5,11 +5,18 @@ plain-text file with one caption per line. Backends: ``lexicon`` (offline, defau
 transformers) and ``api`` (an OpenAI-compatible chat-completions endpoint). Failed records keep their old
 nouns and are listed in OUTPUT.failures.json.
 
+--from-image (archives without captions): the paper's protocol derives test-time nouns from the ground-truth
+captions, which a real archive does not have; this mode is what to use on real archives. INPUT is then a folder
+of images or an annotation file; each image is scored against a remote-sensing vocabulary (the packaged
+rs_vocabulary.txt or --vocabulary-file) with the model's own text tower ("a satellite image of {noun}"), and the
+--top-k nouns with softmax probability >= --threshold are written as {"image": ..., "nouns": [...]} records.
+
 example:
   mpsclip keywords captions.json --output captions_nouns.json
   mpsclip keywords test.json --output out.json --evaluate
   mpsclip keywords captions.txt --output out.json --backend api --api-url http://localhost:8000/v1 \\
       --api-model qwen2.5-7b-instruct --concurrency 8
+  mpsclip keywords archive_images/ --from-image --checkpoint model.safetensors --output archive_nouns.json
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ HELP = "extract nouns from captions (lexicon, local LLM or chat API) into each r
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="annotation .json or plain-text file (one caption per line)")
+    parser.add_argument(
+        "input", type=Path, help="annotation .json or plain-text file (one caption per line); --from-image: or a folder"
+    )
     parser.add_argument("--output", "-o", type=Path, required=True, help="where to write the records as JSON")
     parser.add_argument("--backend", choices=("lexicon", "llm", "api"), default="lexicon")
     score = parser.add_mutually_exclusive_group()
@@ -30,14 +39,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocabulary", type=Path, help="lexicon: vocabulary file (default: the packaged one)")
     parser.add_argument("--prompt-file", type=Path, help="llm/api: instruction text, {caption} is replaced")
     parser.add_argument("--llm-model", help="llm: local model folder or Hugging Face cache id")
-    parser.add_argument("--device", default="cpu", help="llm: torch device (default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=8, help="llm: captions per generate call")
+    parser.add_argument("--device", default="cpu", help="llm, --from-image: torch device (default: cpu)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="llm: captions per generate call; --from-image: images per batch"
+    )
     parser.add_argument("--api-url", help="api: endpoint base URL (env MPSCLIP_API_URL)")
     parser.add_argument("--api-model", help="api: model name (env MPSCLIP_API_MODEL)")
     parser.add_argument("--api-key", help="api: bearer key (env OPENAI_API_KEY)")
     parser.add_argument("--concurrency", type=int, default=8, help="api: requests in flight")
     parser.add_argument("--cache", type=Path, help="api: reply cache folder (default: OUTPUT.cache/)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    image = parser.add_argument_group("--from-image (zero-shot keywords for images without captions)")
+    image.add_argument("--from-image", action="store_true", help="score images against a vocabulary instead")
+    image.add_argument("--checkpoint", type=Path, help="model weights (any file mpsclip can load)")
+    image.add_argument("--arch", help="open_clip architecture for backbone-only checkpoints")
+    image.add_argument("--image-root", type=Path, help="folder of an annotation INPUT's images (default: its folder)")
+    image.add_argument("--top-k", type=int, default=5, help="nouns kept per image at most (default: 5)")
+    image.add_argument("--threshold", type=float, default=0.02, help="min softmax probability (default: 0.02)")
+    image.add_argument("--vocabulary-file", type=Path, help="nouns to score, one a line (default: rs_vocabulary.txt)")
 
 
 def _backend(args: argparse.Namespace):  # -> a backend with extract(captions) -> list[Outcome]
@@ -68,7 +87,38 @@ def _backend(args: argparse.Namespace):  # -> a backend with extract(captions) -
     return ApiBackend(config, progress=not args.no_progress)
 
 
+def _run_from_image(args: argparse.Namespace) -> int:
+    from mpsclip.checkpoints import load_model
+    from mpsclip.errors import MPSCLIPError
+    from mpsclip.keywords import evaluate_nouns
+    from mpsclip.keywords.io import write_json_atomic
+    from mpsclip.keywords.zero_shot import image_keywords, list_images, load_rs_vocabulary, reference_nouns_by_image
+
+    if args.checkpoint is None:
+        raise MPSCLIPError("--from-image needs --checkpoint (the model that scores images against the vocabulary)")
+    if args.score_against:
+        raise MPSCLIPError("--from-image scores with --evaluate (against an annotation INPUT's nouns) only")
+    images = list_images(args.input, args.image_root)
+    vocabulary = load_rs_vocabulary(args.vocabulary_file)
+    model = load_model(args.checkpoint, arch=args.arch)
+    records = image_keywords(
+        model, images, vocabulary, args.top_k, args.threshold, device=args.device, batch_size=args.batch_size
+    )
+    write_json_atomic(args.output, records)
+    found = sum(len(record["nouns"]) for record in records)
+    print(f"{len(records)} images, {len(vocabulary)} vocabulary nouns, {found} nouns kept -> {args.output}")
+    if args.evaluate:
+        if args.input.is_dir():
+            raise MPSCLIPError("--evaluate with --from-image needs an annotation INPUT with 'nouns', not a folder")
+        reference = reference_nouns_by_image(args.input)
+        score = evaluate_nouns([record["nouns"] for record in records], [reference[r["image"]] for r in records])
+        print(f"precision {score['precision']:.4f}  recall {score['recall']:.4f}  f1 {score['f1']:.4f}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.from_image:
+        return _run_from_image(args)
     from mpsclip.keywords import evaluate_nouns
     from mpsclip.keywords.io import (
         captions_of,
