@@ -10,9 +10,9 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["MPSCLIP", "ModelConfig", "metrics", "__version__"]
+__all__ = ["MPSCLIP", "ModelConfig", "PriorCLIP", "metrics", "__version__"]
 
-_LAZY = {"MPSCLIP": "mpsclip.model", "ModelConfig": "mpsclip.model"}
+_LAZY = {"MPSCLIP": "mpsclip.model", "ModelConfig": "mpsclip.model", "PriorCLIP": "mpsclip.priorclip"}
 
 
 def __getattr__(name: str) -> Any:

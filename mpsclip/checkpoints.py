@@ -24,6 +24,7 @@ from mpsclip import __version__
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write, atomic_write_text
 from mpsclip.model import MPSCLIP, ModelConfig
+from mpsclip.priorclip import PriorCLIP, is_priorclip_file, is_priorclip_state, priorclip_from_state
 
 FORMAT = "mpsclip"
 _SHOWN = 5  # offending keys listed in an error message
@@ -47,16 +48,21 @@ def save_model(model: MPSCLIP, path: str | Path) -> Path:
     return weights
 
 
-def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP:
-    """Build an MPSCLIP from any readable checkpoint (see module docstring)."""
+def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP | PriorCLIP:
+    """Build an MPSCLIP, or a PriorCLIP where the file holds one, from any readable checkpoint (see module
+    docstring)."""
     path = Path(path)
     if path.suffix == ".json" and path.with_suffix(".safetensors").exists():
         path = path.with_suffix(".safetensors")
     if not path.exists():
         raise MPSCLIPError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
+        if is_priorclip_file(path):
+            return PriorCLIP.from_checkpoint(path, arch=arch, map_location=map_location)
         return _load_ours(path, arch, map_location)
     state, kind = _read_torch_file(path, map_location)
+    if kind == "backbone" and is_priorclip_state(state):
+        return priorclip_from_state(state, path, arch)
     model = MPSCLIP(config=ModelConfig(arch=arch or ModelConfig.arch))
     if kind == "authors":
         load_strict(model, state, path, require_adapters=True)

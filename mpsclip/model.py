@@ -72,8 +72,13 @@ class MPSCLIP(nn.Module):
         """Load ours (safetensors + JSON), the authors' ``checkpoint_best.pth``, an open_clip state dict or an
         OpenAI JIT archive (backbone only: adapters then start at identity)."""
         from mpsclip.checkpoints import load_model
+        from mpsclip.errors import MPSCLIPError
 
-        return load_model(path, arch=arch, **kwargs)
+        model = load_model(path, arch=arch, **kwargs)
+        if not isinstance(model, MPSCLIP):
+            family = type(model).__name__
+            raise MPSCLIPError(f"{path}: holds a {family} model; load it with mpsclip.{family}.from_checkpoint")
+        return model
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` (config); returns the weights path."""

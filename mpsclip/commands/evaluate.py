@@ -19,7 +19,9 @@ HELP = "evaluate retrieval (fused, global, max-response) of a checkpoint"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="ours (.safetensors), the authors' .pth, or an open_clip file")
-    parser.add_argument("--arch", help="architecture of a .pth checkpoint (default ViT-B-32-quickgelu)")
+    parser.add_argument(
+        "--arch", help="architecture of a .pth checkpoint (default ViT-B-32-quickgelu; PriorCLIP: ViT-B-32)"
+    )
     parser.add_argument("--data", type=Path, help="a folder made by `mpsclip synth` (uses its test split)")
     parser.add_argument("--eval-file", help="per-image evaluation annotations (JSON)")
     parser.add_argument("--image-root", help="folder holding the images")
