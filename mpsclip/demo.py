@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything the demo writes")
     parser.add_argument("--train-images", type=int, default=400)
     parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
     run_demo(args.out, args.train_images, args.test_images, args.epochs)

@@ -31,6 +31,14 @@ from PIL import Image, ImageDraw
 
 CLASSES = ("airport", "harbor", "farmland", "residential", "industrial", "river", "forest", "parking")
 CAPTIONS_PER_IMAGE = 5
+# Ground cover: tints the unnamed ground of a scene and is named in every caption, so that images of one
+# class differ in a way a small model can see and a caption can say.
+TERRAINS: dict[str, tuple[tuple[float, float, float], tuple[str, ...]]] = {
+    "snowy": ((232.0, 234.0, 238.0), ("in a snowy area", "on snow-covered ground", "surrounded by snow")),
+    "sandy": ((214.0, 186.0, 128.0), ("in a sandy desert area", "on sandy ground", "surrounded by sand")),
+    "grassy": ((96.0, 150.0, 70.0), ("surrounded by green grassland", "on grassy ground", "in a green meadow")),
+    "rocky": ((92.0, 88.0, 84.0), ("on dark rocky ground", "in a rocky area", "surrounded by dark rocks")),
+}
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _Z_HUFFMAN_ONLY = 2
 
@@ -185,9 +193,10 @@ def make_image(job: _Job) -> dict[str, Any]:
     label = job.index % len(CLASSES)
     name = CLASSES[label]
     canvas, candidates = _SCENES[name](_Canvas(job.size, rng))
+    phrases = _apply_terrain(canvas, rng)
     rgb, owner = canvas.finish()
     picks = rng.choice(len(candidates), size=CAPTIONS_PER_IMAGE, replace=False)
-    captions = [candidates[i] for i in sorted(picks)]
+    captions = [_with_phrase(candidates[i], phrases[j % len(phrases)]) for j, i in enumerate(sorted(picks))]
     nouns = [_nouns_in(c, canvas.nouns) for c in captions]
     stem = f"{name}_{job.number}"
     _write_png(job.out_dir / "images" / f"{stem}.png", rgb)
@@ -202,6 +211,18 @@ def make_image(job: _Job) -> dict[str, Any]:
         "captions": captions,
         "nouns": nouns,
     }
+
+
+def _apply_terrain(canvas: _Canvas, rng: np.random.Generator) -> tuple[str, ...]:
+    """Tint the unnamed ground towards a random terrain colour; return that terrain's caption phrases."""
+    color, phrases = TERRAINS[_pick(rng, sorted(TERRAINS))]
+    ground = canvas.owner == -1
+    canvas.rgb[ground] = 0.35 * canvas.rgb[ground] + 0.65 * np.asarray(color, dtype=np.float32)
+    return phrases
+
+
+def _with_phrase(caption: str, phrase: str) -> str:
+    return caption.rstrip(".") + " " + phrase + "."
 
 
 def _nouns_in(caption: str, nouns: list[str]) -> list[str]:
