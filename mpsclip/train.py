@@ -12,6 +12,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,14 +28,15 @@ from tqdm import tqdm
 
 from mpsclip.adapters import AdapterConfig
 from mpsclip.checkpoints import load_model
-from mpsclip.data.annotations import load_eval, load_train
-from mpsclip.data.collate import collate
+from mpsclip.data.annotations import TrainRecord, load_eval, load_train
+from mpsclip.data.collate import Batch, collate
 from mpsclip.data.datasets import TrainDataset
 from mpsclip.errors import MPSCLIPError
 from mpsclip.evaluate import embed_eval_set, score_all_modes
 from mpsclip.io import atomic_write, atomic_write_text
 from mpsclip.losses import LossConfig
 from mpsclip.model import MPSCLIP, ModelConfig
+from mpsclip.priorclip import PriorCLIP, class_labels_from_filenames
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -43,6 +45,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class TrainConfig:
     """Defaults are the authors' (RSITMD/RSICD); paths usually come from the command line."""
 
+    model_family: str = "mpsclip"  # or "priorclip" (PriorCLIP's own objective, all weights trainable)
+    belief_weighting: str = "rank"  # PriorCLIP only
+    priorclip: dict[str, Any] = field(default_factory=dict)  # PriorCLIP prior-branch sizes (res_layers, res_width)
     arch: str = "ViT-B-32-quickgelu"
     pretrained: str | None = "openai"
     init_checkpoint: str | None = None  # start from any checkpoint mpsclip loads (overrides pretrained)
@@ -179,7 +184,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
         raise MPSCLIPError("training needs train_file and image_root (config keys or --train-file/--image-root)")
     seed_everything(cfg.seed)
     model = _build_model(cfg).to(rt.device)
-    model.freeze_backbone(not cfg.unfreeze_backbone)
+    if isinstance(model, MPSCLIP):
+        model.freeze_backbone(not cfg.unfreeze_backbone)
     records = load_train(cfg.train_file)
     dataset = TrainDataset(
         records, cfg.image_root, cfg.sub_root, max_sub_images=cfg.max_sub_images, skip_bad_images=cfg.skip_bad_images
@@ -196,11 +202,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
             print(f"resuming after epoch {start_epoch} (best r_mean so far {best:.2f})")
     net = DistributedDataParallel(model, find_unused_parameters=True) if rt.world_size > 1 else model
     eval_images = load_eval(cfg.eval_file) if cfg.eval_file else None
+    inputs = _loss_inputs(model, dataset.records)
     summary: dict[str, Any] = {}
     steps = 0
     for epoch in range(start_epoch, cfg.epochs):
         loader = _epoch_loader(dataset, cfg, rt, epoch)
-        stats = _train_epoch(net, model, loader, optimizer, scheduler, rt, epoch, cfg, stop_after_steps, steps)
+        stats = _train_epoch(net, model, inputs, loader, optimizer, scheduler, rt, epoch, cfg, stop_after_steps, steps)
         steps = stats.pop("steps")
         if stop_after_steps is not None and steps >= stop_after_steps:
             return {"stopped_at_step": steps}
@@ -219,10 +226,36 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     return summary
 
 
-def _build_model(cfg: TrainConfig) -> MPSCLIP:
+def _build_model(cfg: TrainConfig) -> MPSCLIP | PriorCLIP:
+    if cfg.model_family not in ("mpsclip", "priorclip"):
+        raise MPSCLIPError(f"model_family must be 'mpsclip' or 'priorclip', not {cfg.model_family!r}")
     if cfg.init_checkpoint:
-        return load_model(cfg.init_checkpoint, arch=cfg.arch)
-    return MPSCLIP(pretrained=cfg.pretrained, config=cfg.model_config())
+        model = load_model(cfg.init_checkpoint, arch=cfg.arch)
+    elif cfg.model_family == "priorclip":
+        model = PriorCLIP(cfg.arch, cfg.belief_weighting, pretrained=cfg.pretrained, **cfg.priorclip)
+    else:
+        model = MPSCLIP(pretrained=cfg.pretrained, config=cfg.model_config())
+    if (cfg.model_family == "priorclip") != isinstance(model, PriorCLIP):
+        family = type(model).__name__
+        raise MPSCLIPError(f"{cfg.init_checkpoint}: holds a {family}, but model_family is {cfg.model_family}")
+    return model
+
+
+LossInputs = Callable[[Batch, torch.Tensor], tuple]
+
+
+def _loss_inputs(model: MPSCLIP | PriorCLIP, records: list[TrainRecord]) -> LossInputs:
+    """What each family's ``forward`` takes: MPS-CLIP its sub-images and image ids, PriorCLIP class labels
+    taken from the image file names."""
+    if isinstance(model, PriorCLIP):
+        labels = class_labels_from_filenames([r.image for r in records])
+        by_id = {r.image_id: int(label) for r, label in zip(records, labels, strict=True)}
+        return lambda batch, tokens: (
+            batch.images,
+            tokens,
+            torch.tensor([by_id[int(i)] for i in batch.image_ids], device=batch.images.device),
+        )
+    return lambda batch, tokens: (batch.images, batch.regions, batch.mask, tokens, batch.image_ids)
 
 
 def _epoch_loader(dataset: TrainDataset, cfg: TrainConfig, rt: Runtime, epoch: int) -> DataLoader:
@@ -247,7 +280,8 @@ def _epoch_loader(dataset: TrainDataset, cfg: TrainConfig, rt: Runtime, epoch: i
 
 def _train_epoch(
     net: torch.nn.Module,
-    model: MPSCLIP,
+    model: MPSCLIP | PriorCLIP,
+    inputs: LossInputs,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -258,7 +292,7 @@ def _train_epoch(
     steps: int,
 ) -> dict[str, Any]:
     net.train()
-    totals: dict[str, float] = {"contrastive": 0.0, "triplet": 0.0, "total": 0.0}
+    totals: dict[str, float] = {}
     seen, batches, start = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not rt.main, leave=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
@@ -266,13 +300,13 @@ def _train_epoch(
         batch = batch.to(rt.device, non_blocking=True)
         tokens = model.tokenize(batch.captions).to(rt.device)
         with autocast:
-            losses = net(batch.images, batch.regions, batch.mask, tokens, batch.image_ids)
+            losses = net(*inputs(batch, tokens))
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
         scheduler.step()
-        for key in totals:
-            totals[key] += float(losses[key].detach())
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach())
         batches += 1
         seen += batch.images.shape[0] * rt.world_size
         steps += 1
@@ -287,7 +321,7 @@ def _train_epoch(
 
 
 def _end_epoch(
-    out: Path, model: MPSCLIP, optimizer, scheduler, cfg: TrainConfig, epoch: int, stats: dict, best: float
+    out: Path, model: MPSCLIP | PriorCLIP, optimizer, scheduler, cfg: TrainConfig, epoch: int, stats: dict, best: float
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "last")
@@ -316,7 +350,7 @@ def _end_epoch(
     return stats
 
 
-def _load_state(path: Path, model: MPSCLIP, optimizer, scheduler) -> tuple[int, float]:
+def _load_state(path: Path, model: MPSCLIP | PriorCLIP, optimizer, scheduler) -> tuple[int, float]:
     """Restore from ``state.pt`` alone (it holds the trainable weights), so a crash between writing the
     checkpoints and the state can never pair weights and optimizer state of different epochs."""
     try:

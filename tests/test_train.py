@@ -87,3 +87,18 @@ def test_config_errors_name_the_file(tmp_path):
     with pytest.raises(MPSCLIPError, match="shipped configs: rsicd, rsitmd, tiny"):
         TrainConfig.from_yaml(tmp_path / "nope.yaml")
     assert TrainConfig.from_yaml("tiny", epochs=1).epochs == 1
+
+
+def test_priorclip_trains_through_the_same_trainer(synth, tmp_path):
+    cfg = _config(
+        synth,
+        model_family="priorclip",
+        arch="PriorCLIP-Tiny",
+        epochs=1,
+        adapter={},
+        priorclip={"res_layers": (1, 1, 1, 1), "res_width": 8},
+        eval_file=str(synth / "test.json"),
+    )
+    summary = train(cfg, tmp_path)
+    assert {"contrastive", "affiliation", "total"} <= set(summary)
+    assert type(load_model(tmp_path / "last.safetensors")).__name__ == "PriorCLIP"

@@ -26,6 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-file", help="per-image evaluation annotations (JSON), evaluated each epoch")
     parser.add_argument("--image-root", help="folder holding the images named in the annotations")
     parser.add_argument("--sub-root", help="folder of <image stem>/<noun>_blackbg.png sub-images")
+    parser.add_argument(
+        "--model-family", choices=["mpsclip", "priorclip"], help="priorclip trains PriorCLIP with its own objective"
+    )
+    parser.add_argument("--arch", help="open_clip architecture (PriorCLIP: ViT-B-32)")
     parser.add_argument("--init-checkpoint", help="start from this checkpoint (ours, the authors', open_clip)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         "image_root": args.image_root or paths.get("image_root"),
         "sub_root": args.sub_root or paths.get("sub_root"),
         "init_checkpoint": args.init_checkpoint,
+        "model_family": args.model_family,
+        "arch": args.arch,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
