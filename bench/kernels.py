@@ -152,10 +152,12 @@ def bench_towers(dtype: torch.dtype, precision: str, compile_plain: bool) -> tup
     models = build_models(dtype)
     t0 = time.perf_counter()
     ours = optimize(models["authors"], precision=precision)
+    ours_eager = optimize(models["authors"], precision=precision, compile=False)
     rows, checks = [], []
     variants: dict[str, dict[str, Callable]] = {
         "plain eager": {"image": models["plain"].encode_image, "text": models["plain"].encode_text},
         "authors eager": {"image": models["authors"].encode_image, "text": models["authors"].encode_text},
+        "ours optimize(compile=False)": {"image": ours_eager.encode_image, "text": ours_eager.encode_text},
         "ours optimize()": {"image": ours.encode_image, "text": ours.encode_text},
     }
     if compile_plain:
