@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ def require_cuda() -> None:
 def compile_tower(model: MPSCLIP, tower: str, path: Path, *, precision: str, min_batch: int, max_batch: int) -> None:
     """Export ``tower`` with a dynamic batch axis and compile it into the package ``path``."""
     require_cuda()
-    module = tower_module(model, tower, precision).cuda()
+    module = copy.deepcopy(tower_module(model, tower, precision)).cuda()  # the caller's model stays where it is
     batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
     inputs = example_input(model, tower, batch=max(2, min_batch)).cuda()
     with torch.no_grad(), mha_fast_path_disabled():
