@@ -38,7 +38,35 @@ class Sample:
     image_id: int
 
 
-class TrainDataset(Dataset[Sample]):
+class _ImageRecords(Dataset[Sample]):
+    """Loading shared by both datasets: ``items`` pairs each record with the image id it reports."""
+
+    def __init__(
+        self,
+        items: list[tuple[int, TrainRecord | EvalImage]],
+        image_root: str | Path,
+        sub_root: str | Path | None,
+        transform: Transform,
+        max_sub_images: int | None,
+        skip_bad_images: bool,
+    ) -> None:
+        self.image_root = Path(image_root)
+        self.loader = _RegionLoader(sub_root, transform, max_sub_images)
+        names = [record.image for _, record in items]
+        self.items, self.bad_images = _keep_readable(items, names, self.image_root, skip_bad_images)
+        self.num_skipped = len(items) - len(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        image_id, record = self.items[index]
+        image, regions = self.loader.load(self.image_root, record.image, record.nouns)
+        caption = record.caption if isinstance(record, TrainRecord) else None
+        return Sample(image, regions, caption, image_id)
+
+
+class TrainDataset(_ImageRecords):
     """One item per caption record; ``transform`` defaults to :func:`train_transform`."""
 
     def __init__(
@@ -50,24 +78,16 @@ class TrainDataset(Dataset[Sample]):
         max_sub_images: int | None = None,
         skip_bad_images: bool = False,
     ) -> None:
-        self.image_root = Path(image_root)
-        self.loader = _RegionLoader(
-            sub_root, train_transform() if transform is None else transform, max_sub_images
-        )
-        names = [r.image for r in records]
-        self.records, self.bad_images = _keep_readable(list(records), names, self.image_root, skip_bad_images)
-        self.num_skipped = len(records) - len(self.records)
+        items = [(r.image_id, r) for r in records]
+        transform = train_transform() if transform is None else transform
+        super().__init__(items, image_root, sub_root, transform, max_sub_images, skip_bad_images)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Sample:
-        record = self.records[index]
-        image, regions = self.loader.load(self.image_root, record.image, record.nouns)
-        return Sample(image, regions, record.caption, record.image_id)
+    @property
+    def records(self) -> list[TrainRecord]:
+        return [record for _, record in self.items]  # type: ignore[misc]
 
 
-class EvalImageDataset(Dataset[Sample]):
+class EvalImageDataset(_ImageRecords):
     """One item per evaluation image; ``image_id`` is the image's index in ``images`` (kept when skipping).
 
     ``transform`` defaults to :func:`eval_transform`.
@@ -82,22 +102,8 @@ class EvalImageDataset(Dataset[Sample]):
         max_sub_images: int | None = None,
         skip_bad_images: bool = False,
     ) -> None:
-        self.image_root = Path(image_root)
-        self.loader = _RegionLoader(
-            sub_root, eval_transform() if transform is None else transform, max_sub_images
-        )
-        indexed = list(enumerate(images))
-        names = [entry.image for entry in images]
-        self.items, self.bad_images = _keep_readable(indexed, names, self.image_root, skip_bad_images)
-        self.num_skipped = len(indexed) - len(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Sample:
-        image_id, entry = self.items[index]
-        image, regions = self.loader.load(self.image_root, entry.image, entry.nouns)
-        return Sample(image, regions, None, image_id)
+        transform = eval_transform() if transform is None else transform
+        super().__init__(list(enumerate(images)), image_root, sub_root, transform, max_sub_images, skip_bad_images)
 
 
 @dataclass(frozen=True)
