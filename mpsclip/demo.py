@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ QUERIES = [
 
 def run_demo(out: Path, n_train: int, n_test: int, epochs: int) -> dict[str, dict[str, float]]:
     data, run_dir = out / "data", out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own previous run: start it afresh
     start = time.perf_counter()
     summary = generate(data, n_train=n_train, n_test=n_test, seed=0)
     print(f"[1/4] synthetic set: {n_train} training and {n_test} test images in {summary.seconds:.1f}s -> {data}")
