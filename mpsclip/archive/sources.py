@@ -1,0 +1,83 @@
+"""Archive sources: where the images to embed come from.
+
+``iter_items(source)`` accepts
+
+* a folder: every JPEG/PNG/TIFF file below it (recursively, hidden files and folders skipped);
+* a text file of paths (``.txt`` or ``.lst``): one image path per line, relative to the file's folder unless
+  absolute; blank lines and lines starting with ``#`` are ignored.
+
+Items come in a deterministic order (sorted by id) so that shard ``i`` of a store always holds the same items.
+``Item.meta`` is a plain JSON-able dict (later sources add keys such as ``scene``, ``window``, ``crs`` and
+``footprint``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpsclip.errors import MPSCLIPError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+LIST_EXTENSIONS = (".txt", ".lst")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of an archive: ``id`` is its path relative to the source (``/`` separators)."""
+
+    id: str
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def iter_items(source: str | Path) -> Iterator[Item]:
+    """Items of a folder or a text file of paths, sorted by id; raises :class:`MPSCLIPError` on a bad source."""
+    source = Path(source)
+    if source.is_dir():
+        items = _folder_items(source)
+    elif source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
+        items = _list_items(source)
+    elif not source.exists():
+        raise MPSCLIPError(f"{source}: no such folder or file; pass a folder of images or a .txt list of paths")
+    else:
+        raise MPSCLIPError(
+            f"{source}: not a folder nor a text file of paths ({', '.join(LIST_EXTENSIONS)}); "
+            "pass a folder of images or a list file"
+        )
+    return iter(sorted(items, key=lambda item: item.id))
+
+
+def _folder_items(root: Path) -> list[Item]:
+    items = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not is_image_file(path) or not path.is_file():
+            continue
+        items.append(Item(id=rel.as_posix(), path=path))
+    return items
+
+
+def _list_items(list_file: Path) -> list[Item]:
+    items: dict[str, Item] = {}
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        where = f"{list_file}, line {number}"
+        if not is_image_file(Path(entry)):
+            raise MPSCLIPError(
+                f"{where}: {entry!r} is not a JPEG/PNG/TIFF file name ({', '.join(IMAGE_EXTENSIONS)}); "
+                "remove the line or convert the image"
+            )
+        if entry in items:
+            raise MPSCLIPError(f"{where}: {entry!r} is listed twice; remove the duplicate line")
+        path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
+        items[entry] = Item(id=Path(entry).as_posix(), path=path)
+    return list(items.values())

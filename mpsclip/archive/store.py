@@ -1,0 +1,145 @@
+"""The embedding store: a folder of Parquet shards plus ``manifest.json`` and ``failures.jsonl``.
+
+Each shard ``shard-NNNNN.parquet`` has the columns ``id`` (string), ``meta`` (JSON string), ``retrieval`` and
+``global`` (fixed-size lists of ``dim`` fp16), ``perspectives`` (``views × dim`` fp16, flattened) and ``valid``
+(``views`` bools). Every file is written to a temporary file and renamed, so it appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mpsclip.errors import MPSCLIPError
+from mpsclip.io import atomic_write, atomic_write_text
+
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+SHARD_PATTERN = "shard-{:05d}.parquet"
+
+
+@dataclass
+class ShardRows:
+    """Columns of one shard: ``retrieval``/``global`` [n, D], ``perspectives`` [n, K, D] (fp16), ``valid`` [n, K]."""
+
+    ids: list[str]
+    metas: list[str]
+    retrieval: np.ndarray
+    glob: np.ndarray
+    perspectives: np.ndarray
+    valid: np.ndarray
+
+
+@dataclass
+class StoreData:
+    """A whole store in memory (fp16 tensors) for search."""
+
+    manifest: dict[str, Any]
+    ids: list[str]
+    metas: list[dict[str, Any]]
+    retrieval: torch.Tensor
+    glob: torch.Tensor
+    perspectives: torch.Tensor
+    valid: torch.Tensor
+
+
+def shard_path(store: Path, index: int) -> Path:
+    return store / SHARD_PATTERN.format(index)
+
+
+def _fixed_list(values: np.ndarray, size: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), size)
+
+
+def write_shard(path: Path, rows: ShardRows, dim: int, views: int) -> None:
+    """Write one shard atomically (an empty shard keeps its schema)."""
+    n = len(rows.ids)
+    table = pa.table(
+        {
+            "id": pa.array(rows.ids, type=pa.string()),
+            "meta": pa.array(rows.metas, type=pa.string()),
+            "retrieval": _fixed_list(rows.retrieval.astype(np.float16).reshape(n, dim), dim),
+            "global": _fixed_list(rows.glob.astype(np.float16).reshape(n, dim), dim),
+            "perspectives": _fixed_list(rows.perspectives.astype(np.float16).reshape(n, views * dim), views * dim),
+            "valid": _fixed_list(rows.valid.astype(bool).reshape(n, views), views),
+        }
+    )
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def count_complete_shards(store: Path) -> int:
+    """Number of shards ``0..n-1`` present; raises if a later shard exists after a gap."""
+    present = sorted(store.glob("shard-*.parquet"))
+    n = 0
+    while shard_path(store, n).exists():
+        n += 1
+    if len(present) != n:
+        raise MPSCLIPError(
+            f"{store}: shards are not contiguous ({len(present)} files, but shard {n} is missing); "
+            "delete the shards after the gap, or the whole store, and run again"
+        )
+    return n
+
+
+def read_manifest(store: Path) -> dict[str, Any] | None:
+    path = store / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MPSCLIPError(f"{path}: not valid JSON ({err.msg}); delete the store and embed again") from err
+
+
+def write_manifest(store: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_failures(store: Path) -> list[dict[str, Any]]:
+    path = store / FAILURES
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_failures(store: Path, failures: list[dict[str, Any]]) -> None:
+    atomic_write_text(store / FAILURES, "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+
+
+def _column(table: pa.Table, name: str, width: int, dtype: type) -> np.ndarray:
+    flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.array(flat, dtype=dtype).reshape(table.num_rows, width)  # a writable copy for torch
+
+
+def load_store(store: str | Path) -> StoreData:
+    """Read a complete store; raises :class:`MPSCLIPError` if it is missing or unfinished."""
+    store = Path(store)
+    manifest = read_manifest(store)
+    if manifest is None:
+        raise MPSCLIPError(f"{store}: no {MANIFEST}; is this a store made by 'mpsclip embed'?")
+    if not manifest.get("complete"):
+        raise MPSCLIPError(f"{store}: the store is unfinished; run 'mpsclip embed' again to complete it")
+    dim, views = int(manifest["dim"]), int(manifest["views"])
+    n_shards = count_complete_shards(store)
+    if n_shards != manifest["counts"]["shards"]:
+        raise MPSCLIPError(f"{store}: {n_shards} shards found, the manifest says {manifest['counts']['shards']}")
+    tables = [pq.read_table(shard_path(store, i)) for i in range(n_shards)]
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
+        raise MPSCLIPError(f"{store}: the store holds no embeddings")
+    return StoreData(
+        manifest=manifest,
+        ids=table.column("id").to_pylist(),
+        metas=[json.loads(m) for m in table.column("meta").to_pylist()],
+        retrieval=torch.from_numpy(_column(table, "retrieval", dim, np.float16)),
+        glob=torch.from_numpy(_column(table, "global", dim, np.float16)),
+        perspectives=torch.from_numpy(_column(table, "perspectives", views * dim, np.float16)).view(-1, views, dim),
+        valid=torch.from_numpy(_column(table, "valid", views, np.bool_)),
+    )

@@ -1,0 +1,70 @@
+"""Embed an image archive (a folder or a text file of paths) into a store of Parquet shards for 'mpsclip search'.
+
+The store is a folder of shard-NNNNN.parquet files (fp16 embeddings) with manifest.json and failures.jsonl.
+A killed run resumes where it stopped when started again with the same arguments; a store made with another
+checkpoint or other settings is refused. Unreadable images are skipped and listed in failures.jsonl.
+
+example:
+  mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
+  mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpsclip.errors import MPSCLIPError
+
+HELP = "embed an image archive into a Parquet store for text search"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, metavar="SOURCE", help="folder of images, or a .txt list of paths")
+    parser.add_argument("--out", type=Path, required=True, metavar="STORE", help="store folder (created/resumed)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
+    parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
+    parser.add_argument(
+        "--perspectives",
+        choices=("none", "from-dir"),
+        default="none",
+        help="none: global embedding only; from-dir: sub-images from --sub-root/<id without extension>/",
+    )
+    parser.add_argument("--sub-root", type=Path, default=None, help="folder of sub-images (with from-dir)")
+    parser.add_argument("--max-sub-images", type=int, default=None, help="sub-images per item (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="items per shard (default: 1024)")
+    parser.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mpsclip.archive.embed import EmbedSettings, embed_archive
+
+    if args.workers < 0:
+        raise MPSCLIPError(f"--workers must be 0 or more, got {args.workers}")
+    if args.max_sub_images is not None and args.max_sub_images < 1:
+        raise MPSCLIPError(f"--max-sub-images must be 1 or more, got {args.max_sub_images}")
+    settings = EmbedSettings(
+        perspectives=args.perspectives,
+        sub_root=args.sub_root,
+        max_sub_images=args.max_sub_images,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        device=args.device,
+    )
+    summary = embed_archive(
+        args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
+    )
+    rate = (summary.n_embedded / summary.seconds) if summary.seconds > 0 else 0.0
+    print(
+        f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in "
+        f"{summary.n_shards} shards ({summary.seconds:.1f} s, {rate:.1f} items/s overall)"
+    )
+    if summary.n_resumed_shards:
+        print(f"  resumed after {summary.n_resumed_shards} existing shards")
+    if summary.n_failed:
+        print(f"  {summary.n_failed} unreadable items skipped, listed in {summary.store / 'failures.jsonl'}")
+    return 0

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_adapters
+
+from mpsclip.archive import embed as embed_mod
+from mpsclip.archive.embed import EmbedSettings, embed_archive
+from mpsclip.archive.search import encode_queries, load_search_model, search
+from mpsclip.archive.sources import Item, iter_items
+from mpsclip.archive.store import load_store
+from mpsclip.cli import main
+from mpsclip.data.synth import generate
+from mpsclip.errors import MPSCLIPError
+from mpsclip.model import MPSCLIP
+
+SMALL = EmbedSettings(batch_size=2, shard_size=2, workers=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
+
+
+@pytest.fixture(scope="module")
+def store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "full"
+    embed_archive(synth / "images", out, ckpt, settings=SMALL, progress=False)
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+def test_sources_folder_and_list(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ("z.PNG", "a.jpg", "b/c.tif", "notes.txt", ".hidden/x.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [i.id for i in iter_items(tmp_path)] == ["a.jpg", "b/c.tif", "z.PNG"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# images\nz.PNG\n\nb/c.tif\n")
+    items = list(iter_items(listing))
+    assert [i.id for i in items] == ["b/c.tif", "z.PNG"] and items[0].path == tmp_path / "b/c.tif"
+    listing.write_text("x.gif\n")
+    with pytest.raises(MPSCLIPError, match="line 1"):
+        list(iter_items(listing))
+    with pytest.raises(MPSCLIPError, match="no such"):
+        iter_items(tmp_path / "missing")
+
+
+def test_embed_store_layout(store: Path) -> None:
+    names = sorted(p.name for p in store.iterdir())
+    assert names == [
+        "failures.jsonl",
+        "manifest.json",
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+        "shard-00002.parquet",
+    ]
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["precision"] == "fp16" and manifest["family"] == "MPSCLIP"
+    assert manifest["counts"] == {"items": 6, "embedded": 6, "failed": 0, "shards": 3}
+    data = load_store(store)
+    assert data.retrieval.dtype == torch.float16 and data.retrieval.shape == (6, manifest["dim"])
+    assert data.perspectives.shape == (6, manifest["views"], manifest["dim"]) and not data.valid.any()
+    assert data.ids == sorted(data.ids)
+
+
+def test_resume_is_byte_identical(synth: Path, ckpt: Path, store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    first = embed_archive(synth / "images", out, ckpt, settings=SMALL, stop_after_shards=1, progress=False)
+    assert not first.complete and first.n_shards == 1
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    second = embed_archive(synth / "images", out, ckpt, settings=SMALL, progress=False)
+    assert second.complete and second.n_resumed_shards == 1 and second.n_embedded == 6
+    assert _files(out) == _files(store)
+
+
+def test_corrupt_image_is_listed(synth: Path, ckpt: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth / "images", images)
+    victim = sorted(images.iterdir())[2]
+    victim.write_bytes(victim.read_bytes()[:100])
+    summary = embed_archive(images, tmp_path / "s", ckpt, settings=SMALL, progress=False)
+    assert summary.n_failed == 1 and summary.n_embedded == 5
+    failures = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failures] == [victim.name] and failures[0]["error"]
+    assert victim.name not in load_store(tmp_path / "s").ids
+
+
+def test_other_model_is_refused(synth: Path, store: Path, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    other = randomize_adapters(MPSCLIP("MPS-Tiny"), seed=1).save(tmp_path / "other")
+    with pytest.raises(MPSCLIPError, match="checkpoint_sha256"):
+        embed_archive(synth / "images", store, other, settings=SMALL, progress=False)
+    with pytest.raises(MPSCLIPError, match="shard_size"):
+        embed_archive(
+            synth / "images",
+            store,
+            load_store(store).manifest["checkpoint"],
+            settings=EmbedSettings(shard_size=3, device="cpu"),
+            progress=False,
+        )
+    with pytest.raises(MPSCLIPError, match="differs"):
+        load_search_model(load_store(store), other)
+
+
+def test_search_modes(synth: Path, ckpt: Path, tmp_path: Path) -> None:
+    settings = EmbedSettings(
+        perspectives="from-dir", sub_root=synth / "subimages", batch_size=3, shard_size=3, device="cpu"
+    )
+    embed_archive(synth / "images", tmp_path / "s", ckpt, settings=settings, progress=False)
+    data = load_store(tmp_path / "s")
+    assert data.valid.any()
+    queries = encode_queries(load_search_model(data, None), ["an airport", "a harbor with boats"])
+    for mode in ("fused", "global", "max-response"):
+        results = search(data, queries, 4, mode)
+        assert [len(hits) for hits in results] == [4, 4]
+        scores = [h.score for h in results[0]]
+        assert scores == sorted(scores, reverse=True) and [h.rank for h in results[0]] == [1, 2, 3, 4]
+    fused = search(data, queries, 6, "fused")[0]
+    exact = (data.retrieval.float() @ queries[0]).max().item()
+    assert fused[0].score == pytest.approx(exact, abs=1e-5)
+    assert len(search(data, queries, 50, "global")[0]) == 6
+
+
+def test_search_cli_json(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", str(store), "an airport", "a river", "-k", "3", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in out["results"]] == ["an airport", "a river"]
+    assert [h["rank"] for h in out["results"][0]["hits"]] == [1, 2, 3]
+    assert main(["search", str(store), "an airport", "--mode", "max-response"]) == 0
+    assert "rank" in capsys.readouterr().out
+
+
+def test_search_cli_geojson(
+    synth: Path, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def with_footprints(source: Path) -> Iterator[Item]:
+        for n, item in enumerate(iter_items(source)):
+            meta = {"footprint": [float(n), 0.0, n + 0.5, 0.5]} if n < 4 else {}
+            yield Item(item.id, item.path, meta)
+
+    monkeypatch.setattr(embed_mod, "iter_items", with_footprints)
+    embed_archive(synth / "images", tmp_path / "s", ckpt, settings=SMALL, progress=False)
+    assert main(["search", str(tmp_path / "s"), "an airport", "-k", "6", "--format", "geojson"]) == 0
+    captured = capsys.readouterr()
+    collection = json.loads(captured.out)
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 4
+    assert "2 hits have no footprint" in captured.err
+    feature = collection["features"][0]
+    assert feature["geometry"]["type"] == "Polygon" and feature["properties"]["rank"] >= 1
+    assert main(["search", str(tmp_path / "s"), "x", "--bbox", "1.2,0,2.2,1", "--format", "json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"][0]["hits"]
+    assert sorted(h["meta"]["footprint"][0] for h in hits) == [1.0, 2.0]
+
+
+def test_embed_cli(synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["embed", str(synth / "images"), "--out", str(tmp_path / "s"), "--checkpoint", str(ckpt)]
+    assert main([*args, "--shard-size", "4", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    assert "6 of 6 items embedded in 2 shards" in capsys.readouterr().out
+    assert main([*args, "--sub-root", str(synth)]) == 2
+    assert "--sub-root is only used" in capsys.readouterr().err
