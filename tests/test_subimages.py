@@ -122,3 +122,21 @@ def test_langsam_missing_checkpoint_error(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_cli_saliency_needs_checkpoint(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["subimages", str(synth / "test.json"), "--output", str(tmp_path), "--backend", "clip-saliency"])
     assert code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_langsam_offline_hub_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from mpsclip.subimages.langsam import build_langsam
+
+    class LangSAM:
+        def __init__(self, model_type: str = "vit_h", checkpoint: str | None = None) -> None:
+            raise OSError("cannot find the requested files in the local cache")
+
+    module = types.ModuleType("samgeo.text_sam")
+    module.LangSAM = LangSAM
+    monkeypatch.setitem(sys.modules, "samgeo", types.ModuleType("samgeo"))
+    monkeypatch.setitem(sys.modules, "samgeo.text_sam", module)
+    with pytest.raises(MPSCLIPError, match="could not load GroundingDINO"):
+        build_langsam("vit_h", tmp_path / "sam.pth")

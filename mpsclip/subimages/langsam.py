@@ -83,7 +83,14 @@ def build_langsam(model_type: str, checkpoint: Path) -> Any:
     from samgeo.text_sam import LangSAM  # safe: check_installed() ran first
 
     if "checkpoint" in inspect.signature(LangSAM.__init__).parameters:
-        return LangSAM(model_type=model_type, checkpoint=str(checkpoint))
+        try:
+            return LangSAM(model_type=model_type, checkpoint=str(checkpoint))
+        except OSError as err:  # huggingface_hub's LocalEntryNotFoundError is an OSError
+            raise MPSCLIPError(
+                f"LangSAM could not load GroundingDINO (ShilongLiu/GroundingDINO) or BERT (bert-base-uncased) "
+                f"from the Hugging Face hub or its cache ({type(err).__name__}); run once with network access, or "
+                "copy a populated ~/.cache/huggingface to this machine"
+            ) from err
     raise MPSCLIPError(
         "the installed segment-geospatial's LangSAM cannot take a local SAM checkpoint; "
         "upgrade it: pip install -U 'mpsclip[sam]'"
