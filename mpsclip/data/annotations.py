@@ -46,7 +46,7 @@ def load_train(path: str | Path, max_words: int = 30) -> list[TrainRecord]:
     """Read a per-caption training file; captions are normalised with :func:`normalize_caption`."""
     path = Path(path)
     records = []
-    for i, raw in enumerate(_read_list(path)):
+    for i, raw in enumerate(read_json_list(path)):
         where = f"record {i}"
         records.append(
             TrainRecord(
@@ -65,7 +65,7 @@ def load_eval(path: str | Path, max_words: int = 30) -> list[EvalImage]:
     """Read a per-image evaluation file; each record's ``caption`` is a non-empty list of strings."""
     path = Path(path)
     images = []
-    for i, raw in enumerate(_read_list(path)):
+    for i, raw in enumerate(read_json_list(path)):
         where = f"record {i}"
         captions = _get(raw, "caption", list, path, where)
         if not captions:
@@ -96,7 +96,8 @@ def sub_image_paths(sub_root: str | Path, image: str, nouns: list[str] | tuple[s
     return [p for p in paths if p.is_file()]
 
 
-def _read_list(path: Path) -> list[Any]:
+def read_json_list(path: Path) -> list[Any]:
+    """The top-level JSON list of an annotation file, or an error naming the file and what is wrong."""
     if not path.is_file():
         raise MPSCLIPError(f"{path}: annotation file not found; check the path")
     try:

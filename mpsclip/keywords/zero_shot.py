@@ -13,7 +13,6 @@ Output records: ``{"image": ..., "nouns": [...]}``, ready for ``mpsclip subimage
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mpsclip.data.annotations import read_json_list
 from mpsclip.data.transforms import eval_transform
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
@@ -73,13 +73,8 @@ def _annotation_images(path: Path) -> list[str]:
 
 def read_annotation(path: Path) -> list[dict[str, Any]]:
     """Records of an annotation file; each must name its ``image``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise MPSCLIPError(f"{path}: not found; pass a folder of images or an annotation .json") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MPSCLIPError(f"{path}: not a readable JSON annotation file ({err})") from err
-    if not isinstance(data, list) or not all(isinstance(r, dict) and isinstance(r.get("image"), str) for r in data):
+    data = read_json_list(path)
+    if not all(isinstance(r, dict) and isinstance(r.get("image"), str) for r in data):
         raise MPSCLIPError(f"{path}: expected a JSON list of records, each with an 'image' string")
     return data
 

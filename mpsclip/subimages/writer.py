@@ -13,7 +13,6 @@ black, same size as the image. Rules:
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from mpsclip.data.annotations import read_json_list
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 
@@ -91,7 +91,7 @@ def load_items(annotation: str | Path, image_root: str | Path) -> list[ImageItem
     Per-caption training files list an image once per caption: its nouns are merged (first appearance order).
     """
     annotation = Path(annotation)
-    records = _read_records(annotation)
+    records = read_json_list(annotation)
     nouns_by_image: dict[str, dict[str, None]] = {}
     for index, record in enumerate(records):
         image, nouns = _image_and_nouns(record, f"{annotation}: record {index}")
@@ -99,18 +99,6 @@ def load_items(annotation: str | Path, image_root: str | Path) -> list[ImageItem
     items = [ImageItem(image, Path(image_root) / image, tuple(nouns)) for image, nouns in nouns_by_image.items()]
     _check_unique_stems(items, annotation)
     return items
-
-
-def _read_records(path: Path) -> list[Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise MPSCLIPError(f"{path}: annotation file not found; check the path") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MPSCLIPError(f"{path}: cannot read it as UTF-8 JSON ({err}); pass an annotation .json file") from err
-    if not isinstance(data, list):
-        raise MPSCLIPError(f"{path}: expected a JSON list of records with 'image' and 'nouns'")
-    return data
 
 
 def _image_and_nouns(record: Any, where: str) -> tuple[str, list[str]]:
