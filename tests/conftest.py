@@ -10,18 +10,23 @@ from mpsclip.model import MPSCLIP
 TINY = "MPS-Tiny"
 
 
+def randomize_adapter(adapter: torch.nn.Module, gen: torch.Generator, scale: float = 0.05, gate: float = 0.3) -> None:
+    """Non-trivial weights everywhere (``up_proj`` is zero at init): norms near 1, the rest ``scale``-sized."""
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if name == "gate":
+                param.fill_(gate)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
+
+
 def randomize_adapters(model: MPSCLIP, seed: int = 0) -> MPSCLIP:
     """Give every adapter (and the gate) non-trivial weights so tests see them working."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in model.adapters():
-            for name, param in adapter.named_parameters():
-                if name == "gate":
-                    param.fill_(0.3)
-                elif "norm" in name and name.endswith("weight"):
-                    param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
-                else:
-                    param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    for adapter in model.adapters():
+        randomize_adapter(adapter, gen)
     return model
 
 

@@ -6,39 +6,25 @@ Triton must see ``TRITON_INTERPRET=1`` before its first import, and other test m
 (through open_clip), so the kernel tests run in a child pytest process started by the first test here.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from mpsclip.kernels import g2a
 
 from mpsclip.adapters import G2Adapter
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+from tests.conftest import randomize_adapter
+from tests.interpreter import INTERPRETED, interpreted, run_in_interpreter
 
 
 @pytest.mark.skipif(INTERPRETED or g2a.triton is None, reason="child process, or no triton")
 def test_kernels_under_triton_interpreter():
-    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_interpreter(__file__)
 
 
 def random_adapter(width: int, seed: int) -> G2Adapter:
     """An adapter with every weight non-zero (up_proj is zero at init) in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
     adapter = G2Adapter(width)
-    with torch.no_grad():
-        for name, param in adapter.named_parameters():
-            if name == "gate":
-                param.fill_(0.4)
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    randomize_adapter(adapter, torch.Generator().manual_seed(seed), scale=0.1, gate=0.4)
     return adapter.eval()
 
 

@@ -4,23 +4,17 @@ Triton must see ``TRITON_INTERPRET=1`` before its first import, and other test m
 (through open_clip), so the kernel tests run in a child pytest process started by the first test here.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from mpsclip.kernels import maxsim
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+from tests.interpreter import INTERPRETED, interpreted, run_in_interpreter
 
 
 @pytest.mark.skipif(INTERPRETED or maxsim.triton is None, reason="child process, or no triton")
 def test_kernels_under_triton_interpreter():
-    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_interpreter(__file__)
 
 
 def _brute_force(queries, gallery, k, valid=None):
