@@ -1,7 +1,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := dev,onnx,kernels
+EXTRAS := dev,onnx,kernels,geo
 
 .PHONY: test demo lint venv clean
 

@@ -3,7 +3,9 @@
 1. generate a synthetic remote-sensing set (``mpsclip synth``);
 2. train a tiny MPS-CLIP from scratch on the CPU (``mpsclip train --config tiny``);
 3. evaluate it on held-out synthetic images in the three scoring modes, next to the chance level;
-4. run a few text queries and show their top images.
+4. run a few text queries and show their top images;
+5. archive search: the test images as georeferenced GeoTIFF mosaics, tiled, embedded into a store and searched,
+   with precision@1 and the hits as GeoJSON and HTML in ``<out>/archive/`` (needs rasterio, ``mpsclip[geo]``).
 
 Run with ``python -m mpsclip.demo --out demo_out``.
 """
@@ -11,6 +13,7 @@ Run with ``python -m mpsclip.demo --out demo_out``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
@@ -24,6 +27,19 @@ from mpsclip.data.synth import generate
 from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
 from mpsclip.metrics import chance_r_mean
 from mpsclip.train import TrainConfig, train
+
+# archive step: 4 mosaics of 4 x 4 tiles of 224 px (two test images of every class each), 10 m pixels, EPSG:32633
+MOSAICS, GRID, TILE_PX, PIXEL_M = 4, 4, 224, 10.0
+ARCHIVE_QUERIES = {
+    "ships in a harbor": "harbor",
+    "white storage tanks next to a factory": "industrial",
+    "cars in a parking lot": "parking",
+    "planes parked near the terminal": "airport",
+    "a bridge crosses the river": "river",
+    "houses with brown roofs line the road": "residential",
+    "a dense forest of green trees": "forest",
+    "green fields arranged in neat rows": "farmland",
+}
 
 QUERIES = [
     "white storage tanks next to a factory",
@@ -69,8 +85,93 @@ def run_demo(out: Path, n_train: int, n_test: int, epochs: int) -> dict[str, dic
         names = [Path(images[i].image).name for i in top.indices]
         hits = ", ".join(f"{name} ({s:.2f})" for name, s in zip(names, top.values, strict=True))
         print(f"  {query!r}: {hits}")
+    archive_step(out, run_dir / "last.safetensors", data)
     print(f"demo finished in {time.perf_counter() - start:.0f}s; results in {out}")
     return results
+
+
+def mosaic_layout(data_dir: Path) -> list[list[tuple[Path, str]]]:
+    """Per mosaic, its ``GRID * GRID`` (image, class) tiles in row order: test images of every class in turn."""
+    by_class: dict[str, list[Path]] = {}
+    for entry in json.loads((data_dir / "test.json").read_text(encoding="utf-8")):
+        by_class.setdefault(entry["label_name"], []).append(data_dir / entry["image"])
+    classes = sorted(by_class)
+    cells = GRID * GRID
+    layout = []
+    for m in range(MOSAICS):
+        tiles = []
+        for cell in range(cells):
+            cls = classes[(cell + m) % len(classes)]
+            images = by_class[cls]
+            tiles.append((images[(m * cells + cell) % len(images)], cls))
+        layout.append(tiles)
+    return layout
+
+
+def write_mosaics(scenes: Path, layout: list[list[tuple[Path, str]]]) -> dict[str, str]:
+    """One GeoTIFF per mosaic (side by side 10 km apart, UTM 33N); returns the class of every tile id."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from PIL import Image
+
+    scenes.mkdir(parents=True, exist_ok=True)
+    classes = {}
+    side = GRID * TILE_PX
+    for m, tiles in enumerate(layout):
+        pixels = np.zeros((3, side, side), dtype=np.uint8)
+        for cell, (image, cls) in enumerate(tiles):
+            row, col = divmod(cell, GRID)
+            with Image.open(image) as img:
+                rgb = np.asarray(img.convert("RGB").resize((TILE_PX, TILE_PX)))
+            pixels[:, row * TILE_PX : (row + 1) * TILE_PX, col * TILE_PX : (col + 1) * TILE_PX] = rgb.transpose(2, 0, 1)
+            classes[f"mosaic_{m}.tif/r{row * TILE_PX:06d}_c{col * TILE_PX:06d}"] = cls
+        transform = Affine(PIXEL_M, 0.0, 500000.0 + m * 10000.0, 0.0, -PIXEL_M, 5000000.0)
+        profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8"}
+        with rasterio.open(scenes / f"mosaic_{m}.tif", "w", crs="EPSG:32633", transform=transform, **profile) as dst:
+            dst.write(pixels)
+    return classes
+
+
+def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | None:
+    """Mosaics of the test images -> tiles -> store -> class queries; prints and returns precision@1."""
+    from mpsclip.archive.embed import EmbedSettings, embed_archive
+    from mpsclip.archive.search import encode_queries, load_search_model, search, to_geojson, to_html
+    from mpsclip.archive.sources import TileSettings
+    from mpsclip.archive.store import load_store
+    from mpsclip.io import atomic_write_text
+
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        print("[archive] skipped: needs rasterio (pip install 'mpsclip[geo]')")
+        return None
+    archive = out / "archive"
+    shutil.rmtree(archive, ignore_errors=True)  # the demo's own previous archive
+    start = time.perf_counter()
+    classes = write_mosaics(archive / "scenes", mosaic_layout(data_dir))
+    print(f"[archive] {MOSAICS} GeoTIFF mosaics of {GRID}x{GRID} tiles (EPSG:32633) -> {archive / 'scenes'}")
+    tiles = TileSettings(TILE_PX, TILE_PX)
+    settings = EmbedSettings(perspectives="none", batch_size=32, workers=0, device="cpu", tiles=tiles)
+    summary = embed_archive(archive / "scenes", archive / "store", model_checkpoint, settings=settings, progress=False)
+    print(f"[archive] {summary.n_embedded} tiles embedded in {summary.seconds:.1f}s -> {archive / 'store'}")
+    data = load_store(archive / "store")
+    queries = list(ARCHIVE_QUERIES)
+    results = search(data, encode_queries(load_search_model(data, model_checkpoint), queries), 5)
+    correct = 0
+    for query, hits in zip(queries, results, strict=True):
+        correct += classes[hits[0].id] == ARCHIVE_QUERIES[query]
+        shown = ", ".join(f"{h.id} [{classes[h.id]}] ({h.score:.2f})" for h in hits[:3])
+        print(f"  {query!r} (want {ARCHIVE_QUERIES[query]}): {shown}")
+    precision = correct / len(queries)
+    collection, _ = to_geojson(queries, results)
+    atomic_write_text(archive / "hits.geojson", json.dumps(collection) + "\n")
+    atomic_write_text(archive / "hits.html", to_html(queries, results, data.manifest, "fused"))
+    chance = 1 / len(set(ARCHIVE_QUERIES.values()))
+    print(f"[archive] precision@1 {precision:.2f} ({correct}/{len(queries)} queries; chance {chance:.2f})")
+    seconds = time.perf_counter() - start
+    print(f"[archive] hits in {archive / 'hits.geojson'} and {archive / 'hits.html'} ({seconds:.1f}s)")
+    return precision
 
 
 def main(argv: list[str] | None = None) -> int:

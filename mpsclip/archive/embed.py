@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mpsclip import __version__
-from mpsclip.archive.sources import Item, is_image_file, iter_items
+from mpsclip.archive.sources import Item, TileSettings, is_image_file, iter_items
 from mpsclip.archive.store import (
     ShardRows,
     count_complete_shards,
@@ -52,6 +52,7 @@ class EmbedSettings:
     shard_size: int = 1024
     workers: int = 0
     device: str = "auto"
+    tiles: TileSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class _ItemDataset(Dataset[_Loaded]):
     def __getitem__(self, index: int) -> _Loaded:
         item = self.items[index]
         try:
-            image = self.transform(_open_rgb(item.path))
+            image = self.transform(open_item(item))
         except _READ_ERRORS as err:
             return _Loaded(index, None, f"{type(err).__name__}: {err}")
         regions = [self.transform(img) for img in self._sub_images(item)]
@@ -113,6 +114,15 @@ class _ItemDataset(Dataset[_Loaded]):
 def _open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+def open_item(item: Item) -> Image.Image:
+    """An item's RGB pixels: a GeoTIFF tile's window (meta ``window``) or the whole image file."""
+    if "window" in item.meta:
+        from mpsclip.archive.geotiff import read_tile
+
+        return read_tile(item.path, item.meta)
+    return _open_rgb(item.path)
 
 
 def _collate_loaded(loaded: list[_Loaded]) -> tuple[list[_Loaded], list[_Loaded]]:
@@ -183,7 +193,15 @@ def _identity(model: Any, ckpt: Path, source: Path, settings: EmbedSettings, n_i
         "shard_size": settings.shard_size,
         "source": str(source.resolve()),
         "n_source_items": n_items,
+        "tiles": _tiles_identity(settings.tiles),
     }
+
+
+def _tiles_identity(tiles: TileSettings | None) -> dict[str, Any] | None:
+    """The tile settings as the manifest's JSON holds them (bands as a list)."""
+    if tiles is None:
+        return None
+    return {**asdict(tiles), "bands": list(tiles.bands) if tiles.bands else None}
 
 
 def _check_resumable(store: Path, identity: dict[str, Any]) -> None:
@@ -258,7 +276,7 @@ def embed_archive(
     settings = settings or EmbedSettings()
     _check_settings(settings)
     source, store = Path(source), Path(store)
-    items = list(iter_items(source))
+    items = list(iter_items(source) if settings.tiles is None else iter_items(source, settings.tiles))
     if not items:
         raise MPSCLIPError(f"{source}: no JPEG/PNG/TIFF images found")
     ckpt = checkpoint_file(checkpoint)

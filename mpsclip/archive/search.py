@@ -6,14 +6,19 @@ the valid perspectives. Top-k uses :func:`mpsclip.kernels.maxsim_topk` (an exact
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from mpsclip.archive.embed import checkpoint_file, file_sha256
+from mpsclip.archive.embed import _READ_ERRORS, checkpoint_file, file_sha256, open_item
+from mpsclip.archive.sources import Item
 from mpsclip.archive.store import StoreData
 from mpsclip.errors import MPSCLIPError
 
@@ -173,3 +178,52 @@ def to_geojson(queries: list[str], results: list[list[Hit]]) -> tuple[dict[str, 
                 }
             )
     return {"type": "FeatureCollection", "features": features}, skipped
+
+
+THUMBNAIL_PX = 160
+_HTML_STYLE = (
+    "body{font-family:sans-serif;margin:1em}section{margin-bottom:2em}"
+    ".grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:160px;font-size:12px}"
+    "figure img,.missing{width:160px;height:160px;object-fit:contain;background:#ddd;display:block}"
+    "figcaption{overflow-wrap:anywhere}"
+)
+
+
+def hit_item(manifest: dict[str, Any], hit: Hit) -> Item:
+    """Where a hit's pixels are: its GeoTIFF scene (meta ``scene``) or its file below the store's source."""
+    if "scene" in hit.meta:
+        return Item(hit.id, Path(hit.meta["scene"]), hit.meta)
+    source = Path(manifest["source"])
+    base = source if source.is_dir() else source.parent
+    return Item(hit.id, Path(hit.id) if Path(hit.id).is_absolute() else base / hit.id, hit.meta)
+
+
+def thumbnail_data_uri(image: Image.Image, size: int = THUMBNAIL_PX) -> str:
+    """A PNG thumbnail (longest side ``size``) as a ``data:`` URI."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(manifest: dict[str, Any], hit: Hit) -> str:
+    try:
+        picture = f'<img src="{thumbnail_data_uri(open_item(hit_item(manifest, hit)))}" alt="">'
+    except _READ_ERRORS:
+        picture = '<div class="missing">image unavailable</div>'
+    caption = f"#{hit.rank} &middot; {hit.score:.4f}<br>{html.escape(hit.id)}"
+    return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
+
+
+def to_html(queries: list[str], results: list[list[Hit]], manifest: dict[str, Any], mode: str) -> str:
+    """A self-contained contact sheet: per query, its hits' thumbnails (inline PNG) with rank, score and id."""
+    sections = []
+    for query, hits in zip(queries, results, strict=True):
+        figures = "".join(_figure(manifest, hit) for hit in hits) or "<p>(no results)</p>"
+        sections.append(f'<section><h2>{html.escape(query)}</h2><div class="grid">{figures}</div></section>')
+    title = f"mpsclip search ({html.escape(mode)})"
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_HTML_STYLE}</style></head><body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )

@@ -6,6 +6,9 @@
 * a text file of paths (``.txt`` or ``.lst``): one image path per line, relative to the file's folder unless
   absolute; blank lines and lines starting with ``#`` are ignored.
 
+With ``tiles`` (``--tile-size``), each georeferenced ``.tif``/``.tiff`` scene is replaced by its tiles (see
+:mod:`mpsclip.archive.geotiff`, which needs rasterio); other files stay whole images.
+
 Items come in a deterministic order (sorted by id) so that shard ``i`` of a store always holds the same items.
 ``Item.meta`` is a plain JSON-able dict (later sources add keys such as ``scene``, ``window``, ``crs`` and
 ``footprint``).
@@ -33,12 +36,27 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TileSettings:
+    """How to cut georeferenced scenes: square tiles of ``tile_size`` px every ``stride`` px, 1-based ``bands``
+    (None: 1,2,3, or 1 for single-band scenes)."""
+
+    tile_size: int
+    stride: int
+    bands: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1 or self.stride < 1:
+            raise MPSCLIPError(f"--tile-size and --stride must be 1 or more, got {self.tile_size}, {self.stride}")
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def iter_items(source: str | Path) -> Iterator[Item]:
-    """Items of a folder or a text file of paths, sorted by id; raises :class:`MPSCLIPError` on a bad source."""
+def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterator[Item]:
+    """Items of a folder or a text file of paths, sorted by id; raises :class:`MPSCLIPError` on a bad source.
+    With ``tiles``, georeferenced GeoTIFF scenes give their tiles instead of one item."""
     source = Path(source)
     if source.is_dir():
         items = _folder_items(source)
@@ -51,7 +69,23 @@ def iter_items(source: str | Path) -> Iterator[Item]:
             f"{source}: not a folder nor a text file of paths ({', '.join(LIST_EXTENSIONS)}); "
             "pass a folder of images or a list file"
         )
+    if tiles is not None:
+        items = _tiled(items, tiles)
     return iter(sorted(items, key=lambda item: item.id))
+
+
+def _tiled(items: list[Item], tiles: TileSettings) -> list[Item]:
+    try:
+        from mpsclip.archive import geotiff
+    except ImportError as err:
+        raise MPSCLIPError(f"--tile-size needs rasterio ({err}); install it with: pip install 'mpsclip[geo]'") from err
+    out: list[Item] = []
+    for item in items:
+        if item.path.suffix.lower() in (".tif", ".tiff") and geotiff.is_georeferenced(item.path):
+            out.extend(geotiff.scene_tiles(item.path, item.id, tiles))
+        else:
+            out.append(item)
+    return out
 
 
 def _folder_items(root: Path) -> list[Item]:

@@ -3,10 +3,13 @@
 The store is a folder of shard-NNNNN.parquet files (fp16 embeddings) with manifest.json and failures.jsonl.
 A killed run resumes where it stopped when started again with the same arguments; a store made with another
 checkpoint or other settings is refused. Unreadable images are skipped and listed in failures.jsonl.
+With --tile-size, georeferenced GeoTIFF scenes are cut into tiles (needs rasterio: pip install 'mpsclip[geo]');
+each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpsclip search --bbox/--format geojson').
 
 example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
+  mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --stride 224 --bands 4,3,2
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpsclip.archive.sources import TileSettings
 from mpsclip.errors import MPSCLIPError
 
 HELP = "embed an image archive into a Parquet store for text search"
@@ -37,6 +41,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tile-size", type=int, default=None, metavar="PX", help="cut GeoTIFF scenes into tiles")
+    parser.add_argument("--stride", type=int, default=None, metavar="PX", help="tile step (default: --tile-size)")
+    parser.add_argument("--bands", default=None, help="1-based bands as R,G,B or one grey band (default: 1,2,3)")
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as err:
+        raise MPSCLIPError(f"--bands {text!r}: expected band numbers such as 1,2,3 or 4,3,2") from err
+
+
+def tile_settings(args: argparse.Namespace) -> TileSettings | None:
+    """``--tile-size/--stride/--bands`` as TileSettings (None without --tile-size)."""
+    if args.tile_size is None:
+        if args.stride is not None or args.bands is not None:
+            raise MPSCLIPError("--stride and --bands are only used with --tile-size; add it or drop them")
+        return None
+    bands = parse_bands(args.bands) if args.bands is not None else None
+    return TileSettings(args.tile_size, args.stride or args.tile_size, bands)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         workers=args.workers,
         device=args.device,
+        tiles=tile_settings(args),
     )
     summary = embed_archive(
         args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet

@@ -2,12 +2,15 @@
 
 Modes: fused (retrieval embedding, default), global, max-response (best of global and valid perspectives).
 The checkpoint defaults to the one recorded in the store; another file with a different hash is refused.
---format geojson writes the hits that have a 'footprint' ([minx, miny, maxx, maxy], EPSG:4326) as polygons.
+--format geojson writes the hits that have a 'footprint' ([minx, miny, maxx, maxy], EPSG:4326) as polygons;
+--format html writes a contact sheet of the hits' thumbnails (inline PNG) with rank, score and id.
+--out FILE writes the output atomically to FILE instead of stdout.
 
 example:
   mpsclip search archive.store "a harbor with many boats" -k 20
   mpsclip search archive.store --queries-file queries.txt --format json > hits.json
   mpsclip search tiles.store "an airport" --bbox 5.9,45.8,10.5,47.8 --format geojson > hits.geojson
+  mpsclip search tiles.store "ships in a harbor" -k 24 --format html --out hits.html
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries-file", type=Path, default=None, help="more queries, one per line")
     parser.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
     parser.add_argument("--mode", choices=("fused", "global", "max-response"), default="fused", help="scoring")
-    parser.add_argument("--format", choices=("table", "json", "geojson"), default="table", help="output format")
+    parser.add_argument("--format", choices=("table", "json", "geojson", "html"), default="table", help="output format")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="write to FILE (default: stdout)")
     parser.add_argument("--bbox", default=None, help="minx,miny,maxx,maxy: keep items whose footprint intersects")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: the store's)")
 
@@ -45,6 +49,17 @@ def read_queries(args: argparse.Namespace) -> list[str]:
     return queries
 
 
+def emit(text: str, out: Path | None) -> None:
+    """``text`` to stdout, or atomically to ``out``."""
+    if out is None:
+        print(text)
+        return
+    from mpsclip.io import atomic_write_text
+
+    atomic_write_text(out, text if text.endswith("\n") else text + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from mpsclip.archive.search import (
         encode_queries,
@@ -54,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         rows_in_bbox,
         search,
         to_geojson,
+        to_html,
         to_json,
     )
     from mpsclip.archive.store import load_store
@@ -69,12 +85,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_search_model(data, args.checkpoint)
     results = search(data, encode_queries(model, queries), args.k, args.mode, rows)
     if args.format == "table":
-        print(format_table(queries, results))
+        emit(format_table(queries, results), args.out)
     elif args.format == "json":
-        print(json.dumps(to_json(queries, results, args.mode, args.k), indent=2))
+        emit(json.dumps(to_json(queries, results, args.mode, args.k), indent=2), args.out)
+    elif args.format == "html":
+        emit(to_html(queries, results, data.manifest, args.mode), args.out)
     else:
         collection, skipped = to_geojson(queries, results)
         if skipped:
             print(f"{skipped} hits have no footprint in their meta and are not in the GeoJSON", file=sys.stderr)
-        print(json.dumps(collection))
+        emit(json.dumps(collection), args.out)
     return 0
