@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -10,20 +9,13 @@ from typing import Any
 from mpsclip.export.towers import INPUT_NAMES, OUTPUT_NAME, context_length, input_shape
 
 from mpsclip import __version__
+from mpsclip.checkpoints import file_sha256
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD
 from mpsclip.io import atomic_write_text
 from mpsclip.model import MPSCLIP
 
 MANIFEST = "manifest.json"
 INPUT_DTYPES = {"image": "float32", "text": "int64"}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tower_io(model: MPSCLIP, tower: str) -> dict[str, Any]:
@@ -48,7 +40,7 @@ def build_manifest(
     return {
         "format": fmt,
         "mpsclip_version": __version__,
-        "checkpoint": {"file": checkpoint.name, "sha256": sha256_file(checkpoint)},
+        "checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
         "arch": model.config.arch,
         "precision": precision,
         "embed_dim": model.embed_dim,

@@ -11,6 +11,7 @@ Nothing is ever loaded partially in silence: every mismatch is an :class:`MPSCLI
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from collections.abc import Mapping
@@ -48,14 +49,29 @@ def save_model(model: MPSCLIP, path: str | Path) -> Path:
     return weights
 
 
-def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP | PriorCLIP:
-    """Build an MPSCLIP, or a PriorCLIP where the file holds one, from any readable checkpoint (see module
-    docstring)."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The weights file of a checkpoint (our ``x.json`` means ``x.safetensors``), or an error if it is missing."""
     path = Path(path)
     if path.suffix == ".json" and path.with_suffix(".safetensors").exists():
         path = path.with_suffix(".safetensors")
-    if not path.exists():
+    if not path.is_file():
         raise MPSCLIPError(f"{path}: no such checkpoint file")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (identifies the checkpoint behind stores and exports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP | PriorCLIP:
+    """Build an MPSCLIP, or a PriorCLIP where the file holds one, from any readable checkpoint (see module
+    docstring)."""
+    path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         if is_priorclip_file(path):
             return PriorCLIP.from_checkpoint(path, arch=arch, map_location=map_location)

@@ -36,7 +36,7 @@ from mpsclip.io import atomic_write, atomic_write_text
 from mpsclip.model import ARCH_CONFIG_DIR
 
 if TYPE_CHECKING:
-    from mpsclip.model import MPSCLIP
+    pass
 
 open_clip.add_model_config(ARCH_CONFIG_DIR)
 
@@ -117,10 +117,11 @@ class PriorCLIP(nn.Module):
     ) -> PriorCLIP:
         """Ours (``.safetensors`` + ``.json``) or the authors' ``.pth`` (``state_dict``, ``module.`` prefix).
         ``belief_weighting=None``: the saved mode for ours, ``"rank"`` for the authors' files."""
-        path = _resolve(path)
+        from mpsclip.checkpoints import _read_torch_file, resolve_checkpoint
+
+        path = resolve_checkpoint(path)
         if path.suffix == ".safetensors":
             return _load_ours(path, arch, belief_weighting, map_location)
-        from mpsclip.checkpoints import _read_torch_file
 
         state, _ = _read_torch_file(path, map_location)
         return priorclip_from_state(state, path, arch, belief_weighting or "rank")
@@ -286,31 +287,6 @@ def priorclip_from_state(
     ours = {k if k.startswith(PRIOR_PREFIXES) else f"clip.{k}": v for k, v in state.items()}
     load_strict(model, ours, path, require_adapters=True)  # type: ignore[arg-type]
     return model.eval()
-
-
-def load_any(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP | PriorCLIP:
-    """Load a PriorCLIP when the file is one (our JSON's ``family``, or ``res_visual.`` keys), else defer to
-    :func:`mpsclip.checkpoints.load_model`. A ``.pth`` that is not a PriorCLIP is read twice."""
-    from mpsclip.checkpoints import _read_torch_file, load_model
-
-    resolved = _resolve(path)
-    if resolved.suffix == ".safetensors":
-        if is_priorclip_file(resolved):
-            return PriorCLIP.from_checkpoint(resolved, arch, map_location=map_location)
-        return load_model(resolved, arch=arch, map_location=map_location)
-    state, kind = _read_torch_file(resolved, map_location)
-    if kind == "backbone" and is_priorclip_state(state):
-        return priorclip_from_state(state, resolved, arch)
-    return load_model(resolved, arch=arch, map_location=map_location)
-
-
-def _resolve(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix == ".json" and path.with_suffix(".safetensors").exists():
-        path = path.with_suffix(".safetensors")
-    if not path.exists():
-        raise MPSCLIPError(f"{path}: no such checkpoint file")
-    return path
 
 
 def _res_shape(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:

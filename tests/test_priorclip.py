@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpsclip.checkpoints import load_model
 from mpsclip.errors import MPSCLIPError
 from mpsclip.priorclip import (
     PriorCLIP,
     affiliation_loss,
     class_labels_from_filenames,
     is_priorclip_state,
-    load_any,
 )
 
 TINY = "PriorCLIP-Tiny"
@@ -116,7 +116,7 @@ def test_ours_round_trip_keeps_belief_mode(images, tmp_path):
     assert loaded.config == original.config
     with torch.no_grad():
         assert torch.allclose(loaded.encode_image(images), original.encode_image(images), atol=1e-6)
-    assert isinstance(load_any(tmp_path / "prior.json"), PriorCLIP)
+    assert isinstance(load_model(tmp_path / "prior.json"), PriorCLIP)
 
 
 def _save_bad(model: PriorCLIP, path, edit) -> None:
@@ -212,12 +212,12 @@ def test_embed_all_fits_evaluation(model, images):
     assert results["fused"] == results["global"] == results["max-response"]
 
 
-def test_load_any_dispatches(model, tiny_model, tmp_path):
+def test_load_model_dispatches_on_the_family(model, tiny_model, tmp_path):
     from mpsclip.model import MPSCLIP
 
     _authors_checkpoint(model, tmp_path / "prior.pt")
-    assert isinstance(load_any(tmp_path / "prior.pt", arch=TINY), PriorCLIP)
-    assert isinstance(load_any(tiny_model.save(tmp_path / "mps")), MPSCLIP)
+    assert isinstance(load_model(tmp_path / "prior.pt", arch=TINY), PriorCLIP)
+    assert isinstance(load_model(tiny_model.save(tmp_path / "mps")), MPSCLIP)
 
 
 def test_evaluate_cli_on_priorclip_checkpoint(model, tmp_path, capsys):

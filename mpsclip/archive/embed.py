@@ -8,7 +8,6 @@ shard, so it always covers every complete shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from mpsclip.archive.store import (
     write_manifest,
     write_shard,
 )
+from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import Sample
 from mpsclip.data.transforms import eval_transform
@@ -127,24 +127,6 @@ def open_item(item: Item) -> Image.Image:
 
 def _collate_loaded(loaded: list[_Loaded]) -> tuple[list[_Loaded], list[_Loaded]]:
     return [x for x in loaded if x.sample is not None], [x for x in loaded if x.sample is None]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The file whose hash identifies a checkpoint (``x.json`` of ours means ``x.safetensors``)."""
-    path = Path(path)
-    if path.suffix == ".json" and path.with_suffix(".safetensors").exists():
-        path = path.with_suffix(".safetensors")
-    if not path.is_file():
-        raise MPSCLIPError(f"{path}: no such checkpoint file")
-    return path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -279,7 +261,7 @@ def embed_archive(
     items = list(iter_items(source) if settings.tiles is None else iter_items(source, settings.tiles))
     if not items:
         raise MPSCLIPError(f"{source}: no JPEG/PNG/TIFF images found")
-    ckpt = checkpoint_file(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint)
     device = resolve_device(settings.device)
     model = load_model(ckpt, arch=arch).eval().to(device)
     identity = _identity(model, ckpt, source, settings, len(items))

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mpsclip.archive.embed import _READ_ERRORS, checkpoint_file, file_sha256, open_item
+from mpsclip.archive.embed import _READ_ERRORS, open_item
 from mpsclip.archive.sources import Item
 from mpsclip.archive.store import StoreData
+from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
 MODES = ("fused", "global", "max-response")
@@ -45,7 +46,7 @@ def load_search_model(data: StoreData, checkpoint: str | Path | None) -> Any:
             raise MPSCLIPError(
                 f"the store's checkpoint {checkpoint} no longer exists; pass --checkpoint with the same file"
             )
-    path = checkpoint_file(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     digest = file_sha256(path)
     if digest != manifest["checkpoint_sha256"]:
         raise MPSCLIPError(
