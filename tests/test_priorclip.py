@@ -243,3 +243,20 @@ def test_onnx_export_passes_verification(model, tmp_path, capsys):
     assert main([str(ckpt), "--format", "onnx", "--out", str(out), "--arch", TINY]) == 0
     printed = capsys.readouterr().out
     assert "image: max abs error" in printed and (out / "manifest.json").exists()
+
+
+def test_embed_and_search_an_archive(model, tmp_path, capsys):
+    from mpsclip.cli import main
+    from mpsclip.data.synth import generate
+
+    data = tmp_path / "data"
+    generate(data, n_train=0, n_test=3, seed=4, workers=1)
+    ckpt = model.save(tmp_path / "prior")
+    store = tmp_path / "store"
+    assert main(["embed", str(data / "images"), "--out", str(store), "--checkpoint", str(ckpt), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(store), "ships in a harbor", "-k", "2", "--format", "json"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count('"rank"') == 2 and "harbor" in printed
+    manifest = (store / "manifest.json").read_text()
+    assert "priorclip" in manifest.lower()
