@@ -23,7 +23,7 @@ import torch
 
 from mpsclip.checkpoints import load_model
 from mpsclip.data.annotations import load_eval
-from mpsclip.data.synth import generate
+from mpsclip.data.synth import dataset_paths, generate
 from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
 from mpsclip.metrics import chance_r_mean
 from mpsclip.train import TrainConfig, train
@@ -57,20 +57,17 @@ def run_demo(out: Path, n_train: int, n_test: int, epochs: int) -> dict[str, dic
     summary = generate(data, n_train=n_train, n_test=n_test, seed=0)
     print(f"[1/4] synthetic set: {n_train} training and {n_test} test images in {summary.seconds:.1f}s -> {data}")
 
-    cfg = TrainConfig.from_yaml(
-        "tiny",
-        train_file=str(data / "train.json"),
-        image_root=str(data),
-        sub_root=str(data / "subimages"),
-        epochs=epochs,
-    )
+    paths = dataset_paths(data)
+    cfg = TrainConfig.from_yaml("tiny", **{k: str(v) for k, v in paths.items() if k != "eval_file"}, epochs=epochs)
     print(f"[2/4] training a tiny MPS-CLIP from scratch on the CPU ({epochs} epochs) -> {run_dir}")
     train(cfg, run_dir)
 
     print("[3/4] evaluating on held-out synthetic images")
     model = load_model(run_dir / "last.safetensors").eval()
-    images = load_eval(data / "test.json")
-    emb = embed_eval_set(model, images, data, data / "subimages", 64, cfg.num_workers, cfg.max_sub_images)
+    images = load_eval(paths["eval_file"])
+    emb = embed_eval_set(
+        model, images, paths["image_root"], paths["sub_root"], 64, cfg.num_workers, cfg.max_sub_images
+    )
     results = score_all_modes(emb)
     chance = chance_r_mean(len(images), 5)
     print(markdown_table(results, chance))
@@ -93,7 +90,7 @@ def run_demo(out: Path, n_train: int, n_test: int, epochs: int) -> dict[str, dic
 def mosaic_layout(data_dir: Path) -> list[list[tuple[Path, str]]]:
     """Per mosaic, its ``GRID * GRID`` (image, class) tiles in row order: test images of every class in turn."""
     by_class: dict[str, list[Path]] = {}
-    for entry in json.loads((data_dir / "test.json").read_text(encoding="utf-8")):
+    for entry in json.loads(dataset_paths(data_dir)["eval_file"].read_text(encoding="utf-8")):
         by_class.setdefault(entry["label_name"], []).append(data_dir / entry["image"])
     classes = sorted(by_class)
     cells = GRID * GRID

@@ -39,13 +39,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mpsclip.checkpoints import load_model
     from mpsclip.data.annotations import load_eval
+    from mpsclip.data.synth import dataset_paths
     from mpsclip.errors import MPSCLIPError
     from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
     from mpsclip.metrics import chance_r_mean
 
-    eval_file = args.eval_file or (args.data / "test.json" if args.data else None)
-    image_root = args.image_root or args.data
-    sub_root = args.sub_root or (args.data / "subimages" if args.data else None)
+    paths = dataset_paths(args.data) if args.data is not None else {}
+    eval_file = args.eval_file or paths.get("eval_file")
+    image_root = args.image_root or paths.get("image_root")
+    sub_root = args.sub_root or paths.get("sub_root")
     if eval_file is None or image_root is None:
         raise MPSCLIPError("give --data, or --eval-file and --image-root")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

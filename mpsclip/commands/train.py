@@ -43,18 +43,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpsclip.data.synth import dataset_paths
     from mpsclip.train import TrainConfig, train
 
-    paths = {}
-    if args.data is not None:
-        paths = {
-            "train_file": str(args.data / "train.json"),
-            "eval_file": str(args.data / "test.json"),
-            "image_root": str(args.data),
-            "sub_root": str(args.data / "subimages"),
-        }
+    paths = {k: str(v) for k, v in dataset_paths(args.data).items()} if args.data is not None else {}
     overrides = {
-        **paths,
         "train_file": args.train_file or paths.get("train_file"),
         "eval_file": args.eval_file or paths.get("eval_file"),
         "image_root": args.image_root or paths.get("image_root"),

@@ -84,6 +84,17 @@ class SynthSummary:
     seconds: float
 
 
+def dataset_paths(root: str | Path) -> dict[str, Path]:
+    """Where a synthetic set keeps what training and evaluation read (image paths are relative to ``root``)."""
+    root = Path(root)
+    return {
+        "train_file": root / "train.json",
+        "eval_file": root / "test.json",
+        "image_root": root,
+        "sub_root": root / "subimages",
+    }
+
+
 def generate(
     out_dir: str | Path,
     n_train: int,
