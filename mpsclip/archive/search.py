@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mpsclip.archive.embed import _READ_ERRORS, open_item
-from mpsclip.archive.sources import Item
+from mpsclip.archive.sources import READ_ERRORS, Item, open_item
 from mpsclip.archive.store import StoreData
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
@@ -211,7 +210,7 @@ def thumbnail_data_uri(image: Image.Image, size: int = THUMBNAIL_PX) -> str:
 def _figure(manifest: dict[str, Any], hit: Hit) -> str:
     try:
         picture = f'<img src="{thumbnail_data_uri(open_item(hit_item(manifest, hit)))}" alt="">'
-    except _READ_ERRORS:
+    except READ_ERRORS:
         picture = '<div class="missing">image unavailable</div>'
     caption = f"#{hit.rank} &middot; {hit.score:.4f}<br>{html.escape(hit.id)}"
     return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"

@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from mpsclip.errors import MPSCLIPError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst")
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
 
 
 @dataclass(frozen=True)
@@ -115,3 +119,17 @@ def _list_items(list_file: Path) -> list[Item]:
         path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
         items[entry] = Item(id=Path(entry).as_posix(), path=path)
     return list(items.values())
+
+
+def open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def open_item(item: Item) -> Image.Image:
+    """An item's RGB pixels: a GeoTIFF tile's window (meta ``window``) or the whole image file."""
+    if "window" in item.meta:
+        from mpsclip.archive.geotiff import read_tile
+
+        return read_tile(item.path, item.meta)
+    return open_rgb(item.path)
