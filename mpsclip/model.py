@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from mpsclip.adapters import AdapterConfig, attach_adapters
 from mpsclip.distributed import gather_features
 from mpsclip.heads import MPRHead
 from mpsclip.losses import LossConfig, mpsclip_loss
+
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+"""Pixels [B, 3, H, W] → L2-normalised global embeddings [B, D] (the eager tower, or an exported engine)."""
 
 ARCH_CONFIG_DIR = Path(__file__).parent / "configs" / "arch"
 open_clip.add_model_config(ARCH_CONFIG_DIR)
@@ -127,15 +131,18 @@ class MPSCLIP(nn.Module):
         pooled, tokens = visual._pool(visual.transformer(visual._embeds(images)))
         return F.normalize(pooled @ visual.proj, dim=-1), F.normalize(tokens @ visual.proj, dim=-1)
 
-    def encode_regions(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode_regions(
+        self, regions: torch.Tensor, mask: torch.Tensor, encode: ImageEncoder | None = None
+    ) -> torch.Tensor:
         """Masked mean of the sub-images' global embeddings, L2-normalised; zeros where an image has none.
 
-        ``regions`` [B, R, 3, H, W], ``mask`` [B, R] bool. Only valid sub-images go through the tower.
+        ``regions`` [B, R, 3, H, W], ``mask`` [B, R] bool. Only valid sub-images go through the tower
+        (``encode``, default :meth:`encode_image`).
         """
         b, r = mask.shape
         feats = regions.new_zeros(b, r, self.embed_dim)
         if bool(mask.any()):
-            feats[mask] = self.encode_image(regions[mask]).to(feats.dtype)
+            feats[mask] = (encode or self.encode_image)(regions[mask]).to(feats.dtype)
         mean = feats.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1).to(feats.dtype)
         return F.normalize(mean, dim=-1)
 
@@ -154,10 +161,18 @@ class MPSCLIP(nn.Module):
         glob = self.encode_image(images)
         return self.perspectives_from(glob, self.encode_regions(regions, mask), mask)
 
-    def embed_all(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One pass giving ``global``, ``regions``, ``retrieval`` and ``perspectives`` embeddings."""
-        glob = self.encode_image(images)
-        reg = self.encode_regions(regions, mask)
+    def embed_all(
+        self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor, encode: ImageEncoder | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One pass giving ``global``, ``regions``, ``retrieval`` and ``perspectives`` embeddings; ``encode``
+        replaces the image tower (default :meth:`encode_image`)."""
+        return self.embed_from_global((encode or self.encode_image)(images), regions, mask, encode)
+
+    def embed_from_global(
+        self, glob: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor, encode: ImageEncoder | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`embed_all` for images whose global embeddings ``glob`` are already computed."""
+        reg = self.encode_regions(regions, mask, encode).to(glob.dtype)
         return {
             "global": glob,
             "regions": reg,

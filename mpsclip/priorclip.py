@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,10 +174,16 @@ class PriorCLIP(nn.Module):
         pooled = visual.ln_post(x)[:, 0]
         return F.normalize(pooled @ visual.proj, dim=-1)
 
-    def embed_all(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def embed_all(
+        self,
+        images: torch.Tensor,
+        regions: torch.Tensor,
+        mask: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The MPS-CLIP evaluation interface: PriorCLIP has no sub-image branch, so every mode scores with
-        the global embedding (``regions`` and ``mask`` are ignored)."""
-        glob = self.encode_image(images)
+        the global embedding (``regions`` and ``mask`` are ignored); ``encode`` replaces the image tower."""
+        glob = (encode or self.encode_image)(images)
         return {"global": glob, "regions": torch.zeros_like(glob), "retrieval": glob, "perspectives": glob[:, None]}
 
     # ----------------------------------------------------------------- objective

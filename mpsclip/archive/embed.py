@@ -12,6 +12,7 @@ checks/creates the store, :class:`~mpsclip.archive.embedder.Embedder` makes a sh
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,8 +81,9 @@ def list_items(source: Path, settings: EmbedSettings) -> list[Item]:
     return items
 
 
-def _identity(model: Any, ckpt: Path, source: Path, settings: EmbedSettings, n_items: int) -> dict[str, Any]:
+def _identity(embedder: Embedder, ckpt: Path, source: Path, n_items: int) -> dict[str, Any]:
     """Everything that must match for a store to be resumed (or searched with a model)."""
+    model, settings = embedder.model, embedder.settings
     return {
         "checkpoint": str(ckpt.resolve()),
         "checkpoint_sha256": file_sha256(ckpt),
@@ -95,7 +97,21 @@ def _identity(model: Any, ckpt: Path, source: Path, settings: EmbedSettings, n_i
         "source": str(source.resolve()),
         "n_source_items": n_items,
         "tiles": _tiles_identity(settings.tiles),
+        "runtime": settings.runtime,
+        "decode": embedder.decode,
+        "zero_shot": _zero_shot_identity(settings) if settings.perspectives == "zero-shot" else None,
     }
+
+
+def _zero_shot_identity(settings: EmbedSettings) -> dict[str, Any]:
+    """The zero-shot settings; the vocabulary by its nouns' count and hash (its file path alone says too little)."""
+    from mpsclip.keywords.zero_shot import load_rs_vocabulary
+
+    nouns = load_rs_vocabulary(settings.zero_shot.vocabulary)
+    zero_shot = {**asdict(settings.zero_shot), "vocabulary": str(settings.zero_shot.vocabulary or "packaged")}
+    zero_shot["vocabulary_nouns"] = len(nouns)
+    zero_shot["vocabulary_sha256"] = hashlib.sha256("\n".join(nouns).encode("utf-8")).hexdigest()
+    return zero_shot
 
 
 def _tiles_identity(tiles: TileSettings | None) -> dict[str, Any] | None:
@@ -127,7 +143,7 @@ def open_job(
     the complete shards."""
     settings = embedder.settings
     items = items if items is not None else list_items(source, settings)
-    identity = _identity(embedder.model, checkpoint, source, settings, len(items))
+    identity = _identity(embedder, checkpoint, source, len(items))
     _check_resumable(store, identity)
     manifest = {**identity, "dim": embedder.dim, "views": embedder.views, "mpsclip_version": __version__}
     store.mkdir(parents=True, exist_ok=True)

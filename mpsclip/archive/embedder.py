@@ -3,6 +3,13 @@
 :class:`Embedder` holds the model on its device and turns a list of items into :class:`ShardRows` plus the
 items that could not be read. The single-process loop (:mod:`mpsclip.archive.embed`) and the Ray Data
 variant both call it, so a shard's content does not depend on which of them ran.
+
+Reading runs in DataLoader worker processes, a batch ahead of the towers. With ``decode="device"`` (the default
+on a GPU) JPEG files are only read there and decoded on the embedding device with ``torchvision.io.decode_jpeg``
+(nvJPEG on CUDA), then resized (bicubic, antialiased) and normalised there; other formats, GeoTIFF tiles and
+sub-images are decoded with PIL in the workers. The image tower runs on the engine of ``runtime``
+(:mod:`mpsclip.archive.runtimes`); sub-images come from files (``from-dir``) or are cut in the same pass
+(``zero-shot``, :mod:`mpsclip.archive.perspectives`).
 """
 
 from __future__ import annotations
@@ -16,15 +23,23 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
+from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
+from mpsclip.archive.runtimes import RUNTIMES, image_encoder
 from mpsclip.archive.sources import READ_ERRORS, Item, TileSettings, is_image_file, open_item, open_rgb
 from mpsclip.archive.store import ShardRows
+from mpsclip.checkpoints import file_sha256
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import Sample
-from mpsclip.data.transforms import eval_transform
+from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
 from mpsclip.errors import MPSCLIPError
 
-PERSPECTIVES = ("none", "from-dir")
+PERSPECTIVES = ("none", "zero-shot", "from-dir")
+DECODERS = ("auto", "cpu", "device")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -37,11 +52,21 @@ class EmbedSettings:
     workers: int = 0
     device: str = "auto"
     tiles: TileSettings | None = None
+    runtime: str = "torch"
+    engine: Path | None = None
+    decode: str = "auto"
+    zero_shot: ZeroShotSettings = ZeroShotSettings()
 
     def check(self) -> None:
         """Raise :class:`MPSCLIPError` for inconsistent settings (named as the CLI flags)."""
         if self.perspectives not in PERSPECTIVES:
             raise MPSCLIPError(f"perspectives must be one of {', '.join(PERSPECTIVES)}, got {self.perspectives!r}")
+        if self.runtime not in RUNTIMES:
+            raise MPSCLIPError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.decode not in DECODERS:
+            raise MPSCLIPError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
+        if self.perspectives == "zero-shot":
+            self.zero_shot.check()
         if self.perspectives == "from-dir" and (self.sub_root is None or not self.sub_root.is_dir()):
             raise MPSCLIPError(f"--perspectives from-dir needs --sub-root to be a folder, got {self.sub_root}")
         if self.perspectives != "from-dir" and self.sub_root is not None:
@@ -53,32 +78,49 @@ class EmbedSettings:
 
 @dataclass(frozen=True)
 class _Loaded:
+    """A read item: ``sample`` (its ``image`` is empty when ``jpeg`` holds the undecoded file) or ``error``."""
+
     index: int
     sample: Sample | None
     error: str | None
+    jpeg: torch.Tensor | None = None
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 class _ItemDataset(Dataset[_Loaded]):
-    """Reads one item (and its sub-images with ``from-dir``); a read error is returned, not raised."""
+    """Reads one item (and its sub-images with ``from-dir``); a read error is returned, not raised.
+    With ``raw_jpeg``, JPEG files are returned undecoded (for decoding on the embedding device)."""
 
-    def __init__(self, items: list[Item], size: int, sub_root: Path | None, max_sub_images: int | None) -> None:
+    def __init__(
+        self, items: list[Item], size: int, sub_root: Path | None, max_sub_images: int | None, raw_jpeg: bool
+    ) -> None:
         self.items = items
+        self.size = size
         self.transform = eval_transform(size)
         self.sub_root = sub_root
         self.max_sub_images = max_sub_images
+        self.raw_jpeg = raw_jpeg
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> _Loaded:
         item = self.items[index]
+        jpeg = None
         try:
-            image = self.transform(open_item(item))
+            if self.raw_jpeg and is_plain_jpeg(item):
+                jpeg = torch.frombuffer(bytearray(item.path.read_bytes()), dtype=torch.uint8)
+                image = torch.empty(0)
+            else:
+                image = self.transform(open_item(item))
         except READ_ERRORS as err:
-            return _Loaded(index, None, f"{type(err).__name__}: {err}")
+            return _Loaded(index, None, _error(err))
         regions = [self.transform(img) for img in self._sub_images(item)]
-        stacked = torch.stack(regions) if regions else image.new_zeros((0, *image.shape))
-        return _Loaded(index, Sample(image, stacked, None, index), None)
+        stacked = torch.stack(regions) if regions else torch.zeros((0, 3, self.size, self.size))
+        return _Loaded(index, Sample(image, stacked, None, index), None, jpeg)
 
     def _sub_images(self, item: Item) -> list[Image.Image]:
         """Readable images in ``<sub_root>/<id without extension>/`` in name order (unreadable ones skipped)."""
@@ -95,8 +137,44 @@ class _ItemDataset(Dataset[_Loaded]):
         return images
 
 
+def is_plain_jpeg(item: Item) -> bool:
+    """A whole JPEG file (not a GeoTIFF window nor a member of an archive file)."""
+    return item.path.suffix.lower() in JPEG_SUFFIXES and "window" not in item.meta and "tar" not in item.meta
+
+
 def _split_loaded(loaded: list[_Loaded]) -> tuple[list[_Loaded], list[_Loaded]]:
     return [x for x in loaded if x.sample is not None], [x for x in loaded if x.sample is None]
+
+
+def jpeg_pixels(files: list[torch.Tensor], size: int, device: torch.device) -> list[torch.Tensor | str]:
+    """Decode JPEG files on ``device`` and preprocess them as :func:`eval_transform` does (bicubic resize to
+    ``size`` × ``size`` with antialiasing, CLIP normalisation); an undecodable file gives its error message."""
+    try:
+        decoded: list[torch.Tensor | str] = list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad file fails the batch call: decode one by one to find it
+        decoded = []
+        for data in files:
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as err:
+                decoded.append(_error(err))
+    mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+    out: list[torch.Tensor | str] = []
+    for image in decoded:
+        if isinstance(image, str):
+            out.append(image)
+            continue
+        resized = TF.resize(image, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        out.append((resized.float() / 255.0 - mean) / std)
+    return out
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``auto`` decodes JPEGs on the device when it is a GPU, with PIL in the reading workers otherwise."""
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "cpu"
+    return decode
 
 
 def resolve_device(device: str) -> torch.device:
@@ -114,18 +192,25 @@ def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -
 class Embedder:
     """A model on its device plus the reading settings; :meth:`embed` makes one shard's rows."""
 
-    def __init__(self, model: Any, settings: EmbedSettings) -> None:
+    def __init__(self, model: Any, settings: EmbedSettings, checkpoint_sha256: str = "") -> None:
         settings.check()
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)
+        self.decode = resolve_decode(settings.decode, self.device)
+        self.encode = image_encoder(self.model, settings.runtime, self.device, settings.engine, checkpoint_sha256)
+        self.zero_shot = (
+            ZeroShotPerspectives(self.model, settings.zero_shot, self.device)
+            if settings.perspectives == "zero-shot"
+            else None
+        )
         self.dim, self.views = self._probe_dims()
 
     @classmethod
     def load(cls, checkpoint: str | Path, arch: str | None, settings: EmbedSettings) -> Embedder:
         from mpsclip.checkpoints import load_model
 
-        return cls(load_model(checkpoint, arch=arch), settings)
+        return cls(load_model(checkpoint, arch=arch), settings, file_sha256(Path(checkpoint)))
 
     @torch.no_grad()
     def _probe_dims(self) -> tuple[int, int]:
@@ -141,37 +226,74 @@ class Embedder:
     def _loader(self, items: list[Item]) -> DataLoader:
         settings = self.settings
         sub_root = settings.sub_root if settings.perspectives == "from-dir" else None
-        dataset = _ItemDataset(items, self.model.image_size, sub_root, settings.max_sub_images)
-        return DataLoader(
-            dataset, batch_size=settings.batch_size, num_workers=settings.workers, collate_fn=_split_loaded
+        dataset = _ItemDataset(
+            items, self.model.image_size, sub_root, settings.max_sub_images, raw_jpeg=self.decode == "device"
         )
+        return DataLoader(
+            dataset,
+            batch_size=settings.batch_size,
+            num_workers=settings.workers,
+            collate_fn=_split_loaded,
+            prefetch_factor=4 if settings.workers else None,
+            persistent_workers=False,
+        )
+
+    def _on_device(self, ok: list[_Loaded]) -> tuple[list[Sample], list[tuple[int, str]]]:
+        """Samples whose images are on the device (JPEGs decoded there), and the indices that failed."""
+        raw = [x for x in ok if x.jpeg is not None]
+        decoded = jpeg_pixels([x.jpeg for x in raw], self.model.image_size, self.device) if raw else []
+        pixels = {x.index: image for x, image in zip(raw, decoded, strict=True)}
+        samples, failed = [], []
+        for x in ok:
+            image = pixels.get(x.index, x.sample.image)
+            if isinstance(image, str):
+                failed.append((x.index, image))
+                continue
+            samples.append(Sample(image.to(self.device, non_blocking=True), x.sample.regions, None, x.index))
+        return samples, failed
+
+    def _embed_batch(
+        self, samples: list[Sample]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[list[str]] | None]:
+        """The embeddings of a batch, its sub-image mask [B, R] and (zero-shot) each image's keywords."""
+        batch = collate(samples).to(self.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if self.zero_shot is None:
+                out = self.model.embed_all(batch.images, batch.regions, batch.mask, self.encode)
+                return out, batch.mask, None
+            cut = self.zero_shot(batch.images)
+            return self.model.embed_from_global(cut.glob, cut.regions, cut.mask, self.encode), cut.mask, cut.keywords
 
     @torch.no_grad()
     def embed(self, items: list[Item]) -> tuple[ShardRows, list[tuple[Item, str]]]:
         """Rows for the readable ``items`` (in order) and ``(item, error)`` for the others."""
         kept: list[int] = []
-        failed: list[tuple[Item, str]] = []
+        metas: list[str] = []
+        failed: list[tuple[int, str]] = []
         parts: dict[str, list[np.ndarray]] = {"retrieval": [], "global": [], "perspectives": [], "valid": []}
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for ok, bad in self._loader(items):
-            failed.extend((items[x.index], x.error or "") for x in bad)
-            if not ok:
+            failed.extend((x.index, x.error or "") for x in bad)
+            samples, undecodable = self._on_device(ok)
+            failed.extend(undecodable)
+            if not samples:
                 continue
-            batch = collate([x.sample for x in ok]).to(self.device)
-            with amp:
-                out = self.model.embed_all(batch.images, batch.regions, batch.mask)
-            kept.extend(x.index for x in ok)
+            out, mask, keywords = self._embed_batch(samples)
+            for j, sample in enumerate(samples):
+                meta = dict(items[sample.image_id].meta)
+                if keywords is not None:
+                    meta["keywords"] = keywords[j]
+                kept.append(sample.image_id)
+                metas.append(json.dumps(meta, sort_keys=True))
             for name in ("retrieval", "global", "perspectives"):
                 parts[name].append(out[name].float().cpu().numpy().astype(np.float16))
-            has_regions = batch.mask.any(dim=1, keepdim=True).cpu().numpy()
+            has_regions = mask.any(dim=1, keepdim=True).cpu().numpy()
             parts["valid"].append(np.repeat(has_regions, self.views, axis=1))
-        dim, views = self.dim, self.views
         rows = ShardRows(
             ids=[items[i].id for i in kept],
-            metas=[json.dumps(items[i].meta, sort_keys=True) for i in kept],
-            retrieval=_stack(parts["retrieval"], (0, dim), np.float16),
-            glob=_stack(parts["global"], (0, dim), np.float16),
-            perspectives=_stack(parts["perspectives"], (0, views, dim), np.float16),
-            valid=_stack(parts["valid"], (0, views), np.bool_),
+            metas=metas,
+            retrieval=_stack(parts["retrieval"], (0, self.dim), np.float16),
+            glob=_stack(parts["global"], (0, self.dim), np.float16),
+            perspectives=_stack(parts["perspectives"], (0, self.views, self.dim), np.float16),
+            valid=_stack(parts["valid"], (0, self.views), np.bool_),
         )
-        return rows, failed
+        return rows, [(items[i], err) for i, err in sorted(failed)]

@@ -9,6 +9,8 @@ each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpscli
 example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
+  mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
+  mpsclip embed images/ --out store --checkpoint best.safetensors --runtime onnxruntime --engine exported/
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --stride 224 --bands 4,3,2
 """
 
@@ -30,9 +32,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
     parser.add_argument(
         "--perspectives",
-        choices=("none", "from-dir"),
+        choices=("none", "zero-shot", "from-dir"),
         default="none",
-        help="none: global embedding only; from-dir: sub-images from --sub-root/<id without extension>/",
+        help="none: global embedding only; zero-shot: keywords chosen by the model and clip-saliency sub-images "
+        "cut in the same pass (no files written); from-dir: sub-images from --sub-root/<id without extension>/",
+    )
+    parser.add_argument("--keywords-top-k", type=int, default=3, help="zero-shot: nouns per image (default: 3)")
+    parser.add_argument(
+        "--keywords-threshold", type=float, default=0.02, help="zero-shot: least noun probability (default: 0.02)"
+    )
+    parser.add_argument("--saliency-k", type=float, default=1.0, help="zero-shot: mask threshold in std units")
+    parser.add_argument("--vocabulary-file", type=Path, default=None, help="zero-shot nouns (default: packaged)")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        default="torch",
+        help="image-tower engine: torch (fast fused runtime on a GPU), or an mpsclip-export folder (--engine)",
+    )
+    parser.add_argument("--engine", type=Path, default=None, help="mpsclip-export output folder for --runtime")
+    parser.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "device"),
+        default="auto",
+        help="JPEG decoding: cpu (PIL in the workers) or device (torchvision on the GPU); auto: device on a GPU",
     )
     parser.add_argument("--sub-root", type=Path, default=None, help="folder of sub-images (with from-dir)")
     parser.add_argument("--max-sub-images", type=int, default=None, help="sub-images per item (default: all)")
@@ -65,6 +87,7 @@ def tile_settings(args: argparse.Namespace) -> TileSettings | None:
 
 def run(args: argparse.Namespace) -> int:
     from mpsclip.archive.embed import EmbedSettings, embed_archive
+    from mpsclip.archive.perspectives import ZeroShotSettings
 
     if args.workers < 0:
         raise MPSCLIPError(f"--workers must be 0 or more, got {args.workers}")
@@ -79,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         tiles=tile_settings(args),
+        runtime=args.runtime,
+        engine=args.engine,
+        decode=args.decode,
+        zero_shot=ZeroShotSettings(
+            vocabulary=args.vocabulary_file,
+            top_k=args.keywords_top_k,
+            threshold=args.keywords_threshold,
+            saliency_k=args.saliency_k,
+        ),
     )
     summary = embed_archive(
         args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet

@@ -1,0 +1,101 @@
+"""Zero-shot perspectives inside the embedding pass (``mpsclip embed --perspectives zero-shot``).
+
+For a batch of preprocessed images on the embedding device, one pass of the image tower gives the global
+embeddings and the projected patch tokens. Then, without writing any file:
+
+1. keywords: each image is scored against the noun vocabulary with the model's text tower (as
+   :class:`mpsclip.keywords.zero_shot.ZeroShotKeywords`: softmax at the model's logit scale, the ``top_k`` nouns
+   whose probability is at least ``threshold``);
+2. masks: ``clip-saliency`` (:func:`mpsclip.subimages.saliency.saliency_masks`) from the similarity of the
+   patch tokens with each keyword's text embedding, at the model's input resolution;
+3. sub-images: the image with black outside the mask (black in CLIP-normalised units), as the authors'
+   ``<noun>_blackbg.png`` files are, but cut from the resized image rather than the original file.
+
+A keyword whose mask is empty gives no sub-image; an image with none keeps only its global perspective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD
+from mpsclip.errors import MPSCLIPError
+from mpsclip.keywords.zero_shot import DEFAULT_TEMPLATE, ZeroShotKeywords, load_rs_vocabulary
+from mpsclip.model import MPSCLIP
+from mpsclip.subimages.saliency import DEFAULT_K, DEFAULT_MIN_AREA, grid_side, saliency_masks
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """Keyword and mask settings (recorded in the store's manifest)."""
+
+    vocabulary: Path | None = None  # None: the packaged remote-sensing vocabulary
+    top_k: int = 3
+    threshold: float = 0.02
+    saliency_k: float = DEFAULT_K
+    min_area: float = DEFAULT_MIN_AREA
+    template: str = DEFAULT_TEMPLATE
+
+    def check(self) -> None:
+        if self.top_k < 1:
+            raise MPSCLIPError(f"--keywords-top-k must be 1 or more, got {self.top_k}")
+        if "{noun}" not in self.template:
+            raise MPSCLIPError(f"prompt template {self.template!r} has no {{noun}} placeholder")
+
+
+@dataclass
+class ZeroShotBatch:
+    """Global embeddings [B, D], sub-images [B, R, 3, H, W] with their mask [B, R], and each image's nouns."""
+
+    glob: torch.Tensor
+    regions: torch.Tensor
+    mask: torch.Tensor
+    keywords: list[list[str]]
+
+
+class ZeroShotPerspectives:
+    """Keywords, masks and sub-images for batches of preprocessed images (see the module docstring)."""
+
+    def __init__(self, model: MPSCLIP, settings: ZeroShotSettings, device: torch.device) -> None:
+        if not hasattr(model, "encode_image_tokens"):
+            raise MPSCLIPError(
+                f"--perspectives zero-shot needs an MPS-CLIP model (patch tokens); {type(model).__name__} has none"
+            )
+        settings.check()
+        self.model = model
+        self.settings = settings
+        self.scorer = ZeroShotKeywords(model, load_rs_vocabulary(settings.vocabulary), settings.template, device)
+        self.noun_index = {noun: i for i, noun in enumerate(self.scorer.vocabulary)}
+        mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+        self.black = -mean / std
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> ZeroShotBatch:
+        glob, tokens = self.model.encode_image_tokens(images)
+        text = self.scorer.text.to(tokens.dtype)
+        probabilities = (self.scorer.scale * glob.float() @ self.scorer.text.float().T).softmax(dim=-1)
+        nouns = self.scorer.keywords(probabilities.cpu(), self.settings.top_k, self.settings.threshold)
+        b, _, height, width = images.shape
+        side = grid_side(tokens.shape[1])
+        regions = images.new_zeros(b, self.settings.top_k, 3, height, width)
+        mask = torch.zeros(b, self.settings.top_k, dtype=torch.bool, device=images.device)
+        kept: list[list[str]] = []
+        for i, image_nouns in enumerate(nouns):
+            kept.append([])
+            if not image_nouns:
+                continue
+            rows = torch.tensor([self.noun_index[n] for n in image_nouns], device=text.device)
+            similarity = (text[rows] @ tokens[i].T).view(len(image_nouns), side, side)
+            masks = saliency_masks(similarity, (height, width), self.settings.saliency_k, None, self.settings.min_area)
+            for noun, noun_mask in zip(image_nouns, masks, strict=True):
+                if not bool(noun_mask.any()):
+                    continue
+                slot = len(kept[i])
+                regions[i, slot] = torch.where(noun_mask, images[i], self.black.to(images.dtype))
+                mask[i, slot] = True
+                kept[i].append(noun)
+        return ZeroShotBatch(glob, regions, mask, kept)
