@@ -160,13 +160,16 @@ def jpeg_pixels(files: list[torch.Tensor], size: int, device: torch.device) -> l
                 decoded.append(_error(err))
     mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
-    out: list[torch.Tensor | str] = []
-    for image in decoded:
-        if isinstance(image, str):
-            out.append(image)
-            continue
-        resized = TF.resize(image, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        out.append((resized.float() / 255.0 - mean) / std)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(decoded):
+        if isinstance(image, torch.Tensor):
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+    out = list(decoded)
+    for rows in by_shape.values():  # one resize call per distinct source size (archives of tiles have one)
+        stacked = torch.stack([decoded[i] for i in rows])
+        resized = TF.resize(stacked, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        for i, image in zip(rows, (resized.float() / 255.0 - mean) / std, strict=True):
+            out[i] = image
     return out
 
 

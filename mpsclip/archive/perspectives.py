@@ -76,26 +76,32 @@ class ZeroShotPerspectives:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> ZeroShotBatch:
         glob, tokens = self.model.encode_image_tokens(images)
-        text = self.scorer.text.to(tokens.dtype)
         probabilities = (self.scorer.scale * glob.float() @ self.scorer.text.float().T).softmax(dim=-1)
         nouns = self.scorer.keywords(probabilities.cpu(), self.settings.top_k, self.settings.threshold)
         b, _, height, width = images.shape
-        side = grid_side(tokens.shape[1])
         regions = images.new_zeros(b, self.settings.top_k, 3, height, width)
         mask = torch.zeros(b, self.settings.top_k, dtype=torch.bool, device=images.device)
-        kept: list[list[str]] = []
-        for i, image_nouns in enumerate(nouns):
-            kept.append([])
-            if not image_nouns:
-                continue
-            rows = torch.tensor([self.noun_index[n] for n in image_nouns], device=text.device)
-            similarity = (text[rows] @ tokens[i].T).view(len(image_nouns), side, side)
-            masks = saliency_masks(similarity, (height, width), self.settings.saliency_k, None, self.settings.min_area)
-            for noun, noun_mask in zip(image_nouns, masks, strict=True):
-                if not bool(noun_mask.any()):
-                    continue
-                slot = len(kept[i])
-                regions[i, slot] = torch.where(noun_mask, images[i], self.black.to(images.dtype))
-                mask[i, slot] = True
+        pairs = [(i, noun) for i, image_nouns in enumerate(nouns) for noun in image_nouns]
+        kept: list[list[str]] = [[] for _ in range(b)]
+        if not pairs:
+            return ZeroShotBatch(glob, regions, mask, kept)
+        # every (image, noun) pair of the batch in one similarity map and one mask computation
+        image_rows = torch.tensor([i for i, _ in pairs], device=images.device)
+        noun_rows = torch.tensor([self.noun_index[noun] for _, noun in pairs], device=images.device)
+        text = self.scorer.text.to(tokens.dtype)[noun_rows]
+        side = grid_side(tokens.shape[1])
+        similarity = torch.einsum("nd,npd->np", text, tokens[image_rows]).view(len(pairs), side, side)
+        masks = saliency_masks(similarity, (height, width), self.settings.saliency_k, None, self.settings.min_area)
+        nonempty = masks.flatten(1).any(dim=1).tolist()
+        slots = []
+        for (i, noun), ok in zip(pairs, nonempty, strict=True):
+            if ok:
+                slots.append(len(kept[i]))
                 kept[i].append(noun)
+        chosen = torch.tensor(nonempty, device=images.device)
+        image_rows, masks = image_rows[chosen], masks[chosen]
+        slot_rows = torch.tensor(slots, dtype=torch.long, device=images.device)
+        black = self.black.to(images.dtype)
+        regions[image_rows, slot_rows] = torch.where(masks[:, None], images[image_rows], black)
+        mask[image_rows, slot_rows] = True
         return ZeroShotBatch(glob, regions, mask, kept)
