@@ -160,3 +160,17 @@ def test_cli_zero_shot(jpegs: Path, ckpt: Path, tmp_path: Path, capsys: pytest.C
     assert main(args) == 0
     assert "6 of 6 items embedded" in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["zero_shot"]["threshold"] == 0.0
+
+
+def test_device_decoding_reads_jpeg_members_of_tar_shards(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-0000.tar", "w") as tar:
+        for path in sorted(jpegs.glob("*.jpg")):
+            tar.add(path, arcname=path.name)
+    shard = tmp_path / "shard-0000.tar"
+    embed_archive(shard, tmp_path / "pil", ckpt, settings=SMALL, progress=False)
+    embed_archive(shard, tmp_path / "dev", ckpt, settings=dataclasses.replace(SMALL, decode="device"), progress=False)
+    pil, dev = load_store(tmp_path / "pil"), load_store(tmp_path / "dev")
+    assert pil.ids == dev.ids and len(dev.ids) == 6
+    assert torch.nn.functional.cosine_similarity(pil.glob.float(), dev.glob.float(), dim=-1).min() > 0.99

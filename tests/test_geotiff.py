@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +19,12 @@ from PIL import Image  # noqa: E402
 from rasterio.warp import transform as warp_points  # noqa: E402
 
 from mpsclip.archive import embed as embed_mod  # noqa: E402
-from mpsclip.archive.geotiff import read_tile, window_offsets  # noqa: E402
-from mpsclip.archive.sources import Item, TileSettings, iter_items  # noqa: E402
+from mpsclip.archive import geotiff  # noqa: E402
+from mpsclip.archive.geotiff import Cut, read_tile, scan_scene, scene_windows, valid_pixels, window_offsets  # noqa: E402
+from mpsclip.archive.sources import READ_ERRORS, Item, TileSettings, iter_items  # noqa: E402
 from mpsclip.archive.store import load_store  # noqa: E402
 from mpsclip.cli import main  # noqa: E402
+from mpsclip.commands import embed as embed_cmd  # noqa: E402
 from mpsclip.errors import MPSCLIPError  # noqa: E402
 from mpsclip.model import MPSCLIP  # noqa: E402
 
@@ -31,8 +35,10 @@ def from_origin(west: float, north: float, xsize: float, ysize: float) -> Affine
     return Affine(xsize, 0.0, west, 0.0, -ysize, north)
 
 
-def write_scene(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata: float | None = None) -> Path:
-    """A GeoTIFF of ``data`` [bands, H, W]."""
+def write_scene(
+    path: Path, data: np.ndarray, crs: str, transform: Affine, nodata: float | None = None, **options: Any
+) -> Path:
+    """A GeoTIFF of ``data`` [bands, H, W] (``options``: creation options such as ``tiled``)."""
     profile = {
         "driver": "GTiff",
         "width": data.shape[2],
@@ -42,6 +48,7 @@ def write_scene(path: Path, data: np.ndarray, crs: str, transform: Affine, nodat
         "crs": crs,
         "transform": transform,
         "nodata": nodata,
+        **options,
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
@@ -114,6 +121,104 @@ def test_band_selection(tmp_path: Path) -> None:
         list(iter_items(tmp_path, TileSettings(32, 32, (5, 1, 2))))
     with pytest.raises(MPSCLIPError, match="1 band"):
         list(iter_items(tmp_path, TileSettings(32, 32, (1, 2))))
+
+
+class ReadSpy:
+    """A scene that records the size of each read."""
+
+    def __init__(self, src: rasterio.DatasetReader) -> None:
+        self.src, self.width, self.height, self.nodata = src, src.width, src.height, src.nodata
+        self.reads: list[tuple[int, int, int]] = []
+
+    def read(self, bands: list[int], window: rasterio.windows.Window) -> np.ndarray:
+        self.reads.append((int(window.row_off), int(window.width), int(window.height)))
+        return self.src.read(bands, window=window)
+
+
+def test_scan_reads_each_pixel_once_in_bounded_strips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    data = np.zeros((3, 70, 90), dtype=np.uint16)
+    for row, col in rng.integers(0, (70, 90), size=(6, 2)):  # a few isolated valid pixels
+        data[:, row, col] = rng.integers(1, 4000, size=3)
+    write_scene(tmp_path / "s.tif", data, "EPSG:32633", from_origin(500000, 5000000, 10, 10), nodata=0)
+    monkeypatch.setattr(geotiff, "CHUNK_PIXELS", 200)  # strips of 2 rows
+    monkeypatch.setattr(geotiff, "SAMPLE_PIXELS", 1000)  # every 3rd row and column
+    with rasterio.open(tmp_path / "s.tif") as src:
+        windows = scene_windows(90, 70, Cut(24, 24, 16, 16))  # overlapping windows, last ones shifted
+        spy = ReadSpy(src)
+        scan = scan_scene(spy, (1, 2, 3), windows, sample=True)
+        brute = [bool(valid_pixels(src.read([1, 2, 3], window=w), 0).any()) for w in windows]
+    assert [scan.holds_data(w) for w in windows] == brute and 0 < sum(brute) < len(windows)
+    assert max(width * height for _, width, height in spy.reads) <= 200
+    assert sorted(row + n for row, _, height in spy.reads for n in range(height)) == list(range(70))
+    sampled = np.concatenate(scan.samples)
+    expected = data[:, ::3, ::3].reshape(3, -1).T
+    assert sampled.tolist() == expected[expected.any(axis=1)].tolist()
+
+
+def test_resolution_resamples_tiles(tmp_path: Path) -> None:
+    """10 m pixels, --resolution 20: a 16 px tile covers 32 scene pixels (320 m) and averages 2x2 blocks."""
+    data = np.random.default_rng(3).integers(1, 255, size=(3, 64, 96), dtype=np.uint8)
+    write_scene(tmp_path / "scene.tif", data, "EPSG:32633", from_origin(500000, 5000000, 10, 10))
+    native = list(iter_items(tmp_path, TileSettings(32, 32)))
+    items = list(iter_items(tmp_path, TileSettings(16, 16, None, 20.0)))
+    assert [i.id for i in items] == [i.id for i in native] and len(items) == 6
+    for tile, same_ground in zip(items, native, strict=True):
+        assert tile.meta["window"] == same_ground.meta["window"] and tile.meta["out_size"] == [16, 16]
+        assert tile.meta["footprint"] == pytest.approx(same_ground.meta["footprint"], abs=1e-12)
+    tile = items[4]
+    assert tile.meta["window"] == [32, 32, 32, 32]
+    pixels = np.asarray(read_tile(tile.path, tile.meta)).astype(np.float64)
+    blocks = data[:, 32:64, 32:64].reshape(3, 16, 2, 16, 2).mean(axis=(2, 4)).transpose(1, 2, 0)
+    assert pixels.shape == (16, 16, 3) and np.abs(pixels - blocks).max() <= 0.5 + 1e-9
+    # 7 m pixels: windows of round(16 * 7 / 10) = 11 scene pixels, the output pixel is 110 m / 16 = 6.875 m
+    (first, *_) = iter_items(tmp_path, TileSettings(16, 16, None, 7.0))
+    assert first.meta["window"] == [0, 0, 11, 11] and read_tile(first.path, first.meta).size == (16, 16)
+    # a scene smaller than one tile: one tile of its own ground size
+    write_scene(tmp_path / "scene.tif", data[:, :20, :30], "EPSG:32633", from_origin(500000, 5000000, 10, 10))
+    (small,) = iter_items(tmp_path, TileSettings(16, 16, None, 20.0))
+    assert small.meta["window"] == [0, 0, 30, 20] and small.meta["out_size"] == [15, 10]
+    assert read_tile(small.path, small.meta).size == (15, 10)
+    write_scene(tmp_path / "scene.tif", data, "EPSG:4326", from_origin(10.0, 50.0, 0.001, 0.001))
+    with pytest.raises(MPSCLIPError, match="not projected"):
+        list(iter_items(tmp_path, TileSettings(16, 16, None, 20.0)))
+    with pytest.raises(MPSCLIPError, match="--resolution must be"):
+        TileSettings(16, 16, None, 0.0)
+
+
+def test_resolution_flag() -> None:
+    parser = argparse.ArgumentParser()
+    embed_cmd.configure(parser)
+    args = parser.parse_args(["src", "--out", "o", "--checkpoint", "c", "--tile-size", "224", "--resolution", "10"])
+    assert embed_cmd.tile_settings(args) == TileSettings(224, 224, None, 10.0)
+    assert embed_mod._tiles_identity(TileSettings(224, 224, None, 10.0)) == {
+        "tile_size": 224,
+        "stride": 224,
+        "bands": None,
+        "resolution": 10.0,
+    }
+    args = parser.parse_args(["src", "--out", "o", "--checkpoint", "c", "--resolution", "10"])
+    with pytest.raises(MPSCLIPError, match="only used with --tile-size"):
+        embed_cmd.tile_settings(args)
+
+
+def test_truncated_scene_tiles_fail_alone(tmp_path: Path) -> None:
+    data = np.random.default_rng(4).integers(1, 255, size=(3, 64, 96), dtype=np.uint8)
+    path = tmp_path / "scene.tif"
+    blocks = {"tiled": True, "blockxsize": 32, "blockysize": 32, "compress": "deflate"}
+    write_scene(path, data, "EPSG:32633", from_origin(500000, 5000000, 10, 10), **blocks)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    items = list(iter_items(tmp_path, TILES))
+    assert len(items) == 6  # the unreadable strip keeps its tiles
+    read, failed = [], []
+    for item in items:
+        try:
+            read.append(np.asarray(read_tile(item.path, item.meta)))
+        except READ_ERRORS as err:
+            assert isinstance(err, OSError) and "RasterioIOError" in str(err)
+            failed.append(item.id)
+    assert read and failed
+    assert read[0].tolist() == data[:, :32, :32].transpose(1, 2, 0).tolist()
 
 
 def test_embed_tiles_cli_and_broken_window(

@@ -118,7 +118,10 @@ def _tiles_identity(tiles: TileSettings | None) -> dict[str, Any] | None:
     """The tile settings as the manifest's JSON holds them (bands as a list)."""
     if tiles is None:
         return None
-    return {**asdict(tiles), "bands": list(tiles.bands) if tiles.bands else None}
+    identity = {**asdict(tiles), "bands": list(tiles.bands) if tiles.bands else None}
+    if tiles.resolution is None:  # as stores made before --resolution existed record it
+        del identity["resolution"]
+    return identity
 
 
 def _check_resumable(store: Path, identity: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from mpsclip.archive import webdataset
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.runtimes import RUNTIMES, image_encoder
 from mpsclip.archive.sources import READ_ERRORS, Item, TileSettings, is_image_file, open_item, open_rgb
@@ -111,8 +112,9 @@ class _ItemDataset(Dataset[_Loaded]):
         item = self.items[index]
         jpeg = None
         try:
-            if self.raw_jpeg and is_plain_jpeg(item):
-                jpeg = torch.frombuffer(bytearray(item.path.read_bytes()), dtype=torch.uint8)
+            data = jpeg_file(item) if self.raw_jpeg else None
+            if data is not None:
+                jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 image = torch.empty(0)
             else:
                 image = self.transform(open_item(item))
@@ -137,9 +139,15 @@ class _ItemDataset(Dataset[_Loaded]):
         return images
 
 
-def is_plain_jpeg(item: Item) -> bool:
-    """A whole JPEG file (not a GeoTIFF window nor a member of an archive file)."""
-    return item.path.suffix.lower() in JPEG_SUFFIXES and "window" not in item.meta and "tar" not in item.meta
+def jpeg_file(item: Item) -> bytes | None:
+    """The undecoded bytes of a JPEG item (a whole file or a tar member); None for other items."""
+    meta = item.meta
+    name = meta["member"] if "tar" in meta else item.path.name
+    if "window" in meta or Path(name).suffix.lower() not in JPEG_SUFFIXES:
+        return None
+    if "tar" in meta:
+        return webdataset.read_member(meta["tar"], meta["offset"], meta["size"])
+    return item.path.read_bytes()
 
 
 def _split_loaded(loaded: list[_Loaded]) -> tuple[list[_Loaded], list[_Loaded]]:

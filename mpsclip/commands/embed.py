@@ -4,7 +4,10 @@ The store is a folder of shard-NNNNN.parquet files (fp16 embeddings) with manife
 A killed run resumes where it stopped when started again with the same arguments; a store made with another
 checkpoint or other settings is refused. Unreadable images are skipped and listed in failures.jsonl.
 With --tile-size, georeferenced GeoTIFF scenes are cut into tiles (needs rasterio: pip install 'mpsclip[geo]');
-each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpsclip search --bbox/--format geojson').
+each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpsclip search --bbox/--format geojson');
+--resolution M reads tiles resampled to M-metre pixels (projected CRS only).
+SOURCE may also be a WebDataset .tar shard or a quoted brace pattern of shards ('shards-{0000..0099}.tar'),
+one item per sample with a jpg/png/tif image; .tar shards inside a folder are read too.
 
 example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
@@ -12,6 +15,9 @@ example:
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
   mpsclip embed images/ --out store --checkpoint best.safetensors --runtime onnxruntime --engine exported/
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --stride 224 --bands 4,3,2
+  mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --resolution 10
+  mpsclip embed 'shards/train-{0000..0099}.tar' --out web.store --checkpoint best.safetensors
+  mpsclip embed archive/ --out archive.store --checkpoint best.safetensors --ray --ray-address auto
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ HELP = "embed an image archive into a Parquet store for text search"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path, metavar="SOURCE", help="folder of images, or a .txt list of paths")
+    parser.add_argument(
+        "source",
+        type=Path,
+        metavar="SOURCE",
+        help="folder of images (and .tar shards), a .txt list of paths, a .tar shard or 'shards-{0000..0099}.tar'",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="STORE", help="store folder (created/resumed)")
     parser.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
     parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
@@ -66,6 +77,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, default=None, metavar="PX", help="cut GeoTIFF scenes into tiles")
     parser.add_argument("--stride", type=int, default=None, metavar="PX", help="tile step (default: --tile-size)")
     parser.add_argument("--bands", default=None, help="1-based bands as R,G,B or one grey band (default: 1,2,3)")
+    parser.add_argument(
+        "--resolution", type=float, default=None, metavar="METRES", help="resample tiles to pixels of METRES"
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data: one actor per GPU, across nodes (pip install 'mpsclip[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="with --ray: 'auto' or a cluster address (default: start a local Ray)"
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: embedding actors (default: one per GPU, else as many as the CPUs hold)",
+    )
 
 
 def parse_bands(text: str) -> tuple[int, ...]:
@@ -76,13 +105,13 @@ def parse_bands(text: str) -> tuple[int, ...]:
 
 
 def tile_settings(args: argparse.Namespace) -> TileSettings | None:
-    """``--tile-size/--stride/--bands`` as TileSettings (None without --tile-size)."""
+    """``--tile-size/--stride/--bands/--resolution`` as TileSettings (None without --tile-size)."""
     if args.tile_size is None:
-        if args.stride is not None or args.bands is not None:
-            raise MPSCLIPError("--stride and --bands are only used with --tile-size; add it or drop them")
+        if args.stride is not None or args.bands is not None or args.resolution is not None:
+            raise MPSCLIPError("--stride, --bands and --resolution are only used with --tile-size; add it or drop them")
         return None
     bands = parse_bands(args.bands) if args.bands is not None else None
-    return TileSettings(args.tile_size, args.stride or args.tile_size, bands)
+    return TileSettings(args.tile_size, args.stride or args.tile_size, bands, args.resolution)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,9 +141,25 @@ def run(args: argparse.Namespace) -> int:
             saliency_k=args.saliency_k,
         ),
     )
-    summary = embed_archive(
-        args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
-    )
+    if args.ray:
+        from mpsclip.archive.ray_embed import embed_archive_ray
+
+        summary = embed_archive_ray(
+            args.source,
+            args.out,
+            args.checkpoint,
+            arch=args.arch,
+            settings=settings,
+            address=args.ray_address,
+            num_actors=args.ray_actors,
+            progress=not args.quiet,
+        )
+    elif args.ray_address is not None or args.ray_actors is not None:
+        raise MPSCLIPError("--ray-address and --ray-actors are only used with --ray; add it or drop them")
+    else:
+        summary = embed_archive(
+            args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
+        )
     rate = (summary.n_embedded / summary.seconds) if summary.seconds > 0 else 0.0
     print(
         f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in "
