@@ -1,0 +1,190 @@
+"""Embed an archive on Ray Data: the same store as :func:`mpsclip.archive.embed.embed_archive`, across GPUs and nodes.
+
+The driver lists the source and opens the job (it loads the model once, on its CPU, for the manifest's
+identity and sizes), then turns the pending shards into a Ray Dataset (one row per shard: its index and its items as
+JSON). An actor pool (``map_batches`` with :class:`_ShardWorker`, one GPU per actor when the cluster has GPUs)
+reads and embeds each shard with the same :class:`~mpsclip.archive.embedder.Embedder` as the single-process
+loop; Ray schedules the actors and restarts them when they die. The driver receives the shards in order and
+writes each with :func:`~mpsclip.archive.embed.record_shard`, so the store is byte-identical to a
+single-process run and a killed run resumes the same way. Image paths must be readable on every node
+(a shared filesystem). Ray is imported here only: ``import mpsclip`` never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mpsclip.archive.embed import EmbedSummary, Job, close_job, list_items, open_job, record_shard
+from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
+from mpsclip.archive.sources import Item
+from mpsclip.archive.store import ShardRows
+from mpsclip.checkpoints import resolve_checkpoint
+from mpsclip.errors import MPSCLIPError
+
+__all__ = ["embed_archive_ray"]
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the Data library is a separate extra of ray)
+    except ImportError as err:
+        raise MPSCLIPError(f"--ray needs Ray Data ({err}); install it with: pip install 'mpsclip[ray]'") from err
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """Start a local Ray instance (``address`` None) or join the cluster at ``address``."""
+    try:
+        ray.init(address=address, include_dashboard=False)
+    except ConnectionError as err:
+        raise MPSCLIPError(
+            f"--ray-address {address}: no Ray cluster found there ({err}); start one with 'ray start --head', "
+            "or drop --ray-address to run on a local Ray instance"
+        ) from err
+
+
+def _pack(items: list[Item]) -> str:
+    """A shard's items as JSON, so that a Ray Dataset row carries plain data."""
+    return json.dumps([{"id": it.id, "path": str(it.path), "meta": it.meta} for it in items])
+
+
+def _unpack(text: str) -> list[Item]:
+    return [Item(d["id"], Path(d["path"]), d["meta"]) for d in json.loads(text)]
+
+
+class _ShardWorker:
+    """A Ray actor holding one :class:`Embedder`: each row in, that shard's pickled ``(rows, failed)`` out."""
+
+    def __init__(self, checkpoint: Path, arch: str | None, settings: EmbedSettings) -> None:
+        self.embedder = Embedder.load(checkpoint, arch, settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [pickle.dumps(self.embedder.embed(_unpack(str(text)))) for text in batch["items"]]
+        return {"shard": batch["shard"], "result": np.array(results, dtype=object)}
+
+
+@dataclass(frozen=True)
+class _Actors:
+    """The actor pool: how many actors, what each reserves, and the settings they embed with."""
+
+    count: int
+    cpus: float
+    gpus: float
+    settings: EmbedSettings
+
+
+def _plan_actors(ray: Any, settings: EmbedSettings, num_actors: int | None, gpus_per_actor: float | None) -> _Actors:
+    """A GPU per actor when the cluster has GPUs (unless ``--device cpu``), one actor per GPU by default; CPU
+    actors reserve their own thread plus their image-reading processes, as many as fit by default."""
+    cluster = ray.cluster_resources()
+    cluster_gpus, cluster_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
+    if settings.device.startswith("cuda:"):
+        raise MPSCLIPError(f"--device {settings.device}: with --ray, Ray assigns the GPUs; use --device auto or cuda")
+    if settings.device == "cpu":
+        gpus = 0.0
+    else:
+        gpus = (1.0 if cluster_gpus else 0.0) if gpus_per_actor is None else gpus_per_actor
+    if gpus > cluster_gpus or (settings.device == "cuda" and gpus <= 0):
+        raise MPSCLIPError(
+            f"--device {settings.device}: the Ray cluster has {cluster_gpus:g} GPUs and each actor asks for "
+            f"{gpus:g}; use --device cpu, or a cluster with GPUs"
+        )
+    cpus = min(1.0 + settings.workers, cluster_cpus)  # capped so that one actor always fits
+    if num_actors is None:
+        num_actors = max(1, int(cluster_gpus // gpus if gpus > 0 else cluster_cpus // cpus))
+    return _Actors(num_actors, cpus, gpus, replace(settings, device="cuda" if gpus > 0 else "cpu"))
+
+
+def _driver_settings(actors: _Actors) -> EmbedSettings:
+    """Settings for the driver's model, loaded only for the manifest: the actors' identity (decode included) on
+    the driver's CPU, or its GPU for TensorRT engines, which need one."""
+    settings = actors.settings
+    decode = resolve_decode(settings.decode, torch.device(settings.device))
+    if settings.runtime != "tensorrt":
+        return replace(settings, device="cpu", decode=decode)
+    if not torch.cuda.is_available():
+        raise MPSCLIPError(
+            "--ray --runtime tensorrt: the driver needs a GPU too (to check the engine); "
+            "run it on a GPU node, or use --runtime onnxruntime or torch"
+        )
+    return replace(settings, decode=decode)
+
+
+def _embedded_shards(
+    ray: Any, job: Job, shards: list[int], checkpoint: Path, arch: str | None, actors: _Actors
+) -> Iterator[tuple[int, ShardRows, list[tuple[Item, str]]]]:
+    """Embed ``shards`` in a Ray actor pool; yields ``(shard, rows, failed)`` in shard order."""
+    rows = [{"shard": shard, "items": _pack(job.shard_items(shard))} for shard in shards]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
+    ds.context.enable_progress_bars = False  # the driver shows one bar over items
+    ds = ds.map_batches(
+        _ShardWorker,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(actors.count, len(rows))),
+        fn_constructor_kwargs={"checkpoint": checkpoint, "arch": arch, "settings": actors.settings},
+        num_cpus=actors.cpus,
+        num_gpus=actors.gpus,
+    )
+    for row in ds.iter_rows():
+        shard_rows, failed = pickle.loads(row["result"])
+        yield int(row["shard"]), shard_rows, failed
+
+
+def embed_archive_ray(
+    source: str | Path,
+    store: str | Path,
+    checkpoint: str | Path,
+    arch: str | None = None,
+    settings: EmbedSettings | None = None,
+    address: str | None = None,
+    num_actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    progress: bool = True,
+) -> EmbedSummary:
+    """Embed ``source`` into ``store`` (resuming a partial store) with a Ray Data actor pool.
+
+    Uses the Ray instance this process is already connected to, else ``ray.init(address)``: None starts a
+    local instance (shut down at the end), ``"auto"`` joins a running cluster. ``num_actors`` defaults to one
+    actor per GPU (``gpus_per_actor``, default 1 when the cluster has GPUs), else to the CPUs divided by each
+    actor's share (1 + ``settings.workers``)."""
+    ray = _import_ray()
+    if num_actors is not None and num_actors < 1:
+        raise MPSCLIPError(f"--ray-actors must be 1 or more, got {num_actors}")
+    settings = settings or EmbedSettings()
+    settings.check()
+    source, store = Path(source), Path(store)
+    items = list_items(source, settings)
+    ckpt = resolve_checkpoint(checkpoint)
+    started = not ray.is_initialized()
+    if started:
+        _connect(ray, address)
+    try:
+        actors = _plan_actors(ray, settings, num_actors, gpus_per_actor)
+        job = open_job(source, store, ckpt, Embedder.load(ckpt, arch, _driver_settings(actors)), items)
+        shards = list(job.pending())
+        with tqdm(
+            total=len(items),
+            initial=min(job.resumed * settings.shard_size, len(items)),
+            unit="img",
+            desc="embedding (ray)",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
+            for shard, rows, failed in _embedded_shards(ray, job, shards, ckpt, arch, actors) if shards else ():
+                record_shard(job, shard, rows, failed)
+                bar.update(len(job.shard_items(shard)))
+    finally:
+        if started:
+            ray.shutdown()
+    return close_job(job)

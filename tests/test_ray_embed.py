@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpsclip.archive import ray_embed
+from mpsclip.archive.embed import EmbedSettings, embed_archive
+from mpsclip.archive.ray_embed import embed_archive_ray
+from mpsclip.cli import main
+from mpsclip.data.synth import generate
+from mpsclip.errors import MPSCLIPError
+from mpsclip.model import MPSCLIP
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own
+
+SMALL = EmbedSettings(batch_size=2, shard_size=2, workers=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance for the module: 2 CPUs, no dashboard, no usage stats, loopback only."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic images, one of them truncated (so that failures travel through Ray too)."""
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
+    victim = sorted((out / "images").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:100])
+    return out / "images"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
+
+
+def _single_process(images: Path, store: Path, ckpt: Path, **kwargs: int) -> None:
+    """``embed_archive`` on one CPU thread, as each Ray actor (1 CPU) runs: the same float sums, the same bytes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_archive(images, store, ckpt, settings=SMALL, progress=False, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(images: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "reference"
+    _single_process(images, out, ckpt)
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+def test_killed_ray_run_resumes(
+    local_ray: None,
+    images: Path,
+    ckpt: Path,
+    reference: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Single process writes shard 0; Ray resumes, writes shard 1 and is killed; single process finishes."""
+    store = tmp_path / "s"
+    _single_process(images, store, ckpt, stop_after_shards=1)
+    record = ray_embed.record_shard
+
+    def record_then_die(job: object, shard: int, *args: object) -> None:
+        record(job, shard, *args)
+        if shard == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_embed, "record_shard", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed_archive_ray(images, store, ckpt, settings=SMALL, num_actors=1, progress=False)
+    assert sorted(p.name for p in store.glob("shard-*")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert not json.loads((store / "manifest.json").read_text())["complete"]
+    _single_process(images, store, ckpt)
+    assert _files(store) == _files(reference)
+
+
+def test_embed_cli_ray_is_byte_identical(
+    local_ray: None, images: Path, ckpt: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two actors, shards recorded in order: the same files as the single-process run, failures included."""
+    args = ["embed", str(images), "--checkpoint", str(ckpt), "--shard-size", "2", "--batch-size", "2", "--quiet"]
+    args += ["--workers", "0", "--device", "cpu", "--ray", "--ray-actors", "2"]
+    assert main([*args, "--out", str(tmp_path / "s")]) == 0
+    assert "5 of 6 items embedded in 3 shards" in capsys.readouterr().out
+    assert _files(tmp_path / "s") == _files(reference)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"] == {"items": 6, "embedded": 5, "failed": 1, "shards": 3}
+
+
+def test_embed_cli_ray_errors(images: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["embed", str(images), "--checkpoint", str(ckpt), "--out", str(tmp_path / "s"), "--quiet"]
+    assert main([*args, "--ray-actors", "2"]) == 2
+    assert "only used with --ray" in capsys.readouterr().err
+    assert main([*args, "--ray", "--ray-actors", "0"]) == 2
+    assert "--ray-actors must be 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_ray_is_explained(images: Path, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MPSCLIPError, match=r"pip install 'mpsclip\[ray\]'"):
+        embed_archive_ray(images, tmp_path / "s", ckpt, settings=SMALL, progress=False)
+    assert not (tmp_path / "s").exists()
