@@ -2,6 +2,8 @@
 
 ``export(checkpoint, fmt, out)`` writes everything into a temporary folder beside ``out``, verifies parity
 with PyTorch, writes ``manifest.json`` and only then renames the folder to ``out``: a failure leaves nothing.
+AOTInductor packages are verified twice: first in a fresh interpreter that has torch but cannot import
+mpsclip or open_clip (so that a crash while loading is reported, not suffered), then in this process.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ import os
 import tempfile
 from pathlib import Path
 
-import onnxruntime
 from mpsclip.export import aoti, tensorrt, triton_repo
 from mpsclip.export.manifest import build_manifest, write_manifest
 from mpsclip.export.onnx import DTYPES, write_onnx
 from mpsclip.export.ort import OrtEncoder
 from mpsclip.export.towers import TOWERS
-from mpsclip.export.verify import Encoder, not_run, verify_tower
+from mpsclip.export.verify import Encoder, not_run, seeded_inputs, verification_batches, verify_outputs, verify_tower
 
 from mpsclip.checkpoints import load_model
 from mpsclip.errors import MPSCLIPError
@@ -39,26 +40,32 @@ def export(
     verify: bool = True,
     arch: str | None = None,
     backend: str = "onnxruntime",
+    device: str | None = None,
 ) -> Path:
-    """Export ``towers`` of the checkpoint to the folder ``out`` (which must not exist, or be empty)."""
+    """Export ``towers`` of the checkpoint to the folder ``out`` (which must not exist, or be empty).
+
+    ``device`` ("cpu" or "cuda") is what AOTInductor compiles for: CUDA when a GPU is visible, else the CPU."""
     checkpoint, out = Path(checkpoint), Path(out)
     _check_arguments(fmt, out, precision, towers, (min_batch, opt_batch, max_batch), backend)
     if fmt == "tensorrt" or (fmt == "triton-repo" and backend == "tensorrt"):
         tensorrt.require_tensorrt()
     if fmt == "aoti":
-        aoti.require_cuda()
+        device = device or aoti.default_device()
+        aoti.require_device(device)
+    elif device is not None:
+        raise MPSCLIPError(f"--device {device}: only --format aoti compiles for a device; drop --device")
     model = load_model(checkpoint, arch=arch).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp) / out.name
         stage.mkdir()
-        files = {
-            t: _write_tower(model, t, stage, fmt, precision, (min_batch, opt_batch, max_batch), backend) for t in towers
-        }
+        batches = (min_batch, opt_batch, max_batch)
+        files = {t: _write_tower(model, t, stage, fmt, precision, batches, backend, device) for t in towers}
         if fmt == "triton-repo":
             triton_repo.write_docs(stage, model, backend)
         verification = {
-            t: _verify(model, t, stage / files[t], precision) if verify else not_run("--no-verify") for t in towers
+            t: _verify(model, t, stage / files[t], precision, batches) if verify else not_run("--no-verify")
+            for t in towers
         }
         manifest = build_manifest(
             checkpoint=checkpoint,
@@ -68,6 +75,7 @@ def export(
             files=files,
             batch={"min": min_batch, "opt": opt_batch, "max": max_batch},
             verification=verification,
+            device=device,
         )
         write_manifest(stage, manifest)
         if out.exists():
@@ -96,7 +104,14 @@ def _check_arguments(
 
 
 def _write_tower(
-    model: MPSCLIP, tower: str, stage: Path, fmt: str, precision: str, batches: tuple[int, int, int], backend: str
+    model: MPSCLIP,
+    tower: str,
+    stage: Path,
+    fmt: str,
+    precision: str,
+    batches: tuple[int, int, int],
+    backend: str,
+    device: str | None,
 ) -> str:
     """Write the artefact of ``tower`` under ``stage``; returns its path relative to ``stage``."""
     name = f"{tower}_encoder"
@@ -105,7 +120,13 @@ def _write_tower(
         return f"{name}.onnx"
     if fmt == "aoti":
         aoti.compile_tower(
-            model, tower, stage / f"{name}.pt2", precision=precision, min_batch=batches[0], max_batch=batches[2]
+            model,
+            tower,
+            stage / f"{name}.pt2",
+            precision=precision,
+            device=str(device),
+            min_batch=batches[0],
+            max_batch=batches[2],
         )
         return f"{name}.pt2"
     if fmt == "tensorrt":
@@ -131,19 +152,19 @@ def _build_plan(model: MPSCLIP, tower: str, plan: Path, precision: str, batches:
         )
 
 
-def _verify(model: MPSCLIP, tower: str, artefact: Path, precision: str) -> dict[str, object]:
-    if (
-        artefact.suffix == ".onnx"
-        and precision != "fp32"
-        and "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
-    ):
-        return not_run(f"{precision} ONNX needs onnxruntime's CUDA provider (a GPU) to run; CPU kernels lack it")
-    return verify_tower(model, tower, _encoder(artefact), precision)
+def _verify(
+    model: MPSCLIP, tower: str, artefact: Path, precision: str, batches: tuple[int, int, int]
+) -> dict[str, object]:
+    sizes = verification_batches(batches[0], batches[2])
+    if artefact.suffix != ".pt2":
+        return verify_tower(model, tower, _encoder(artefact), precision, sizes)
+    inputs = seeded_inputs(model, tower, sizes)
+    fresh = verify_outputs(model, tower, inputs, aoti.run_in_fresh_process(artefact, inputs), precision)
+    figures = verify_tower(model, tower, aoti.AotiEncoder(artefact), precision, sizes)
+    return {**figures, "fresh_process": {"max_abs": fresh["max_abs"], "min_cosine": fresh["min_cosine"]}}
 
 
 def _encoder(artefact: Path) -> Encoder:
     if artefact.suffix == ".plan":
         return tensorrt.TrtEncoder(artefact)
-    if artefact.suffix == ".pt2":
-        return aoti.AotiEncoder(artefact)
     return OrtEncoder(artefact)

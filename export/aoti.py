@@ -1,8 +1,17 @@
-"""AOTInductor packages (``torch.export`` + ``aoti_compile_and_package``), one ``.pt2`` per tower; CUDA only."""
+"""AOTInductor packages (``torch.export`` + ``aoti_compile_and_package``), one ``.pt2`` per tower, CPU or CUDA.
+
+A package holds compiled code for one device kind (a CPU package also for the compiling machine's instruction
+set). ``run_in_fresh_process`` loads it in a new interpreter that cannot import mpsclip or open_clip, so that
+a crash while loading (seen with CUDA packages of torch 2.11.0+cu130) is reported instead of killing the caller.
+"""
 
 from __future__ import annotations
 
 import copy
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,30 +22,75 @@ from mpsclip.export.towers import example_input
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
+DEVICES = ("cpu", "cuda")
+STANDALONE = Path(__file__).with_name("aoti_standalone.py")
+FRESH_PROCESS_TIMEOUT_S = 600
 
-def require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise MPSCLIPError("AOTInductor export compiles for an NVIDIA CUDA GPU, and none is visible to PyTorch here")
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compile_tower(model: MPSCLIP, tower: str, path: Path, *, precision: str, min_batch: int, max_batch: int) -> None:
-    """Export ``tower`` with a dynamic batch axis and compile it into the package ``path``."""
-    require_cuda()
-    module = copy.deepcopy(tower_module(model, tower, precision)).cuda()  # the caller's model stays where it is
+def require_device(device: str) -> None:
+    if device not in DEVICES:
+        raise MPSCLIPError(f"unknown AOTInductor device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MPSCLIPError("--device cuda: no NVIDIA CUDA GPU is visible to PyTorch here; use --device cpu")
+
+
+def compile_tower(
+    model: MPSCLIP, tower: str, path: Path, *, precision: str, device: str, min_batch: int, max_batch: int
+) -> None:
+    """Export ``tower`` with a dynamic batch axis and compile it for ``device`` into the package ``path``."""
+    require_device(device)
+    module = copy.deepcopy(tower_module(model, tower, precision)).to(device)  # the caller's model stays put
     batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
-    inputs = example_input(model, tower, batch=max(2, min_batch)).cuda()
+    inputs = example_input(model, tower, batch=min(max(2, min_batch), max_batch)).to(device)
     with torch.no_grad(), mha_fast_path_disabled():
         program = torch.export.export(module, (inputs,), dynamic_shapes=({0: batch},))
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
 class AotiEncoder:
-    """``encoder(batch) -> embeddings`` for one ``.pt2`` package."""
+    """``encoder(batch) -> embeddings`` for one ``.pt2`` package, on the device it was compiled for."""
 
     def __init__(self, path: str | Path) -> None:
-        require_cuda()
         self.runner = torch._inductor.aoti_load_package(str(path))
+        self.device = self.runner.get_metadata().get("AOTI_DEVICE_KEY", "cpu")
+        require_device(self.device)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return self.runner(torch.from_numpy(batch).cuda()).float().cpu().numpy()
+            return self.runner(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+
+def run_in_fresh_process(
+    path: Path, inputs: list[np.ndarray], timeout_s: float = FRESH_PROCESS_TIMEOUT_S
+) -> list[np.ndarray]:
+    """Run ``inputs`` through the package in a new interpreter with torch only; raise if it fails or crashes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs_path, outputs_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+        np.savez(inputs_path, **{f"{i:03d}": batch for i, batch in enumerate(inputs)})
+        command = [sys.executable, "-I", str(STANDALONE), str(path), str(inputs_path), str(outputs_path)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise MPSCLIPError(f"{path.name}: loading it in a fresh process took over {timeout_s:.0f} s") from err
+        if done.returncode != 0:
+            raise MPSCLIPError(
+                f"{path.name}: the AOTInductor package failed in a fresh process ({describe_exit(done.returncode)}); "
+                f"stderr ends: {done.stderr[-800:].strip()!r}. Nothing was written; try --device cpu or another "
+                "--format, and see bench/results/NOTES.md"
+            )
+        with np.load(outputs_path) as outputs:
+            return [outputs[key] for key in sorted(outputs.files)]
+
+
+def describe_exit(returncode: int) -> str:
+    """``exit status 1`` or ``killed by SIGSEGV`` for a subprocess return code."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"

@@ -35,10 +35,13 @@ def build_manifest(
     files: dict[str, str],
     batch: dict[str, int],
     verification: dict[str, dict[str, object]],
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """``files`` maps each tower to its artefact path relative to the folder; ``verification`` its figures."""
+    """``files`` maps each tower to its artefact path relative to the folder; ``verification`` its figures;
+    ``device`` is the device an AOTInductor package was compiled for (omitted for other formats)."""
     return {
         "format": fmt,
+        **({"device": device} if device is not None else {}),
         "mpsclip_version": __version__,
         "checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
         "arch": model.config.arch,

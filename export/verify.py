@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,24 +42,35 @@ def compare(reference: np.ndarray, output: np.ndarray) -> tuple[float, float]:
     return float(np.abs(reference - output).max()), float(cosine.min())
 
 
-def verify_tower(model: MPSCLIP, tower: str, encoder: Encoder, precision: str) -> dict[str, object]:
-    """Run ``encoder`` and the float32 PyTorch tower on seeded inputs; raise if outside the tolerance.
+def verification_batches(min_batch: int, max_batch: int) -> tuple[int, ...]:
+    """``BATCHES`` moved inside an artefact's ``[min_batch, max_batch]`` range."""
+    return tuple(sorted({min(max(b, min_batch), max_batch) for b in BATCHES}))
+
+
+def seeded_inputs(model: MPSCLIP, tower: str, batches: Sequence[int] = BATCHES) -> list[np.ndarray]:
+    """The fixed verification inputs, one array per batch size."""
+    return [example_input(model, tower, batch, seed=SEED + batch).numpy() for batch in batches]
+
+
+def verify_outputs(
+    model: MPSCLIP, tower: str, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], precision: str
+) -> dict[str, object]:
+    """Compare ``outputs`` (the artefact's, one per input) with the float32 PyTorch tower; raise if too far.
 
     Returns the figures for the manifest: ``max_abs``, ``min_cosine``, the batches and the tolerance."""
     module = build_tower(model, tower)
     max_abs, min_cosine = 0.0, 1.0
-    for batch in BATCHES:
-        inputs = example_input(model, tower, batch, seed=SEED + batch)
+    for batch, output in zip(inputs, outputs, strict=True):
         with torch.no_grad(), mha_fast_path_disabled():
-            reference = module(inputs).numpy()
-        err, cos = compare(reference, np.asarray(encoder(inputs.numpy())))
+            reference = module(torch.from_numpy(batch)).numpy()
+        err, cos = compare(reference, np.asarray(output))
         max_abs, min_cosine = max(max_abs, err), min(min_cosine, cos)
     tolerance = TOLERANCES[precision]
     figures = {
         "status": "verified",
         "max_abs": max_abs,
         "min_cosine": min_cosine,
-        "batches": list(BATCHES),
+        "batches": [len(batch) for batch in inputs],
         "tolerance": {"min_cosine": tolerance.min_cosine, "max_abs": tolerance.max_abs},
     }
     too_far = tolerance.max_abs is not None and not max_abs <= tolerance.max_abs
@@ -70,6 +81,14 @@ def verify_tower(model: MPSCLIP, tower: str, encoder: Encoder, precision: str) -
             "nothing was written. Try --precision fp32 or another --format, and report the figures"
         )
     return figures
+
+
+def verify_tower(
+    model: MPSCLIP, tower: str, encoder: Encoder, precision: str, batches: Sequence[int] = BATCHES
+) -> dict[str, object]:
+    """Run ``encoder`` and the float32 PyTorch tower on seeded inputs; raise if outside the tolerance."""
+    inputs = seeded_inputs(model, tower, batches)
+    return verify_outputs(model, tower, inputs, [encoder(batch) for batch in inputs], precision)
 
 
 def not_run(reason: str) -> dict[str, object]:
