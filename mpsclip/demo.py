@@ -133,9 +133,9 @@ def write_mosaics(scenes: Path, layout: list[list[tuple[Path, str]]]) -> dict[st
 def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | None:
     """Mosaics of the test images -> tiles -> store -> class queries; prints and returns precision@1."""
     from mpsclip.archive.embed import EmbedSettings, embed_archive
-    from mpsclip.archive.search import encode_queries, load_search_model, search, to_geojson, to_html
+    from mpsclip.archive.search import encode_queries, load_search_model, search_store, to_geojson, to_html
     from mpsclip.archive.sources import TileSettings
-    from mpsclip.archive.store import load_store
+    from mpsclip.archive.store import open_store
     from mpsclip.io import atomic_write_text
 
     try:
@@ -152,9 +152,9 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
     settings = EmbedSettings(perspectives="none", batch_size=32, workers=0, device="cpu", tiles=tiles)
     summary = embed_archive(archive / "scenes", archive / "store", model_checkpoint, settings=settings, progress=False)
     print(f"[archive] {summary.n_embedded} tiles embedded in {summary.seconds:.1f}s -> {archive / 'store'}")
-    data = load_store(archive / "store")
+    store = open_store(archive / "store")
     queries = list(ARCHIVE_QUERIES)
-    results = search(data, encode_queries(load_search_model(data, model_checkpoint), queries), 5)
+    results = search_store(store, encode_queries(load_search_model(store.manifest, model_checkpoint), queries), 5)
     correct = 0
     for query, hits in zip(queries, results, strict=True):
         correct += classes[hits[0].id] == ARCHIVE_QUERIES[query]
@@ -163,7 +163,7 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
     precision = correct / len(queries)
     collection, _ = to_geojson(queries, results)
     atomic_write_text(archive / "hits.geojson", json.dumps(collection) + "\n")
-    atomic_write_text(archive / "hits.html", to_html(queries, results, data.manifest, "fused"))
+    atomic_write_text(archive / "hits.html", to_html(queries, results, store.manifest, "fused"))
     chance = 1 / len(set(ARCHIVE_QUERIES.values()))
     print(f"[archive] precision@1 {precision:.2f} ({correct}/{len(queries)} queries; chance {chance:.2f})")
     seconds = time.perf_counter() - start

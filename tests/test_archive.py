@@ -2,17 +2,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import randomize_adapters
 
-from mpsclip.archive import embed as embed_mod
 from mpsclip.archive.embed import EmbedSettings, embed_archive
-from mpsclip.archive.search import encode_queries, load_search_model, search
-from mpsclip.archive.sources import Item, iter_items
+from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import load_store
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
@@ -115,58 +112,6 @@ def test_other_model_is_refused(synth: Path, store: Path, tmp_path: Path) -> Non
             settings=EmbedSettings(shard_size=3, device="cpu"),
             progress=False,
         )
-    with pytest.raises(MPSCLIPError, match="differs"):
-        load_search_model(load_store(store), other)
-
-
-def test_search_modes(synth: Path, ckpt: Path, tmp_path: Path) -> None:
-    settings = EmbedSettings(
-        perspectives="from-dir", sub_root=synth / "subimages", batch_size=3, shard_size=3, device="cpu"
-    )
-    embed_archive(synth / "images", tmp_path / "s", ckpt, settings=settings, progress=False)
-    data = load_store(tmp_path / "s")
-    assert data.valid.any()
-    queries = encode_queries(load_search_model(data, None), ["an airport", "a harbor with boats"])
-    for mode in ("fused", "global", "max-response"):
-        results = search(data, queries, 4, mode)
-        assert [len(hits) for hits in results] == [4, 4]
-        scores = [h.score for h in results[0]]
-        assert scores == sorted(scores, reverse=True) and [h.rank for h in results[0]] == [1, 2, 3, 4]
-    fused = search(data, queries, 6, "fused")[0]
-    exact = (data.retrieval.float() @ queries[0]).max().item()
-    assert fused[0].score == pytest.approx(exact, abs=1e-5)
-    assert len(search(data, queries, 50, "global")[0]) == 6
-
-
-def test_search_cli_json(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["search", str(store), "an airport", "a river", "-k", "3", "--format", "json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert [r["query"] for r in out["results"]] == ["an airport", "a river"]
-    assert [h["rank"] for h in out["results"][0]["hits"]] == [1, 2, 3]
-    assert main(["search", str(store), "an airport", "--mode", "max-response"]) == 0
-    assert "rank" in capsys.readouterr().out
-
-
-def test_search_cli_geojson(
-    synth: Path, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def with_footprints(source: Path) -> Iterator[Item]:
-        for n, item in enumerate(iter_items(source)):
-            meta = {"footprint": [float(n), 0.0, n + 0.5, 0.5]} if n < 4 else {}
-            yield Item(item.id, item.path, meta)
-
-    monkeypatch.setattr(embed_mod, "iter_items", with_footprints)
-    embed_archive(synth / "images", tmp_path / "s", ckpt, settings=SMALL, progress=False)
-    assert main(["search", str(tmp_path / "s"), "an airport", "-k", "6", "--format", "geojson"]) == 0
-    captured = capsys.readouterr()
-    collection = json.loads(captured.out)
-    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 4
-    assert "2 hits have no footprint" in captured.err
-    feature = collection["features"][0]
-    assert feature["geometry"]["type"] == "Polygon" and feature["properties"]["rank"] >= 1
-    assert main(["search", str(tmp_path / "s"), "x", "--bbox", "1.2,0,2.2,1", "--format", "json"]) == 0
-    hits = json.loads(capsys.readouterr().out)["results"][0]["hits"]
-    assert sorted(h["meta"]["footprint"][0] for h in hits) == [1.0, 2.0]
 
 
 def test_embed_cli(synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

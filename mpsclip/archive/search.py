@@ -1,7 +1,9 @@
-"""Exact text search over an embedding store.
+"""Exact search of an embedding store with text or image queries, streamed shard by shard.
 
 Scores: ``fused`` = retrieval·q, ``global`` = global·q, ``max-response`` = max over the global embedding and
-the valid perspectives. Top-k uses :func:`mpsclip.kernels.maxsim_topk` (an exact chunked torch path on CPU).
+the valid perspectives. Each shard's top-k comes from :func:`mpsclip.kernels.maxsim_topk` (Triton on a GPU, an
+exact chunked torch path on CPU) and is merged into a running top-k, ties going to the lower store row, so only
+one shard's columns are in memory at a time; ids and metas are read for the final hits only.
 """
 
 from __future__ import annotations
@@ -9,21 +11,29 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from mpsclip.archive.sources import READ_ERRORS, Item, open_item
-from mpsclip.archive.store import StoreData
+from mpsclip.archive.sources import READ_ERRORS, Item, open_item, open_rgb
+from mpsclip.archive.store import StoreInfo, read_ids_metas, read_shard
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
 MODES = ("fused", "global", "max-response")
+MODE_COLUMNS = {"fused": ["retrieval"], "global": ["global"], "max-response": ["global", "perspectives", "valid"]}
 BBox = tuple[float, float, float, float]
+READ_AHEAD = 2  # shards decoded ahead of the one being scored
 
 
 @dataclass(frozen=True)
@@ -34,11 +44,12 @@ class Hit:
     meta: dict[str, Any]
 
 
-def load_search_model(data: StoreData, checkpoint: str | Path | None) -> Any:
-    """The store's model: ``checkpoint`` or the one the manifest names; refuses a file with another hash."""
+def load_search_model(
+    manifest: dict[str, Any], checkpoint: str | Path | None, device: str | torch.device = "cpu"
+) -> Any:
+    """The store's model on ``device``: ``checkpoint`` or the one the manifest names; refuses another hash."""
     from mpsclip.checkpoints import load_model
 
-    manifest = data.manifest
     if checkpoint is None:
         checkpoint = manifest["checkpoint"]
         if not Path(checkpoint).exists():
@@ -51,19 +62,47 @@ def load_search_model(data: StoreData, checkpoint: str | Path | None) -> Any:
         raise MPSCLIPError(
             f"{path}: sha256 {digest[:12]} differs from the store's checkpoint "
             f"({manifest['checkpoint_sha256'][:12]}, {manifest['checkpoint']}); "
-            "text embeddings of another model cannot be compared with this store; pass the store's checkpoint"
+            "query embeddings of another model cannot be compared with this store; pass the store's checkpoint"
         )
-    return load_model(path, arch=manifest["arch"]).eval()
+    return load_model(path, arch=manifest["arch"]).eval().to(device)
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def encode_queries(model: Any, queries: list[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised fp32 text embeddings [Q, D]."""
+    """L2-normalised fp32 text embeddings [Q, D] (on the model's device)."""
+    device = _device_of(model)
     parts = [
-        model.encode_text(model.tokenize(queries[i : i + batch_size])).float()
+        model.encode_text(model.tokenize(queries[i : i + batch_size]).to(device)).float()
         for i in range(0, len(queries), batch_size)
     ]
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.zeros(0, model.embed_dim, device=device)
+
+
+def _open_query_image(path: Path) -> Image.Image:
+    try:
+        return open_rgb(path)
+    except READ_ERRORS as err:
+        raise MPSCLIPError(
+            f"--image {path}: cannot be read as an image ({type(err).__name__}: {err}); give a PNG, JPEG or TIFF file"
+        ) from err
+
+
+@torch.no_grad()
+def encode_images(model: Any, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised fp32 global image embeddings [Q, D] of query images (the eval transform, as in 'embed')."""
+    from mpsclip.data.transforms import eval_transform
+
+    device = _device_of(model)
+    transform = eval_transform(model.image_size)
+    parts = []
+    for i in range(0, len(paths), batch_size):
+        pixels = torch.stack([transform(_open_query_image(p)) for p in paths[i : i + batch_size]])
+        parts.append(model.encode_image(pixels.to(device)).float())
+    return torch.cat(parts) if parts else torch.zeros(0, model.embed_dim, device=device)
 
 
 def parse_bbox(text: str) -> BBox:
@@ -90,50 +129,120 @@ def intersects(a: BBox, b: BBox) -> bool:
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
-def rows_in_bbox(data: StoreData, bbox: BBox) -> list[int]:
-    """Rows whose footprint intersects ``bbox`` (items without a footprint are left out)."""
-    return [i for i, meta in enumerate(data.metas) if (fp := footprint(meta)) is not None and intersects(fp, bbox)]
+def rows_in_bbox(metas: np.ndarray, bbox: BBox) -> np.ndarray:
+    """Positions of the JSON ``metas`` whose footprint intersects ``bbox`` (items without one are left out)."""
+    keep = [i for i, m in enumerate(metas) if (fp := footprint(json.loads(m))) is not None and intersects(fp, bbox)]
+    return np.array(keep, dtype=np.int64)
 
 
-def gallery(data: StoreData, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[N, V, D]`` views scored for ``mode`` and their ``[N, V]`` validity (None: all valid)."""
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise MPSCLIPError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def mode_views(columns: dict[str, np.ndarray], mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[n, V, D]`` fp16 views scored for ``mode`` (from the columns of :data:`MODE_COLUMNS`) and their
+    ``[n, V]`` validity (None: all valid)."""
+    check_mode(mode)
     if mode == "fused":
-        return data.retrieval.unsqueeze(1), None
+        return torch.from_numpy(columns["retrieval"]).unsqueeze(1), None
+    glob = torch.from_numpy(columns["global"]).unsqueeze(1)
     if mode == "global":
-        return data.glob.unsqueeze(1), None
-    if mode == "max-response":
-        views = torch.cat([data.glob.unsqueeze(1), data.perspectives], dim=1)
-        valid = torch.cat([torch.ones(len(data.ids), 1, dtype=torch.bool), data.valid], dim=1)
-        return views, valid
-    raise MPSCLIPError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        return glob, None
+    views = torch.cat([glob, torch.from_numpy(columns["perspectives"])], dim=1)
+    valid = torch.from_numpy(columns["valid"])
+    return views, torch.cat([torch.ones(len(valid), 1, dtype=torch.bool), valid], dim=1)
 
 
-def search(
-    data: StoreData, queries: torch.Tensor, k: int, mode: str = "fused", rows: list[int] | None = None
-) -> list[list[Hit]]:
-    """Top-``k`` hits per query, best first (ties: store order); ``rows`` restricts the candidates."""
+def scored_topk(
+    queries: torch.Tensor, views: torch.Tensor, valid: torch.Tensor | None, rows: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` of the gallery ``views`` (whose store rows are ``rows``, ascending) for fp32 ``queries``:
+    ``(scores [Q, k], store rows [Q, k])`` on the queries' device, padding row ``-1``. On a GPU the views are
+    scored in fp32 as on the CPU."""
     from mpsclip.kernels import maxsim_topk
+
+    device = queries.device
+    views = views.to(device).float() if device.type == "cuda" else views
+    valid = valid.to(device) if valid is not None else None
+    scores, found = maxsim_topk(queries, views, k, valid)
+    rows = rows.to(device)
+    return scores, torch.where(found < 0, -1, rows[found.clamp(min=0)])
+
+
+def exact_topk(
+    info: StoreInfo,
+    queries: torch.Tensor,
+    k: int,
+    mode: str = "fused",
+    bbox: BBox | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exhaustive top-``k`` per query over the store, streamed shard by shard on the queries' device:
+    ``(scores [Q, k], store rows [Q, k])`` on the CPU, sorted by (score desc, row asc); padding row ``-1``."""
+    from mpsclip.kernels.maxsim import merge_topk
 
     if k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {k}")
-    views, valid = gallery(data, mode)
-    index = torch.arange(len(data.ids)) if rows is None else torch.tensor(rows, dtype=torch.long)
-    if len(index) == 0:
-        return [[] for _ in range(queries.shape[0])]
-    if rows is not None:
-        views = views.index_select(0, index)
-        valid = valid.index_select(0, index) if valid is not None else None
-    scores, found = maxsim_topk(queries.float(), views, k, valid)
+    check_mode(mode)
+    columns = MODE_COLUMNS[mode] + (["meta"] if bbox is not None else [])
+    queries = queries.float()
+    device, n_queries = queries.device, queries.shape[0]
+    best_s = torch.full((n_queries, 0), float("-inf"), device=device)
+    best_i = torch.full((n_queries, 0), -1, dtype=torch.int64, device=device)
+    for offset, cols in _prefetched(info, columns, progress):
+        views, valid = mode_views(cols, mode)
+        rows = torch.arange(offset, offset + len(views))
+        if bbox is not None:
+            keep = torch.from_numpy(rows_in_bbox(cols["meta"], bbox))
+            views, rows = views[keep], rows[keep]
+            valid = valid[keep] if valid is not None else None
+        if len(rows) == 0:
+            continue
+        s, i = scored_topk(queries, views, valid, rows, k)
+        best_s, best_i = merge_topk(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
+    best_s, best_i = merge_topk(best_s, best_i, k)  # pads to k columns when fewer rows were scored
+    return best_s.cpu(), best_i.cpu()
+
+
+def _prefetched(info: StoreInfo, columns: list[str], progress: bool) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(first row, columns)`` of every shard in order, decoding the next shards in threads meanwhile."""
+    offsets = info.offsets()
+    with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+        pending = deque(pool.submit(read_shard, info, s, columns) for s in range(min(READ_AHEAD, len(offsets))))
+        for shard in tqdm(range(len(offsets)), desc="search", unit="shard", disable=not progress):
+            cols = pending.popleft().result()
+            if shard + READ_AHEAD < len(offsets):
+                pending.append(pool.submit(read_shard, info, shard + READ_AHEAD, columns))
+            yield offsets[shard], cols
+
+
+def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:
+    """Hits (best first) of ``(scores, rows)`` from :func:`exact_topk`, with ids and metas read from the store."""
+    wanted = [int(r) for r in rows.flatten().tolist() if r >= 0]
+    found = read_ids_metas(info, wanted)
     results = []
-    for q_scores, q_found in zip(scores.tolist(), found.tolist(), strict=True):
+    for q_scores, q_rows in zip(scores.tolist(), rows.tolist(), strict=True):
         hits = []
-        for score, j in zip(q_scores, q_found, strict=True):
-            if j < 0:
+        for score, row in zip(q_scores, q_rows, strict=True):
+            if row < 0:
                 break
-            row = int(index[j])
-            hits.append(Hit(rank=len(hits) + 1, score=float(score), id=data.ids[row], meta=data.metas[row]))
+            item_id, meta = found[row]
+            hits.append(Hit(rank=len(hits) + 1, score=float(score), id=item_id, meta=meta))
         results.append(hits)
     return results
+
+
+def search_store(
+    info: StoreInfo,
+    queries: torch.Tensor,
+    k: int,
+    mode: str = "fused",
+    bbox: BBox | None = None,
+    progress: bool = False,
+) -> list[list[Hit]]:
+    """Exact top-``k`` hits per query, best first (ties: store order); ``bbox`` keeps intersecting footprints."""
+    return to_hits(info, *exact_topk(info, queries, k, mode, bbox, progress))
 
 
 def format_table(queries: list[str], results: list[list[Hit]]) -> str:

@@ -118,24 +118,88 @@ def _column(table: pa.Table, name: str, width: int, dtype: type) -> np.ndarray:
     return np.array(flat, dtype=dtype).reshape(table.num_rows, width)  # a writable copy for torch
 
 
-def load_store(store: str | Path) -> StoreData:
-    """Read a complete store; raises :class:`MPSCLIPError` if it is missing or unfinished."""
+@dataclass(frozen=True)
+class StoreInfo:
+    """A complete store on disk: its manifest and the number of rows of every shard (nothing else is read)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    shard_rows: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.shard_rows)
+
+    def offsets(self) -> list[int]:
+        """The global row of every shard's first row (rows are numbered in shard order)."""
+        return [sum(self.shard_rows[:i]) for i in range(len(self.shard_rows))]
+
+
+def open_store(store: str | Path) -> StoreInfo:
+    """Check that ``store`` is complete and count its rows; raises :class:`MPSCLIPError` if missing or unfinished."""
     store = Path(store)
     manifest = read_manifest(store)
     if manifest is None:
         raise MPSCLIPError(f"{store}: no {MANIFEST}; is this a store made by 'mpsclip embed'?")
     if not manifest.get("complete"):
         raise MPSCLIPError(f"{store}: the store is unfinished; run 'mpsclip embed' again to complete it")
-    dim, views = int(manifest["dim"]), int(manifest["views"])
     n_shards = count_complete_shards(store)
     if n_shards != manifest["counts"]["shards"]:
         raise MPSCLIPError(f"{store}: {n_shards} shards found, the manifest says {manifest['counts']['shards']}")
-    tables = [pq.read_table(shard_path(store, i)) for i in range(n_shards)]
-    table = pa.concat_tables(tables) if tables else None
-    if table is None or table.num_rows == 0:
+    rows = tuple(pq.read_metadata(shard_path(store, i)).num_rows for i in range(n_shards))
+    if sum(rows) == 0:
         raise MPSCLIPError(f"{store}: the store holds no embeddings")
+    return StoreInfo(store, manifest, rows)
+
+
+def read_shard(info: StoreInfo, shard: int, columns: list[str]) -> dict[str, np.ndarray]:
+    """Only ``columns`` of one shard: ``id``/``meta`` as object arrays of str, embeddings as
+    ``retrieval``/``global`` [n, D], ``perspectives`` [n, K, D] (fp16) and ``valid`` [n, K] (bool)."""
+    table = pq.read_table(shard_path(info.path, shard), columns=columns)
+    out: dict[str, np.ndarray] = {}
+    for name in columns:
+        if name in ("id", "meta"):
+            out[name] = np.array(table.column(name).to_pylist(), dtype=object)
+        elif name == "valid":
+            out[name] = _column(table, name, info.views, np.bool_)
+        elif name == "perspectives":
+            out[name] = _column(table, name, info.views * info.dim, np.float16).reshape(-1, info.views, info.dim)
+        else:
+            out[name] = _column(table, name, info.dim, np.float16)
+    return out
+
+
+def read_ids_metas(info: StoreInfo, rows: list[int]) -> dict[int, tuple[str, dict[str, Any]]]:
+    """``id`` and parsed ``meta`` of the given global rows, reading only the shards that hold them."""
+    offsets = info.offsets()
+    by_shard: dict[int, list[int]] = {}
+    for row in sorted(set(rows)):
+        by_shard.setdefault(int(np.searchsorted(offsets, row, side="right")) - 1, []).append(row)
+    found = {}
+    for shard, wanted in by_shard.items():
+        table = pq.read_table(shard_path(info.path, shard), columns=["id", "meta"])
+        taken = table.take(pa.array([row - offsets[shard] for row in wanted]))
+        ids, metas = taken.column("id").to_pylist(), taken.column("meta").to_pylist()
+        for row, item_id, meta in zip(wanted, ids, metas, strict=True):
+            found[row] = (item_id, json.loads(meta))
+    return found
+
+
+def load_store(store: str | Path) -> StoreData:
+    """Read a complete store into memory; raises :class:`MPSCLIPError` if it is missing or unfinished."""
+    info = open_store(store)
+    dim, views = info.dim, info.views
+    table = pa.concat_tables([pq.read_table(shard_path(info.path, i)) for i in range(len(info.shard_rows))])
     return StoreData(
-        manifest=manifest,
+        manifest=info.manifest,
         ids=table.column("id").to_pylist(),
         metas=[json.loads(m) for m in table.column("meta").to_pylist()],
         retrieval=torch.from_numpy(_column(table, "retrieval", dim, np.float16)),

@@ -1,7 +1,14 @@
-"""Search an embedding store made by 'mpsclip embed' with text queries (exact scoring on CPU).
+"""Search an embedding store made by 'mpsclip embed' with text and image queries.
 
+Queries: QUERY arguments, --queries-file (one per line; all are encoded and scored in batches) and --image
+PATH (repeatable; embedded with the store's model like the archive's images). Results are listed per query,
+text queries first; an image query is labelled by its path.
 Modes: fused (retrieval embedding, default), global, max-response (best of global and valid perspectives).
 The checkpoint defaults to the one recorded in the store; another file with a different hash is refused.
+Exhaustive search streams the store shard by shard (bounded memory) and scores on the GPU when there is one.
+If the store has an index made by 'mpsclip index', it is used: the index's top --candidates rows (default
+10 x -k) are scored exactly in the chosen mode; --exact searches exhaustively instead. --bbox always searches
+exhaustively (among the items whose footprint intersects it).
 --format geojson writes the hits that have a 'footprint' ([minx, miny, maxx, maxy], EPSG:4326) as polygons;
 --format html writes a contact sheet of the hits' thumbnails (inline PNG) with rank, score and id.
 --out FILE writes the output atomically to FILE instead of stdout.
@@ -9,8 +16,10 @@ The checkpoint defaults to the one recorded in the store; another file with a di
 example:
   mpsclip search archive.store "a harbor with many boats" -k 20
   mpsclip search archive.store --queries-file queries.txt --format json > hits.json
+  mpsclip search archive.store --image example.png "an airport" --mode max-response
   mpsclip search tiles.store "an airport" --bbox 5.9,45.8,10.5,47.8 --format geojson > hits.geojson
   mpsclip search tiles.store "ships in a harbor" -k 24 --format html --out hits.html
+  mpsclip search big.store "a stadium" --candidates 500 --nprobe 64      # with an index from 'mpsclip index'
 """
 
 from __future__ import annotations
@@ -19,10 +28,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpsclip.errors import MPSCLIPError
 
-HELP = "search an embedding store with text queries"
+if TYPE_CHECKING:
+    from mpsclip.archive.index import StoreIndex
+    from mpsclip.archive.store import StoreInfo
+
+HELP = "search an embedding store with text or image queries"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +49,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="write to FILE (default: stdout)")
     parser.add_argument("--bbox", default=None, help="minx,miny,maxx,maxy: keep items whose footprint intersects")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: the store's)")
+    parser.add_argument(
+        "--image", type=Path, action="append", default=[], metavar="PATH", help="an image query (repeatable)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    parser.add_argument("--exact", action="store_true", help="exhaustive search even if the store has an index")
+    parser.add_argument(
+        "--candidates", type=int, default=None, metavar="N", help="index candidates re-ranked per query (10 x -k)"
+    )
+    parser.add_argument("--nprobe", type=int, default=None, metavar="N", help="inverted lists the index visits")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_queries_file(path: Path) -> list[str]:
+    """The non-blank lines of a queries file, stripped."""
+    if not path.is_file():
+        raise MPSCLIPError(f"{path}: no such queries file")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_queries(args: argparse.Namespace) -> list[str]:
     queries = [q.strip() for q in args.queries if q.strip()]
     if args.queries_file is not None:
-        if not args.queries_file.is_file():
-            raise MPSCLIPError(f"{args.queries_file}: no such queries file")
-        lines = args.queries_file.read_text(encoding="utf-8").splitlines()
-        queries += [line.strip() for line in lines if line.strip()]
-    if not queries:
-        raise MPSCLIPError("no queries: give QUERY arguments or --queries-file")
+        queries += read_queries_file(args.queries_file)
+    if not queries and not args.image:
+        raise MPSCLIPError("no queries: give QUERY arguments, --queries-file or --image")
     return queries
 
 
@@ -60,38 +88,65 @@ def emit(text: str, out: Path | None) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def open_index(args: argparse.Namespace, info: StoreInfo) -> StoreIndex | None:
+    """The store's index, unless there is none or --exact or --bbox asks for exhaustive search."""
+    from mpsclip.archive.index import load_index
+
+    index = None if args.exact or args.bbox is not None else load_index(info)
+    if index is None and (args.candidates is not None or args.nprobe is not None):
+        raise MPSCLIPError(
+            "--candidates and --nprobe are only used with an index ('mpsclip index'), without --exact or --bbox"
+        )
+    if index is not None:
+        record = index.record
+        recall = record["recall@10"]["store sample"][args.mode]
+        print(
+            f"searching with the index ({record['factory']}, recall@10 {recall:.3f} at build); --exact to search all",
+            file=sys.stderr,
+        )
+    return index
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpsclip.archive.embedder import resolve_device
     from mpsclip.archive.search import (
+        encode_images,
         encode_queries,
+        exact_topk,
         format_table,
         load_search_model,
         parse_bbox,
-        rows_in_bbox,
-        search,
         to_geojson,
+        to_hits,
         to_html,
         to_json,
     )
-    from mpsclip.archive.store import load_store
+    from mpsclip.archive.store import open_store
 
-    queries = read_queries(args)
+    texts = read_queries(args)
+    labels = texts + [str(path) for path in args.image]
     if args.k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {args.k}")
-    data = load_store(args.store)
-    rows = None
-    if args.bbox is not None:
-        rows = rows_in_bbox(data, parse_bbox(args.bbox))
-        print(f"{len(rows)} of {len(data.ids)} items intersect --bbox", file=sys.stderr)
-    model = load_search_model(data, args.checkpoint)
-    results = search(data, encode_queries(model, queries), args.k, args.mode, rows)
-    if args.format == "table":
-        emit(format_table(queries, results), args.out)
-    elif args.format == "json":
-        emit(json.dumps(to_json(queries, results, args.mode, args.k), indent=2), args.out)
-    elif args.format == "html":
-        emit(to_html(queries, results, data.manifest, args.mode), args.out)
+    bbox = parse_bbox(args.bbox) if args.bbox is not None else None
+    info = open_store(args.store)
+    index = open_index(args, info)
+    model = load_search_model(info.manifest, args.checkpoint, resolve_device(args.device))
+    queries = torch.cat([encode_queries(model, texts), encode_images(model, args.image)])
+    if index is None:
+        scores, rows = exact_topk(info, queries, args.k, args.mode, bbox, progress=not args.quiet)
     else:
-        collection, skipped = to_geojson(queries, results)
+        scores, rows = index.search(queries, args.k, args.mode, args.candidates, args.nprobe)
+    results = to_hits(info, scores, rows)
+    if args.format == "table":
+        emit(format_table(labels, results), args.out)
+    elif args.format == "json":
+        emit(json.dumps(to_json(labels, results, args.mode, args.k), indent=2), args.out)
+    elif args.format == "html":
+        emit(to_html(labels, results, info.manifest, args.mode), args.out)
+    else:
+        collection, skipped = to_geojson(labels, results)
         if skipped:
             print(f"{skipped} hits have no footprint in their meta and are not in the GeoJSON", file=sys.stderr)
         emit(json.dumps(collection), args.out)
