@@ -120,3 +120,27 @@ def test_embed_cli(synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     assert "6 of 6 items embedded in 2 shards" in capsys.readouterr().out
     assert main([*args, "--sub-root", str(synth)]) == 2
     assert "--sub-root is only used" in capsys.readouterr().err
+
+
+def test_shards_with_fp16_list_columns_read_the_same(store: Path, tmp_path: Path) -> None:
+    """Stores written before fp16 rows became fixed-size binary values (fixed-size lists) still read."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mpsclip.archive.store import open_store, read_shard
+
+    copy = tmp_path / "old"
+    shutil.copytree(store, copy)
+    info = open_store(copy)
+    new = read_shard(info, 0, ["retrieval", "global", "perspectives", "valid"])
+    table = pq.read_table(copy / "shard-00000.parquet")
+    for name in ("retrieval", "global", "perspectives"):
+        assert pa.types.is_fixed_size_binary(table.schema.field(name).type)
+        values = new[name].reshape(len(new[name]), -1)
+        lists = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        table = table.set_column(table.schema.get_field_index(name), name, lists)
+    pq.write_table(table, copy / "shard-00000.parquet")
+    old = read_shard(open_store(copy), 0, ["retrieval", "global", "perspectives", "valid"])
+    for name, values in new.items():
+        np.testing.assert_array_equal(old[name], values)
