@@ -4,11 +4,12 @@
 items that could not be read. The single-process loop (:mod:`mpsclip.archive.embed`) and the Ray Data
 variant both call it, so a shard's content does not depend on which of them ran.
 
-Reading runs in DataLoader worker processes, a batch ahead of the towers. With ``decode="device"`` (the default
-on a GPU) JPEG files are only read there and decoded on the embedding device with ``torchvision.io.decode_jpeg``
-(nvJPEG on CUDA), then resized (bicubic, antialiased) and normalised there; other formats, GeoTIFF tiles and
-sub-images are decoded with PIL in the workers. The image tower runs on the engine of ``runtime``
-(:mod:`mpsclip.archive.runtimes`); sub-images come from files (``from-dir``) or are cut in the same pass
+Reading runs in DataLoader worker processes, batches ahead of the towers, into pinned memory on a GPU. With
+``decode="device"`` (the default on a GPU) JPEG files are only read there and decoded on the embedding device
+with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), then resized (bicubic, antialiased) and normalised there;
+other formats, GeoTIFF tiles and sub-images are decoded with PIL in the workers. The image tower runs on the
+engine of ``runtime`` (:mod:`mpsclip.archive.runtimes`); sub-images come from files (``from-dir``) or are cut
+in the same pass
 (``zero-shot``, :mod:`mpsclip.archive.perspectives`).
 """
 
@@ -85,6 +86,14 @@ class _Loaded:
     sample: Sample | None
     error: str | None
     jpeg: torch.Tensor | None = None
+
+    def pin_memory(self) -> _Loaded:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``), so host-to-GPU copies are
+        asynchronous."""
+        if self.sample is None:
+            return self
+        sample = Sample(self.sample.image.pin_memory(), self.sample.regions.pin_memory(), None, self.sample.image_id)
+        return _Loaded(self.index, sample, None, self.jpeg)
 
 
 def _error(err: BaseException) -> str:
@@ -245,6 +254,7 @@ class Embedder:
             batch_size=settings.batch_size,
             num_workers=settings.workers,
             collate_fn=_split_loaded,
+            pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if settings.workers else None,
             persistent_workers=False,
         )
