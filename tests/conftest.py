@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
+from mpsclip.data.synth import generate
 from mpsclip.model import MPSCLIP
 
 TINY = "MPS-Tiny"
@@ -45,3 +47,17 @@ def batch() -> dict[str, torch.Tensor]:
         "regions": torch.randn(3, 2, 3, 224, 224, generator=gen),
         "mask": torch.tensor([[True, True], [True, False], [False, False]]),
     }
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_model`` saved in our format (read-only for tests)."""
+    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six 64-px synthetic test scenes with captions, masks and sub-images (read-only: copy before changing)."""
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
+    return out

@@ -12,23 +12,10 @@ from mpsclip.archive.embed import EmbedSettings, embed_archive
 from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import load_store
 from mpsclip.cli import main
-from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
 SMALL = EmbedSettings(batch_size=2, shard_size=2, workers=0, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from mpsclip.archive.embedder import jpeg_pixels
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.store import load_store
 from mpsclip.cli import main
-from mpsclip.data.synth import generate
 from mpsclip.data.transforms import eval_transform
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
@@ -27,20 +26,13 @@ ZERO_SHOT = dataclasses.replace(SMALL, perspectives="zero-shot", zero_shot=ZeroS
 
 
 @pytest.fixture(scope="module")
-def jpegs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def jpegs(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six synthetic scenes as JPEG files of assorted sizes."""
-    synth = tmp_path_factory.mktemp("synth")
-    generate(synth, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
     out = tmp_path_factory.mktemp("jpegs")
     for i, png in enumerate(sorted((synth / "images").glob("*.png"))):
         with Image.open(png) as image:
             image.convert("RGB").resize((64 + 16 * i, 64)).save(out / f"{png.stem}.jpg", quality=90)
     return out
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
 
 
 def _embeddings(store: Path) -> dict[str, np.ndarray]:

@@ -14,7 +14,6 @@ from mpsclip.archive.ray_embed import embed_archive_ray
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
-from mpsclip.model import MPSCLIP
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -42,11 +41,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     victim = sorted((out / "images").iterdir())[3]
     victim.write_bytes(victim.read_bytes()[:100])
     return out / "images"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
 
 
 def _single_process(images: Path, store: Path, ckpt: Path, **kwargs: int) -> None:

@@ -22,7 +22,6 @@ from mpsclip.archive.search import (
 from mpsclip.archive.sources import Item, iter_items
 from mpsclip.archive.store import ShardRows, load_store, open_store, shard_path, write_manifest, write_shard
 from mpsclip.cli import main
-from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
@@ -138,18 +137,6 @@ def test_gpu_scoring_matches_cpu(dyadic_store: Path) -> None:
 
 
 # --- with a model: text and image queries, the command line ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_model: MPSCLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "m")
 
 
 @pytest.fixture(scope="module")
