@@ -1,4 +1,4 @@
-"""Embed an image archive (a folder or a text file of paths) into a store of Parquet shards for 'mpsclip search'.
+"""Embed an image archive (folders, path lists, WebDataset shards, GeoTIFF scenes) into a Parquet store for search.
 
 The store is a folder of shard-NNNNN.parquet files (fp16 embeddings) with manifest.json and failures.jsonl.
 A killed run resumes where it stopped when started again with the same arguments; a store made with another
@@ -41,54 +41,70 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="STORE", help="store folder (created/resumed)")
     parser.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
     parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
-    parser.add_argument(
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _perspective_arguments(parser.add_argument_group("perspectives (sub-images)"))
+    _speed_arguments(parser.add_argument_group("speed and engines"))
+    _tile_arguments(parser.add_argument_group("GeoTIFF scenes (needs rasterio)"))
+    _ray_arguments(parser.add_argument_group("Ray Data (needs ray)"))
+
+
+def _perspective_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--perspectives",
         choices=("none", "zero-shot", "from-dir"),
         default="none",
         help="none: global embedding only; zero-shot: keywords chosen by the model and clip-saliency sub-images "
         "cut in the same pass (no files written); from-dir: sub-images from --sub-root/<id without extension>/",
     )
-    parser.add_argument("--keywords-top-k", type=int, default=3, help="zero-shot: nouns per image (default: 3)")
-    parser.add_argument(
+    group.add_argument("--keywords-top-k", type=int, default=3, help="zero-shot: nouns per image (default: 3)")
+    group.add_argument(
         "--keywords-threshold", type=float, default=0.02, help="zero-shot: least noun probability (default: 0.02)"
     )
-    parser.add_argument("--saliency-k", type=float, default=1.0, help="zero-shot: mask threshold in std units")
-    parser.add_argument("--vocabulary-file", type=Path, default=None, help="zero-shot nouns (default: packaged)")
-    parser.add_argument(
+    group.add_argument("--saliency-k", type=float, default=1.0, help="zero-shot: mask threshold in std units")
+    group.add_argument("--vocabulary-file", type=Path, default=None, help="zero-shot nouns (default: packaged)")
+    group.add_argument("--sub-root", type=Path, default=None, help="folder of sub-images (with from-dir)")
+    group.add_argument("--max-sub-images", type=int, default=None, help="sub-images per item (default: all)")
+
+
+def _speed_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    group.add_argument(
         "--runtime",
         choices=("torch", "onnxruntime", "tensorrt"),
         default="torch",
         help="image-tower engine: torch (fast fused runtime on a GPU), or an mpsclip-export folder (--engine)",
     )
-    parser.add_argument("--engine", type=Path, default=None, help="mpsclip-export output folder for --runtime")
-    parser.add_argument(
+    group.add_argument("--engine", type=Path, default=None, help="mpsclip-export output folder for --runtime")
+    group.add_argument(
         "--decode",
         choices=("auto", "cpu", "device"),
         default="auto",
         help="JPEG decoding: cpu (PIL in the workers) or device (torchvision on the GPU); auto: device on a GPU",
     )
-    parser.add_argument("--sub-root", type=Path, default=None, help="folder of sub-images (with from-dir)")
-    parser.add_argument("--max-sub-images", type=int, default=None, help="sub-images per item (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--shard-size", type=int, default=1024, help="items per shard (default: 1024)")
-    parser.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--tile-size", type=int, default=None, metavar="PX", help="cut GeoTIFF scenes into tiles")
-    parser.add_argument("--stride", type=int, default=None, metavar="PX", help="tile step (default: --tile-size)")
-    parser.add_argument("--bands", default=None, help="1-based bands as R,G,B or one grey band (default: 1,2,3)")
-    parser.add_argument(
+    group.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    group.add_argument("--shard-size", type=int, default=1024, help="items per shard (default: 1024)")
+    group.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
+
+
+def _tile_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--tile-size", type=int, default=None, metavar="PX", help="cut GeoTIFF scenes into tiles")
+    group.add_argument("--stride", type=int, default=None, metavar="PX", help="tile step (default: --tile-size)")
+    group.add_argument("--bands", default=None, help="1-based bands as R,G,B or one grey band (default: 1,2,3)")
+    group.add_argument(
         "--resolution", type=float, default=None, metavar="METRES", help="resample tiles to pixels of METRES"
     )
-    parser.add_argument(
+
+
+def _ray_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--ray",
         action="store_true",
         help="run on Ray Data: one actor per GPU, across nodes (pip install 'mpsclip[ray]')",
     )
-    parser.add_argument(
+    group.add_argument(
         "--ray-address", default=None, help="with --ray: 'auto' or a cluster address (default: start a local Ray)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--ray-actors",
         type=int,
         default=None,
