@@ -5,7 +5,8 @@
 3. evaluate it on held-out synthetic images in the three scoring modes, next to the chance level;
 4. run a few text queries and show their top images;
 5. archive search: the test images as georeferenced GeoTIFF mosaics, tiled, embedded into a store and searched,
-   with precision@1 and the hits as GeoJSON and HTML in ``<out>/archive/`` (needs rasterio, ``mpsclip[geo]``).
+   with precision@1 and the hits as GeoJSON and HTML in ``<out>/archive/`` (needs rasterio, ``mpsclip[geo]``),
+   then again with zero-shot perspectives (keywords and sub-images cut during embedding).
 
 Run with ``python -m mpsclip.demo --out demo_out``.
 """
@@ -18,6 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +29,9 @@ from mpsclip.data.synth import dataset_paths, generate
 from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
 from mpsclip.metrics import chance_r_mean
 from mpsclip.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from mpsclip.archive.embed import EmbedSettings
 
 # archive step: 4 mosaics of 4 x 4 tiles of 224 px (two test images of every class each), 10 m pixels, EPSG:32633
 MOSAICS, GRID, TILE_PX, PIXEL_M = 4, 4, 224, 10.0
@@ -166,9 +171,38 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
     atomic_write_text(archive / "hits.html", to_html(queries, results, store.manifest, "fused"))
     chance = 1 / len(set(ARCHIVE_QUERIES.values()))
     print(f"[archive] precision@1 {precision:.2f} ({correct}/{len(queries)} queries; chance {chance:.2f})")
+    zero_shot_step(archive, model_checkpoint, settings, classes)
     seconds = time.perf_counter() - start
     print(f"[archive] hits in {archive / 'hits.geojson'} and {archive / 'hits.html'} ({seconds:.1f}s)")
     return precision
+
+
+def zero_shot_step(archive: Path, model_checkpoint: Path, settings: EmbedSettings, classes: dict[str, str]) -> None:
+    """The same tiles with zero-shot perspectives (keywords and sub-images cut in the embedding pass), searched
+    in max-response mode."""
+    import dataclasses
+
+    from mpsclip.archive.embed import embed_archive
+    from mpsclip.archive.search import encode_queries, load_search_model, search_store
+    from mpsclip.archive.store import open_store, read_ids_metas
+
+    settings = dataclasses.replace(settings, perspectives="zero-shot")
+    out = archive / "store-zero-shot"
+    summary = embed_archive(archive / "scenes", out, model_checkpoint, settings=settings, progress=False)
+    store = open_store(out)
+    metas = read_ids_metas(store, list(range(store.n_rows)))
+    with_keywords = sum(bool(meta.get("keywords")) for _, meta in metas.values())
+    first_id, first_meta = metas[0]
+    print(
+        f"[archive] zero-shot perspectives: {with_keywords} of {summary.n_embedded} tiles got keyword sub-images "
+        f"in {summary.seconds:.1f}s (e.g. {first_id} [{classes[first_id]}]: {', '.join(first_meta['keywords'])})"
+    )
+    queries = list(ARCHIVE_QUERIES)
+    model = load_search_model(store.manifest, model_checkpoint)
+    results = search_store(store, encode_queries(model, queries), 1, "max-response")
+    correct = sum(classes[hits[0].id] == ARCHIVE_QUERIES[q] for q, hits in zip(queries, results, strict=True))
+    precision = correct / len(queries)
+    print(f"[archive] zero-shot store, max-response: precision@1 {precision:.2f} ({correct}/{len(queries)})")
 
 
 def main(argv: list[str] | None = None) -> int:

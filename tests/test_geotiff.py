@@ -282,3 +282,5 @@ def test_demo_archive_step(tiny_model: MPSCLIP, tmp_path: Path) -> None:
     features = json.loads((tmp_path / "archive" / "hits.geojson").read_text())["features"]
     assert len(features) == 8 * 5 and 14.9 < features[0]["geometry"]["coordinates"][0][0][0] < 15.5
     assert (tmp_path / "archive" / "hits.html").read_text().count("data:image/png") == 40
+    zero_shot = json.loads((tmp_path / "archive" / "store-zero-shot" / "manifest.json").read_text())
+    assert zero_shot["perspectives"] == "zero-shot" and zero_shot["counts"]["embedded"] == 64
