@@ -166,3 +166,11 @@ def test_device_decoding_reads_jpeg_members_of_tar_shards(jpegs: Path, ckpt: Pat
     pil, dev = load_store(tmp_path / "pil"), load_store(tmp_path / "dev")
     assert pil.ids == dev.ids and len(dev.ids) == 6
     assert torch.nn.functional.cosine_similarity(pil.glob.float(), dev.glob.float(), dim=-1).min() > 0.99
+
+
+def test_zero_shot_needs_patch_tokens() -> None:
+    from mpsclip.priorclip import PriorCLIP
+
+    prior = PriorCLIP("PriorCLIP-Tiny", "rank", res_layers=(1, 1, 1, 1), res_width=8)
+    with pytest.raises(MPSCLIPError, match="needs an MPS-CLIP model"):
+        ZeroShotPerspectives(prior, ZeroShotSettings(), torch.device("cpu"))
