@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,26 @@ from mpsclip.losses import LossConfig, mpsclip_loss
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 """Pixels [B, 3, H, W] → L2-normalised global embeddings [B, D] (the eager tower, or an exported engine)."""
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded" for every random-init model; with ``pretrained=None`` that
+    is what was asked for (checkpoint loaders fill the weights right after), so the warning only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+def create_backbone(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
+    """``open_clip.create_model``, without its random-init warning when no pretrained weights were asked for."""
+    if pretrained is not None:
+        return open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+    quiet = _DropRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(arch, pretrained=None, cache_dir=cache_dir)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
 
 ARCH_CONFIG_DIR = Path(__file__).parent / "configs" / "arch"
 open_clip.add_model_config(ARCH_CONFIG_DIR)
@@ -62,7 +83,7 @@ class MPSCLIP(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config or ModelConfig(arch=arch)
-        self.clip = open_clip.create_model(self.config.arch, pretrained=pretrained, cache_dir=cache_dir)
+        self.clip = create_backbone(self.config.arch, pretrained, cache_dir)
         attach_adapters(self.clip.visual.transformer, self.config.adapter)
         attach_adapters(self.clip.transformer, self.config.adapter)
         self.mpr_head = MPRHead(self.embed_dim, self.config.mpr_k)

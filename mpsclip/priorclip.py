@@ -33,7 +33,7 @@ from mpsclip import __version__
 from mpsclip.distributed import gather_features
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write, atomic_write_text
-from mpsclip.model import ARCH_CONFIG_DIR
+from mpsclip.model import ARCH_CONFIG_DIR, create_backbone
 
 if TYPE_CHECKING:
     pass
@@ -95,7 +95,7 @@ class PriorCLIP(nn.Module):
             raise MPSCLIPError(f"res_layers must give 4 stage depths, got {list(res_layers)}")
         layers = (int(res_layers[0]), int(res_layers[1]), int(res_layers[2]), int(res_layers[3]))
         self.config = PriorCLIPConfig(arch, belief_weighting, layers, res_width, res_heads, res_output_dim)
-        self.clip = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+        self.clip = create_backbone(arch, pretrained, cache_dir)
         self.res_visual = ModifiedResNet(
             layers=list(layers),
             output_dim=self.res_output_dim,

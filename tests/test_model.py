@@ -1,4 +1,5 @@
 import open_clip
+import pytest
 import torch
 
 from mpsclip.model import MPSCLIP
@@ -78,3 +79,12 @@ def test_loss_backward_reaches_adapters_only():
     assert model.clip.visual.transformer.resblocks[0].g2adapter.up_proj.weight.grad is not None
     assert model.mpr_head.heads[0][0].weight.grad is not None
     assert model.clip.visual.conv1.weight.grad is None
+
+
+def test_random_init_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """A random-init backbone (checkpoints fill it) logs no 'No pretrained weights loaded' warning."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        MPSCLIP("MPS-Tiny")
+    assert not [r for r in caplog.records if "pretrained" in r.getMessage()]
