@@ -33,7 +33,7 @@ from mpsclip.archive.store import (
     write_manifest,
     write_shard,
 )
-from mpsclip.checkpoints import file_sha256, resolve_checkpoint
+from mpsclip.checkpoints import resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
 __all__ = ["EmbedSettings", "EmbedSummary", "Job", "close_job", "embed_archive", "open_job", "record_shard"]
@@ -86,7 +86,7 @@ def _identity(embedder: Embedder, ckpt: Path, source: Path, n_items: int) -> dic
     model, settings = embedder.model, embedder.settings
     return {
         "checkpoint": str(ckpt.resolve()),
-        "checkpoint_sha256": file_sha256(ckpt),
+        "checkpoint_sha256": embedder.checkpoint_sha256,
         "arch": model.config.arch,
         "family": type(model).__name__,
         "precision": PRECISION,
@@ -99,15 +99,14 @@ def _identity(embedder: Embedder, ckpt: Path, source: Path, n_items: int) -> dic
         "tiles": _tiles_identity(settings.tiles),
         "runtime": settings.runtime,
         "decode": embedder.decode,
-        "zero_shot": _zero_shot_identity(settings) if settings.perspectives == "zero-shot" else None,
+        "zero_shot": _zero_shot_identity(embedder) if embedder.zero_shot is not None else None,
     }
 
 
-def _zero_shot_identity(settings: EmbedSettings) -> dict[str, Any]:
+def _zero_shot_identity(embedder: Embedder) -> dict[str, Any]:
     """The zero-shot settings; the vocabulary by its nouns' count and hash (its file path alone says too little)."""
-    from mpsclip.keywords.zero_shot import load_rs_vocabulary
-
-    nouns = load_rs_vocabulary(settings.zero_shot.vocabulary)
+    settings = embedder.settings
+    nouns = embedder.zero_shot.scorer.vocabulary
     zero_shot = {**asdict(settings.zero_shot), "vocabulary": str(settings.zero_shot.vocabulary or "packaged")}
     zero_shot["vocabulary_nouns"] = len(nouns)
     zero_shot["vocabulary_sha256"] = hashlib.sha256("\n".join(nouns).encode("utf-8")).hexdigest()

@@ -212,9 +212,10 @@ def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -
 class Embedder:
     """A model on its device plus the reading settings; :meth:`embed` makes one shard's rows."""
 
-    def __init__(self, model: Any, settings: EmbedSettings, checkpoint_sha256: str = "") -> None:
+    def __init__(self, model: Any, settings: EmbedSettings, checkpoint_sha256: str) -> None:
         settings.check()
         self.settings = settings
+        self.checkpoint_sha256 = checkpoint_sha256
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)
         self.decode = resolve_decode(settings.decode, self.device)
@@ -256,7 +257,6 @@ class Embedder:
             collate_fn=_split_loaded,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if settings.workers else None,
-            persistent_workers=False,
         )
 
     def _on_device(self, ok: list[_Loaded]) -> tuple[list[Sample], list[tuple[int, str]]]:

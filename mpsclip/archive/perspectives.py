@@ -88,7 +88,7 @@ class ZeroShotPerspectives:
         # every (image, noun) pair of the batch in one similarity map and one mask computation
         image_rows = torch.tensor([i for i, _ in pairs], device=images.device)
         noun_rows = torch.tensor([self.noun_index[noun] for _, noun in pairs], device=images.device)
-        text = self.scorer.text.to(tokens.dtype)[noun_rows]
+        text = self.scorer.text[noun_rows].to(tokens.dtype)
         side = grid_side(tokens.shape[1])
         similarity = torch.einsum("nd,npd->np", text, tokens[image_rows]).view(len(pairs), side, side)
         masks = saliency_masks(similarity, (height, width), self.settings.saliency_k, None, self.settings.min_area)
