@@ -1,7 +1,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := dev,onnx,kernels,geo,ray,index
+EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench
 
 .PHONY: test demo lint venv clean
 

@@ -1,0 +1,37 @@
+"""Choice lists shared by the library and the command line, defined once.
+
+Commands import these for ``choices=``; library code validates against the same tuples, so a new mode or
+engine is added in one place. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+MODES = ("fused", "global", "max-response")
+"""Retrieval scoring: fused embedding, global embedding only, or max over the MPR perspectives."""
+
+ENGINES = ("torch", "optimized", "onnxruntime", "tensorrt", "aoti")
+"""Things that turn pixels or tokens into embeddings (:mod:`mpsclip.engines`)."""
+
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+"""Engines ``mpsclip embed --runtime`` accepts (``torch`` uses the fast runtime on a GPU)."""
+
+DECODERS = ("auto", "cpu", "device")
+"""JPEG decoding: ``device`` decodes on the embedding GPU (nvJPEG), ``cpu`` with PIL in worker processes."""
+
+PERSPECTIVES = ("none", "zero-shot", "from-dir")
+"""Where an archive item's MPR perspectives come from."""
+
+SEARCH_FORMATS = ("table", "json", "geojson", "html")
+"""Renderers of ``mpsclip search`` hits."""
+
+EXPORT_FORMATS = ("onnx", "tensorrt", "aoti", "triton-repo")
+"""Artefacts ``mpsclip export`` writes."""
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+"""Compute precisions."""
+
+DEVICES = ("auto", "cpu", "cuda")
+"""Usual ``--device`` values (``cuda:N`` is accepted too): ``auto`` picks CUDA when a GPU is visible."""
+
+MODEL_FAMILIES = ("mpsclip", "priorclip")
+"""Model families the factory knows (:mod:`mpsclip.factory`)."""
