@@ -19,8 +19,8 @@ from mpsclip.export.ort import OrtEncoder
 from mpsclip.export.towers import TOWERS
 from mpsclip.export.verify import Encoder, not_run, seeded_inputs, verification_batches, verify_outputs, verify_tower
 
-from mpsclip.checkpoints import load_model
 from mpsclip.errors import MPSCLIPError
+from mpsclip.factory import load_model
 from mpsclip.model import MPSCLIP
 
 __all__ = ["FORMATS", "OrtEncoder", "export"]

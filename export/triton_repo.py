@@ -95,7 +95,7 @@ import open_clip
 import tritonclient.http as httpclient
 from PIL import Image
 
-import mpsclip.model  # noqa: F401  (registers mpsclip's architectures with open_clip)
+import mpsclip.backbone  # noqa: F401  (registers mpsclip's architectures with open_clip)
 from mpsclip.data.transforms import eval_transform
 
 ARCH = "{model.config.arch}"

@@ -1,6 +1,7 @@
 """mpsclip: MPS-CLIP (Multi-Perspective Subimage CLIP) for remote-sensing text-image retrieval.
 
-Public API: ``mpsclip.MPSCLIP`` and ``mpsclip.metrics.retrieval_metrics``. Imported lazily so that the
+Public API: ``mpsclip.MPSCLIP``, ``mpsclip.PriorCLIP``, ``mpsclip.load_model`` / ``mpsclip.create_model`` (any
+family) and ``mpsclip.metrics.retrieval_metrics``. Imported lazily so that the
 command line starts fast.
 """
 
@@ -10,9 +11,15 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["MPSCLIP", "ModelConfig", "PriorCLIP", "metrics", "__version__"]
+__all__ = ["MPSCLIP", "ModelConfig", "PriorCLIP", "create_model", "load_model", "metrics", "__version__"]
 
-_LAZY = {"MPSCLIP": "mpsclip.model", "ModelConfig": "mpsclip.model", "PriorCLIP": "mpsclip.priorclip"}
+_LAZY = {
+    "MPSCLIP": "mpsclip.model",
+    "ModelConfig": "mpsclip.model",
+    "PriorCLIP": "mpsclip.priorclip",
+    "create_model": "mpsclip.factory",
+    "load_model": "mpsclip.factory",
+}
 
 
 def __getattr__(name: str) -> Any:

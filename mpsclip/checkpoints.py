@@ -1,12 +1,13 @@
-"""Loading and saving MPSCLIP weights.
+"""Checkpoint files: find, hash, read and write them, and load a state dict strictly. Imports no model.
 
-Readable formats, detected from the file itself:
-- ours: ``<stem>.safetensors`` + ``<stem>.json`` (config; positional tables are not stored, they are recomputed);
-- the authors' ``checkpoint_best.pth``: ``{"model": state_dict, "config": ...}`` with the backbone and adapters
-  under ``model.``, the MPR head under ``mpr_head.`` and the buffers ``temp`` and ``*.pos_enc.pe``;
-- backbone only: an open_clip state dict (optionally under ``state_dict`` with a ``module.`` prefix) or an
-  OpenAI JIT archive. Adapters then start at identity and the MPR head at its initialisation.
-Nothing is ever loaded partially in silence: every mismatch is an :class:`MPSCLIPError`.
+Readable formats, detected from the file itself (:func:`read_checkpoint`):
+- ours: ``<stem>.safetensors`` + ``<stem>.json`` (config with the model ``family``; positional tables are not stored);
+- the authors' MPS-CLIP ``checkpoint_best.pth``: ``{"model": state_dict, "config": ...}`` with the backbone and
+  adapters under ``model.``, the MPR head under ``mpr_head.`` and the buffers ``temp`` and ``*.pos_enc.pe``;
+- foreign state dicts: an open_clip state dict (optionally under ``state_dict`` with a ``module.`` prefix), a
+  PriorCLIP release (``state_dict``), or an OpenAI JIT archive.
+Which family builds a model from what was read is :mod:`mpsclip.factory`'s business. Nothing is ever loaded
+partially in silence: every mismatch is an :class:`MPSCLIPError` naming the file and the first offending keys.
 """
 
 from __future__ import annotations
@@ -15,36 +16,62 @@ import hashlib
 import json
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mpsclip import __version__
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write, atomic_write_text
-from mpsclip.model import MPSCLIP, ModelConfig
-from mpsclip.priorclip import PriorCLIP, is_priorclip_file, is_priorclip_state, priorclip_from_state
 
 FORMAT = "mpsclip"
 _SHOWN = 5  # offending keys listed in an error message
 _RECOMPUTED_SUFFIX = ".pos_enc.pe"
+
+Kind = Literal["ours", "authors", "backbone"]
+"""``ours``: our safetensors + JSON; ``authors``: MPS-CLIP's release layout, already in our key space;
+``backbone``: a foreign state dict in open_clip's key space (open_clip, OpenAI JIT, PriorCLIP releases)."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: its state dict, and for our format the saved JSON (``meta``)."""
+
+    path: Path
+    kind: Kind
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any] | None = None
+
+    @property
+    def family(self) -> str | None:
+        """The saved model family (ours only; files saved before families were recorded are MPS-CLIP)."""
+        return None if self.meta is None else str(self.meta.get("family", "mpsclip"))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if self.meta is None or not isinstance(self.meta.get("config"), dict):
+            raise MPSCLIPError(f"{config_path(self.path)}: has no 'config' object; save the model again")
+        return self.meta["config"]
 
 
 def config_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def save_model(model: MPSCLIP, path: str | Path) -> Path:
-    """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the weights path."""
+def save_checkpoint(module: nn.Module, config: dict[str, Any], family: str, path: str | Path) -> Path:
+    """Write ``<path>.safetensors`` and ``<path>.json`` (``family`` + ``config``) atomically; returns the weights
+    path. Tensors whose key ends with ``.pos_enc.pe`` are fixed tables recomputed at load, so not stored."""
     weights = Path(path)
     if weights.suffix != ".safetensors":
         weights = weights.with_name(weights.name + ".safetensors")
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "version": __version__, "config": model.config.to_dict()}
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    meta = {"format": FORMAT, "family": family, "version": __version__, "config": config}
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "family": family}))
     atomic_write_text(config_path(weights), json.dumps(meta, indent=2) + "\n")
     return weights
 
@@ -68,46 +95,36 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP | PriorCLIP:
-    """Build an MPSCLIP, or a PriorCLIP where the file holds one, from any readable checkpoint (see module
-    docstring)."""
-    path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors":
-        if is_priorclip_file(path):
-            return PriorCLIP.from_checkpoint(path, arch=arch, map_location=map_location)
-        return _load_ours(path, arch, map_location)
-    state, kind = _read_torch_file(path, map_location)
-    if kind == "backbone" and is_priorclip_state(state):
-        return priorclip_from_state(state, path, arch)
-    model = MPSCLIP(config=ModelConfig(arch=arch or ModelConfig.arch))
-    if kind == "authors":
-        load_strict(model, state, path, require_adapters=True)
-    else:
-        load_strict(model, {f"clip.{k}": v for k, v in state.items()}, path, require_adapters=False)
-    return model
-
-
-def _load_ours(path: Path, arch: str | None, map_location: str) -> MPSCLIP:
-    cfg_file = config_path(path)
+def read_saved_config(path: str | Path) -> dict[str, Any]:
+    """The JSON saved beside our weights (``family``, ``config``) without reading the tensors."""
+    weights = resolve_checkpoint(path)
+    cfg_file = config_path(weights)
     if not cfg_file.exists():
-        raise MPSCLIPError(f"{path}: its config {cfg_file.name} is missing beside it; save with MPSCLIP.save()")
+        raise MPSCLIPError(f"{weights}: its config {cfg_file.name} is missing beside it; save with model.save()")
     try:
         meta = json.loads(cfg_file.read_text())
-        config = ModelConfig.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except json.JSONDecodeError as err:
         raise MPSCLIPError(f"{cfg_file}: not an mpsclip config ({err})") from err
-    if arch is not None and arch != config.arch:
-        raise MPSCLIPError(f"{path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
-    try:
-        state = load_file(str(path), device=map_location)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise MPSCLIPError(f"{path}: not a readable safetensors file ({err})") from err
-    model = MPSCLIP(config=config)
-    load_strict(model, state, path, require_adapters=True)
-    return model
+    if not isinstance(meta, dict):
+        raise MPSCLIPError(f"{cfg_file}: not an mpsclip config (holds a {type(meta).__name__}, not an object)")
+    return meta
 
 
-def _read_torch_file(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], str]:
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    """Read any supported checkpoint file (see the module docstring)."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        meta = read_saved_config(path)
+        try:
+            state = load_file(str(path), device=map_location)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise MPSCLIPError(f"{path}: not a readable safetensors file ({err})") from err
+        return Checkpoint(path, "ours", state, meta)
+    state, kind = _read_torch_file(path, map_location)
+    return Checkpoint(path, kind, state)
+
+
+def _read_torch_file(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], Kind]:
     """Returns the state dict in our key space for 'authors', or open_clip's key space for 'backbone'."""
     try:
         if _is_torchscript(path):
@@ -161,9 +178,11 @@ def _authors_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_strict(model: MPSCLIP, state: dict[str, torch.Tensor], path: Path, require_adapters: bool) -> None:
-    """Load ``state`` into ``model`` or raise naming the first offending keys. Without ``require_adapters``
-    (a backbone-only file), adapter, MPR and ``temp`` entries keep their initial values."""
+def load_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, require_adapters: bool, arch: str
+) -> None:
+    """Load ``state`` into ``model`` (built for ``arch``) or raise naming the first offending keys. Without
+    ``require_adapters`` (a backbone-only file), adapter, MPR and ``temp`` entries keep their initial values."""
     expected = model.state_dict()
     optional = set() if require_adapters else {k for k in expected if not k.startswith("clip.") or ".g2adapter." in k}
     optional.add("clip.logit_bias")
@@ -188,7 +207,7 @@ def load_strict(model: MPSCLIP, state: dict[str, torch.Tensor], path: Path, requ
             f"{k} (file {list(state[k].shape)} vs model {list(expected[k].shape)})" for k in mismatched[:_SHOWN]
         )
         raise MPSCLIPError(
-            f"{path}: does not fit architecture {model.config.arch!r}: {len(mismatched)} tensors differ in "
+            f"{path}: does not fit architecture {arch!r}: {len(mismatched)} tensors differ in "
             f"shape, first: {detail}; pass the arch the checkpoint was trained with (--arch)"
         )
     model.load_state_dict(state, strict=False)

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mpsclip.checkpoints import load_model
 from mpsclip.data.annotations import load_eval
 from mpsclip.data.synth import dataset_paths, generate
 from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
+from mpsclip.factory import load_model
 from mpsclip.metrics import chance_r_mean
 from mpsclip.train import TrainConfig, train
 

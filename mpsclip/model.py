@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,35 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpsclip.adapters import AdapterConfig, attach_adapters
+from mpsclip.backbone import create_backbone
+from mpsclip.checkpoints import Checkpoint, load_strict, read_checkpoint, save_checkpoint
 from mpsclip.distributed import gather_features
+from mpsclip.errors import MPSCLIPError
+from mpsclip.factory import Family, build_from, register_family
 from mpsclip.heads import MPRHead
 from mpsclip.losses import LossConfig, mpsclip_loss
 
+FAMILY = "mpsclip"
+
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
-"""Pixels [B, 3, H, W] → L2-normalised global embeddings [B, D] (the eager tower, or an exported engine)."""
-
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns "No pretrained weights loaded" for every random-init model; with ``pretrained=None`` that
-    is what was asked for (checkpoint loaders fill the weights right after), so the warning only misleads."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
-def create_backbone(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
-    """``open_clip.create_model``, without its random-init warning when no pretrained weights were asked for."""
-    if pretrained is not None:
-        return open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
-    quiet = _DropRandomInitWarning()
-    logging.getLogger().addFilter(quiet)
-    try:
-        return open_clip.create_model(arch, pretrained=None, cache_dir=cache_dir)
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
-ARCH_CONFIG_DIR = Path(__file__).parent / "configs" / "arch"
-open_clip.add_model_config(ARCH_CONFIG_DIR)
+"""Pixels [B, 3, H, W] → L2-normalised global embeddings [B, D] (the eager tower, or an engine's encode_image)."""
 
 
 @dataclass
@@ -67,7 +49,7 @@ class ModelConfig:
 
 
 class MPSCLIP(nn.Module):
-    """Frozen open_clip backbone + G²A adapters + MPR head.
+    """Frozen open_clip backbone + G²A adapters + MPR head (implements :class:`mpsclip.family.RetrievalModel`).
 
     ``pretrained`` is passed to ``open_clip.create_model``: ``None`` (random init), ``"openai"`` (downloads
     through open_clip where there is network) or a path to a backbone checkpoint.
@@ -82,6 +64,8 @@ class MPSCLIP(nn.Module):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self.family = FAMILY
+        self.supports_perspectives = True
         self.config = config or ModelConfig(arch=arch)
         self.clip = create_backbone(self.config.arch, pretrained, cache_dir)
         attach_adapters(self.clip.visual.transformer, self.config.adapter)
@@ -93,13 +77,10 @@ class MPSCLIP(nn.Module):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_checkpoint(cls, path: str | Path, arch: str | None = None, **kwargs: Any) -> MPSCLIP:
+    def from_checkpoint(cls, path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP:
         """Load ours (safetensors + JSON), the authors' ``checkpoint_best.pth``, an open_clip state dict or an
         OpenAI JIT archive (backbone only: adapters then start at identity)."""
-        from mpsclip.checkpoints import load_model
-        from mpsclip.errors import MPSCLIPError
-
-        model = load_model(path, arch=arch, **kwargs)
+        model = build_from(read_checkpoint(path, map_location), arch)
         if not isinstance(model, MPSCLIP):
             family = type(model).__name__
             raise MPSCLIPError(f"{path}: holds a {family} model; load it with mpsclip.{family}.from_checkpoint")
@@ -107,13 +88,16 @@ class MPSCLIP(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` (config); returns the weights path."""
-        from mpsclip.checkpoints import save_model
+        return save_checkpoint(self, self.config_dict(), FAMILY, path)
 
-        return save_model(self, path)
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
 
     def optimize(self, precision: str = "fp16", kernels: bool = True, cuda_graphs: bool = True) -> Any:
-        """Inference-only towers with fused Triton adapters, SDPA attention and CUDA graphs
-        (:func:`mpsclip.kernels.optimize`); falls back to PyTorch with a warning without a GPU or Triton."""
+        """Inference-only towers (:func:`mpsclip.kernels.optimize`): SDPA attention, compiled towers and CUDA
+        graphs; per tower and batch size ``mpsclip.kernels.runtime.ADAPTER_IMPL`` picks the adapter, either
+        compiled by Inductor with the backbone or the fused Triton kernel (today: fused only for image batches
+        of 256 and more). Falls back to eager PyTorch with a warning without a GPU or Triton."""
         from mpsclip.kernels import optimize
 
         return optimize(self.clip, precision=precision, kernels=kernels, cuda_graphs=cuda_graphs)
@@ -237,3 +221,37 @@ class MPSCLIP(nn.Module):
             ids=ids,
             temperature=self.temp.clamp(min=1e-3),
         )
+
+
+def claims(checkpoint: Checkpoint) -> bool:
+    """Ours saved as MPS-CLIP, the authors' release, or (as the fallback family) any foreign open_clip backbone."""
+    if checkpoint.family is not None:
+        return checkpoint.family == FAMILY
+    return True
+
+
+def build(checkpoint: Checkpoint, arch: str | None = None) -> MPSCLIP:
+    """An MPSCLIP filled strictly from ``checkpoint`` (backbone-only files leave adapters at identity)."""
+    if checkpoint.kind == "ours":
+        try:
+            config = ModelConfig.from_dict(checkpoint.config)
+        except (KeyError, TypeError) as err:
+            raise MPSCLIPError(f"{checkpoint.path.with_suffix('.json')}: not an mpsclip config ({err})") from err
+        if arch is not None and arch != config.arch:
+            raise MPSCLIPError(f"{checkpoint.path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
+    else:
+        config = ModelConfig(arch=arch or ModelConfig.arch)
+    model = MPSCLIP(config=config)
+    if checkpoint.kind == "backbone":
+        state = {f"clip.{k}": v for k, v in checkpoint.state.items()}
+        load_strict(model, state, checkpoint.path, require_adapters=False, arch=config.arch)
+    else:
+        load_strict(model, checkpoint.state, checkpoint.path, require_adapters=True, arch=config.arch)
+    return model
+
+
+def create(arch: str, pretrained: str | None = None, **options: Any) -> MPSCLIP:
+    return MPSCLIP(arch, pretrained, **options)
+
+
+register_family(Family(FAMILY, create=create, claims=claims, build=build, fallback=True))

@@ -16,32 +16,24 @@ open_clip's CLIP layout plus ``res_visual.*`` and ``vision_proj_res.*`` (optiona
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mpsclip import __version__
+from mpsclip.backbone import create_backbone
+from mpsclip.checkpoints import Checkpoint, load_strict, read_checkpoint, save_checkpoint
 from mpsclip.distributed import gather_features
 from mpsclip.errors import MPSCLIPError
-from mpsclip.io import atomic_write, atomic_write_text
-from mpsclip.model import ARCH_CONFIG_DIR, create_backbone
-
-if TYPE_CHECKING:
-    pass
-
-open_clip.add_model_config(ARCH_CONFIG_DIR)
+from mpsclip.factory import Family, register_family
 
 FAMILY = "priorclip"
-FORMAT = "mpsclip"
 DEFAULT_ARCH = "ViT-B-32"
 BELIEF_MODES = ("rank", "belief-only")
 PRIOR_PREFIXES = ("res_visual.", "vision_proj_res.")
@@ -94,6 +86,8 @@ class PriorCLIP(nn.Module):
         if len(res_layers) != 4:
             raise MPSCLIPError(f"res_layers must give 4 stage depths, got {list(res_layers)}")
         layers = (int(res_layers[0]), int(res_layers[1]), int(res_layers[2]), int(res_layers[3]))
+        self.family = FAMILY
+        self.supports_perspectives = False
         self.config = PriorCLIPConfig(arch, belief_weighting, layers, res_width, res_heads, res_output_dim)
         self.clip = create_backbone(arch, pretrained, cache_dir)
         self.res_visual = ModifiedResNet(
@@ -117,25 +111,27 @@ class PriorCLIP(nn.Module):
     ) -> PriorCLIP:
         """Ours (``.safetensors`` + ``.json``) or the authors' ``.pth`` (``state_dict``, ``module.`` prefix).
         ``belief_weighting=None``: the saved mode for ours, ``"rank"`` for the authors' files."""
-        from mpsclip.checkpoints import _read_torch_file, resolve_checkpoint
-
-        path = resolve_checkpoint(path)
-        if path.suffix == ".safetensors":
-            return _load_ours(path, arch, belief_weighting, map_location)
-
-        state, _ = _read_torch_file(path, map_location)
-        return priorclip_from_state(state, path, arch, belief_weighting or "rank")
+        checkpoint = read_checkpoint(path, map_location)
+        if not claims(checkpoint):
+            raise MPSCLIPError(
+                f"{checkpoint.path}: no res_visual.* / vision_proj_res.* keys and no priorclip config, so not a "
+                "PriorCLIP checkpoint; load it with mpsclip.load_model instead"
+            )
+        return build(checkpoint, arch, belief_weighting)
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` atomically; returns the weights path."""
-        weights = Path(path)
-        if weights.suffix != ".safetensors":
-            weights = weights.with_name(weights.name + ".safetensors")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"format": FORMAT, "family": FAMILY, "version": __version__, "config": self.config.to_dict()}
-        atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "family": FAMILY}))
-        atomic_write_text(weights.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-        return weights
+        return save_checkpoint(self, self.config_dict(), FAMILY, path)
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def perspectives(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise MPSCLIPError("PriorCLIP has no MPR perspectives; use mode 'global' (or an MPS-CLIP checkpoint)")
+
+    def optimize(self, precision: str = "fp16") -> PriorCLIP:
+        """PriorCLIP has no fast runtime yet: the eager model itself (callers cast inputs to its precision)."""
+        return self
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -266,32 +262,33 @@ def is_priorclip_state(keys: Iterable[str]) -> bool:
     return False
 
 
-def is_priorclip_file(path: str | Path) -> bool:
-    """True for our format saved by :meth:`PriorCLIP.save` (its JSON says ``"family": "priorclip"``)."""
-    cfg_file = Path(path).with_suffix(".json")
-    if not cfg_file.exists():
-        return False
-    try:
-        return json.loads(cfg_file.read_text()).get("family") == FAMILY
-    except (json.JSONDecodeError, AttributeError):
-        return False
+def claims(checkpoint: Checkpoint) -> bool:
+    """Ours saved as PriorCLIP, or a foreign state dict with the prior branch."""
+    if checkpoint.family is not None:
+        return checkpoint.family == FAMILY
+    return checkpoint.kind == "backbone" and is_priorclip_state(checkpoint.state)
 
 
-def priorclip_from_state(
-    state: dict[str, torch.Tensor], path: Path, arch: str | None = None, belief_weighting: str = "rank"
-) -> PriorCLIP:
-    """Build a PriorCLIP from an authors'-layout state dict (``module.`` already stripped) and load it strictly.
-    The prior branch's size (stage depths, width, output dim) is read from the tensors themselves."""
-    from mpsclip.checkpoints import load_strict
-
-    if not is_priorclip_state(state):
-        raise MPSCLIPError(
-            f"{path}: no res_visual.* / vision_proj_res.* keys, so not a PriorCLIP checkpoint; "
-            "load it with mpsclip.checkpoints.load_model instead"
-        )
-    model = PriorCLIP(arch or DEFAULT_ARCH, belief_weighting, **_res_shape(state, path))
-    ours = {k if k.startswith(PRIOR_PREFIXES) else f"clip.{k}": v for k, v in state.items()}
-    load_strict(model, ours, path, require_adapters=True)  # type: ignore[arg-type]
+def build(checkpoint: Checkpoint, arch: str | None = None, belief_weighting: str | None = None) -> PriorCLIP:
+    """A PriorCLIP filled strictly from ``checkpoint``. For foreign files the prior branch's size (stage depths,
+    width, output dim) is read from the tensors themselves; ``belief_weighting=None`` keeps the saved mode
+    (``"rank"`` for foreign files)."""
+    if checkpoint.kind == "ours":
+        try:
+            config = PriorCLIPConfig.from_dict(checkpoint.config)
+        except (KeyError, TypeError) as err:
+            raise MPSCLIPError(f"{checkpoint.path.with_suffix('.json')}: not a PriorCLIP config ({err})") from err
+        if arch is not None and arch != config.arch:
+            raise MPSCLIPError(f"{checkpoint.path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
+        if belief_weighting is not None:
+            config.belief_weighting = belief_weighting
+        model = PriorCLIP(**config.to_dict())
+        state = checkpoint.state
+    else:
+        shape = _res_shape(checkpoint.state, checkpoint.path)
+        model = PriorCLIP(arch or DEFAULT_ARCH, belief_weighting or "rank", **shape)
+        state = {k if k.startswith(PRIOR_PREFIXES) else f"clip.{k}": v for k, v in checkpoint.state.items()}
+    load_strict(model, state, checkpoint.path, require_adapters=True, arch=model.config.arch)
     return model.eval()
 
 
@@ -312,28 +309,8 @@ def _res_shape(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
     return {"res_layers": tuple(layers), "res_width": width, "res_output_dim": output_dim}
 
 
-def _load_ours(path: Path, arch: str | None, belief_weighting: str | None, map_location: str = "cpu") -> PriorCLIP:
-    """Our format; ``belief_weighting=None`` keeps the saved one."""
-    from mpsclip.checkpoints import load_strict
+def create(arch: str = DEFAULT_ARCH, pretrained: str | None = None, **options: Any) -> PriorCLIP:
+    return PriorCLIP(arch, pretrained=pretrained, **options)
 
-    cfg_file = path.with_suffix(".json")
-    if not cfg_file.exists():
-        raise MPSCLIPError(f"{path}: its config {cfg_file.name} is missing beside it; save with PriorCLIP.save()")
-    try:
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("family") != FAMILY:
-            raise MPSCLIPError(f"{cfg_file}: family is {meta.get('family')!r}, not {FAMILY!r}; use load_model")
-        config = PriorCLIPConfig.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise MPSCLIPError(f"{cfg_file}: not a PriorCLIP config ({err})") from err
-    if arch is not None and arch != config.arch:
-        raise MPSCLIPError(f"{path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
-    if belief_weighting is not None:
-        config.belief_weighting = belief_weighting
-    try:
-        state = load_file(str(path), device=map_location)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise MPSCLIPError(f"{path}: not a readable safetensors file ({err})") from err
-    model = PriorCLIP(**config.to_dict())
-    load_strict(model, state, path, require_adapters=True)  # type: ignore[arg-type]
-    return model.eval()
+
+register_family(Family(FAMILY, create=create, claims=claims, build=build))

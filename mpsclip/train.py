@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from mpsclip.adapters import AdapterConfig
-from mpsclip.checkpoints import load_model
 from mpsclip.data.annotations import TrainRecord, load_eval, load_train
 from mpsclip.data.collate import Batch, collate
 from mpsclip.data.datasets import TrainDataset
 from mpsclip.errors import MPSCLIPError
 from mpsclip.evaluate import embed_eval_set, score_all_modes
+from mpsclip.factory import load_model
 from mpsclip.io import atomic_write, atomic_write_text
 from mpsclip.losses import LossConfig
 from mpsclip.model import MPSCLIP, ModelConfig

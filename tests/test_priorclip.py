@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpsclip.checkpoints import load_model
 from mpsclip.errors import MPSCLIPError
+from mpsclip.factory import load_model
 from mpsclip.priorclip import (
     PriorCLIP,
     affiliation_loss,

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from mpsclip.checkpoints import load_model
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
+from mpsclip.factory import load_model
 from mpsclip.train import TrainConfig, linear_warmup_decay, train
 
 

@@ -229,7 +229,7 @@ class Embedder:
 
     @classmethod
     def load(cls, checkpoint: str | Path, arch: str | None, settings: EmbedSettings) -> Embedder:
-        from mpsclip.checkpoints import load_model
+        from mpsclip.factory import load_model
 
         return cls(load_model(checkpoint, arch=arch), settings, file_sha256(Path(checkpoint)))
 

@@ -48,7 +48,7 @@ def load_search_model(
     manifest: dict[str, Any], checkpoint: str | Path | None, device: str | torch.device = "cpu"
 ) -> Any:
     """The store's model on ``device``: ``checkpoint`` or the one the manifest names; refuses another hash."""
-    from mpsclip.checkpoints import load_model
+    from mpsclip.factory import load_model
 
     if checkpoint is None:
         checkpoint = manifest["checkpoint"]

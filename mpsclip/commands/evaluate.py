@@ -37,11 +37,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mpsclip.checkpoints import load_model
     from mpsclip.data.annotations import load_eval
     from mpsclip.data.synth import dataset_paths
     from mpsclip.errors import MPSCLIPError
     from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
+    from mpsclip.factory import load_model
     from mpsclip.metrics import chance_r_mean
 
     paths = dataset_paths(args.data) if args.data is not None else {}

@@ -88,8 +88,8 @@ def _backend(args: argparse.Namespace):  # -> a backend with extract(captions) -
 
 
 def _run_from_image(args: argparse.Namespace) -> int:
-    from mpsclip.checkpoints import load_model
     from mpsclip.errors import MPSCLIPError
+    from mpsclip.factory import load_model
     from mpsclip.keywords import evaluate_nouns
     from mpsclip.keywords.io import write_json_atomic
     from mpsclip.keywords.zero_shot import image_keywords, list_images, load_rs_vocabulary, reference_nouns_by_image

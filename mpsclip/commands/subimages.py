@@ -100,7 +100,7 @@ def build_backend(args: argparse.Namespace):  # -> mpsclip.subimages.writer.Back
         from mpsclip.subimages.langsam import LangSamBackend
 
         return LangSamBackend(args.sam_checkpoint, args.sam_model_type, args.box_threshold, args.text_threshold)
-    from mpsclip.checkpoints import load_model
+    from mpsclip.factory import load_model
     from mpsclip.subimages.saliency import SaliencyBackend
 
     if args.checkpoint is None:

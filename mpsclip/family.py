@@ -1,0 +1,38 @@
+"""What every model family offers the rest of the package (embedding, search, export, serving).
+
+Both :class:`mpsclip.model.MPSCLIP` and :class:`mpsclip.priorclip.PriorCLIP` implement :class:`RetrievalModel`;
+code past the model stage takes this protocol instead of probing attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class RetrievalModel(Protocol):
+    """A two-tower retrieval model. Embeddings are L2-normalised float tensors ``[B, embed_dim]``."""
+
+    family: str
+    supports_perspectives: bool
+    """True when the family has MPR perspectives and patch tokens (zero-shot sub-images, max-response)."""
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor: ...
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def perspectives(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def optimize(self, precision: str = "fp16") -> Any: ...
+
+    def config_dict(self) -> dict[str, Any]: ...
