@@ -6,6 +6,7 @@ code past the model stage takes this protocol instead of probing attributes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -32,6 +33,18 @@ class RetrievalModel(Protocol):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def perspectives(self, images: torch.Tensor, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def embed_all(
+        self,
+        images: torch.Tensor,
+        regions: torch.Tensor,
+        mask: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every retrieval mode's image embeddings (``global``, ``regions``, ``retrieval``, ``perspectives``);
+        ``encode`` replaces the image tower (an engine's ``encode_image``). Families without sub-image branches
+        score every mode with the global embedding."""
+        ...
 
     def optimize(self, precision: str = "fp16") -> Any: ...
 

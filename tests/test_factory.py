@@ -1,19 +1,24 @@
 """The model factory: family registry, create_model / load_model, the RetrievalModel protocol."""
 
+import ast
+import graphlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import mpsclip
+from mpsclip import factory
 from mpsclip.errors import MPSCLIPError
-from mpsclip.factory import create_model, families, get_family, load_model
+from mpsclip.factory import Family, create_model, families, get_family, load_model
 from mpsclip.family import RetrievalModel
 from mpsclip.model import MPSCLIP
 from mpsclip.priorclip import PriorCLIP
 from tests.conftest import TINY
+from tests.test_checkpoints import authors_state
 
 PRIOR_TINY = "PriorCLIP-Tiny"
 
@@ -74,3 +79,50 @@ def test_checkpoint_files_module_imports_no_model():
     code = "import sys, mpsclip.checkpoints; print(sorted(m for m in sys.modules if m.startswith('mpsclip')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "mpsclip.model" not in out and "mpsclip.priorclip" not in out and "mpsclip.factory" not in out
+
+
+def test_load_model_dispatches_on_the_saved_family_to_a_registered_one(ckpt, tmp_path, monkeypatch):
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    meta["family"] = "toy"
+    toy = tmp_path / "toy.safetensors"
+    toy.write_bytes(ckpt.read_bytes())
+    toy.with_suffix(".json").write_text(json.dumps(meta))
+    built, sentinel = [], object()
+
+    def build(checkpoint, arch=None):
+        built.append((checkpoint.path, checkpoint.kind, arch))
+        return sentinel
+
+    monkeypatch.setitem(factory._REGISTRY, "toy", Family("toy", create=MPSCLIP, claims=lambda c: False, build=build))
+    assert load_model(toy, arch=TINY) is sentinel
+    assert built == [(toy, "ours", TINY)]
+
+
+def test_foreign_files_load_through_the_factory(tiny_model, tmp_path):
+    authors = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": authors_state(tiny_model), "config": {"is_mps": True}}, authors)
+    loaded = load_model(authors, arch=TINY)
+    assert isinstance(loaded, MPSCLIP)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_a_bad_file_names_the_file_and_the_first_keys(tiny_model, tmp_path):
+    state = authors_state(tiny_model)
+    state["model.visual.extra_head.weight"] = torch.zeros(2)
+    path = tmp_path / "extra.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(MPSCLIPError, match=r"extra\.pth: .*unexpected keys, e\.g\. clip\.visual\.extra_head\.weight"):
+        load_model(path, arch=TINY)
+
+
+def test_no_import_cycle_among_the_model_modules():
+    modules = ["checkpoints", "backbone", "family", "factory", "model", "priorclip"]
+    graph = {}
+    for name in modules:
+        tree = ast.parse((Path(mpsclip.__file__).parent / f"{name}.py").read_text())
+        imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        graph[name] = {m.split(".")[1] for m in imported if m.startswith("mpsclip.") and m.split(".")[1] in modules}
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert order.index("checkpoints") < order.index("factory") < order.index("model")
+    assert graph["checkpoints"] == set() and graph["backbone"] == set()

@@ -60,7 +60,7 @@ class ZeroShotPerspectives:
     """Keywords, masks and sub-images for batches of preprocessed images (see the module docstring)."""
 
     def __init__(self, model: MPSCLIP, settings: ZeroShotSettings, device: torch.device) -> None:
-        if not hasattr(model, "encode_image_tokens"):
+        if not model.supports_perspectives:
             raise MPSCLIPError(
                 f"--perspectives zero-shot needs an MPS-CLIP model (patch tokens); {type(model).__name__} has none"
             )
