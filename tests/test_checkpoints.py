@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from mpsclip.adapters import sinusoidal_table
+from mpsclip.checkpoints import read_checkpoint
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 from tests.conftest import TINY
@@ -132,3 +133,18 @@ def test_ours_without_config(tiny_model, tmp_path):
     (tmp_path / "m.json").unlink()
     with pytest.raises(MPSCLIPError, match="config m.json is missing"):
         MPSCLIP.from_checkpoint(path)
+
+
+def test_read_checkpoint_tells_the_three_kinds_apart(tiny_model, tmp_path):
+    ours = read_checkpoint(tiny_model.save(tmp_path / "ours"))
+    assert (ours.kind, ours.family, ours.config["arch"]) == ("ours", "mpsclip", TINY)
+    authors = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": authors_state(tiny_model)}, authors)
+    read = read_checkpoint(authors)
+    assert (read.kind, read.family) == ("authors", None)
+    assert set(read.state) == set(tiny_model.state_dict())  # already in our key space, PE tables dropped
+    backbone = tmp_path / "backbone.pt"
+    plain = open_clip.create_model(TINY).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in plain.items()}}, backbone)
+    read = read_checkpoint(backbone)
+    assert (read.kind, read.family) == ("backbone", None) and "visual.conv1.weight" in read.state
