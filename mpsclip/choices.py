@@ -13,7 +13,7 @@ ENGINES = ("torch", "optimized", "onnxruntime", "tensorrt", "aoti")
 """Things that turn pixels or tokens into embeddings (:mod:`mpsclip.engines`)."""
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
-"""Engines ``mpsclip embed --runtime`` accepts (``torch`` uses the fast runtime on a GPU)."""
+"""Engines ``mpsclip embed --engine`` accepts (``torch`` uses the fast runtime on a GPU)."""
 
 DECODERS = ("auto", "cpu", "device")
 """JPEG decoding: ``device`` decodes on the embedding GPU (nvJPEG), ``cpu`` with PIL in worker processes."""
@@ -35,3 +35,15 @@ DEVICES = ("auto", "cpu", "cuda")
 
 MODEL_FAMILIES = ("mpsclip", "priorclip")
 """Model families the factory knows (:mod:`mpsclip.factory`)."""
+
+TRITON_BACKENDS = ("onnxruntime", "tensorrt")
+"""Backends of the Triton model repository ``mpsclip export --format triton-repo`` writes."""
+
+KEYWORD_BACKENDS = ("lexicon", "llm", "api")
+"""Noun extractors of ``mpsclip keywords``."""
+
+SUBIMAGE_BACKENDS = ("oracle", "clip-saliency", "langsam")
+"""Sub-image cutters of ``mpsclip subimages``."""
+
+SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
+"""SAM backbones LangSAM can load."""

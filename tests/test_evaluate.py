@@ -14,7 +14,8 @@ def test_evaluate_cli_on_authors_checkpoint(tiny_model, tmp_path, capsys):
     ckpt = tmp_path / "checkpoint_best.pth"
     torch.save({"model": authors_state(tiny_model), "config": {"is_mps": True}}, ckpt)
     out = tmp_path / "results"
-    assert main(["evaluate", str(ckpt), "--arch", "MPS-Tiny", "--data", str(data), "--out", str(out)]) == 0
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--arch", "MPS-Tiny", "--data", str(data), "--out", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     for mode in ("fused", "global", "max-response"):
         assert f"| {mode} |" in printed

@@ -44,7 +44,8 @@ def test_onnx_fp32_parity_with_dynamic_batch(tiny_model, checkpoint, tmp_path):
 def test_cli_exports_authors_pth(tiny_model, tmp_path, capsys):
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": authors_state(tiny_model), "config": {"is_mps": True}}, path)
-    rc = main([str(path), "--format", "onnx", "--out", str(tmp_path / "out"), "--arch", TINY, "--towers", "text"])
+    out = str(tmp_path / "out")
+    rc = main(["--checkpoint", str(path), "--format", "onnx", "--out", out, "--arch", TINY, "--towers", "text"])
     assert rc == 0 and "text: max abs error" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "text_encoder.onnx"]
 
@@ -120,8 +121,8 @@ def test_rewritten_fp16_graph_loads_in_onnxruntime_cpu(tmp_path):
 )
 def test_aoti_cpu_package_verified_and_loads_with_torch_only(tiny_model, checkpoint, tmp_path, capsys):
     """Slow (compiles C++ with Inductor, ~20-60 s on 2 cores): one tower, CPU, dynamic batch 1..4."""
-    rc = main([str(checkpoint), "--format", "aoti", "--device", "cpu", "--towers", "image", "--opt-batch", "2",
-               "--max-batch", "4", "--out", str(tmp_path / "aoti")])  # fmt: skip
+    rc = main(["--checkpoint", str(checkpoint), "--format", "aoti", "--device", "cpu", "--towers", "image",
+               "--opt-batch", "2", "--max-batch", "4", "--out", str(tmp_path / "aoti")])  # fmt: skip
     assert rc == 0 and "image (fresh process, torch only): max abs error" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "aoti" / "manifest.json").read_text())
     figures = manifest["verification"]["image"]
@@ -152,7 +153,8 @@ def test_gpu_formats_say_what_is_missing(checkpoint, tmp_path, fmt, kwargs):
 
 def test_failed_verification_leaves_nothing(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(verify.TOLERANCES, "fp32", verify.Tolerance(min_cosine=1.1, max_abs=0.0))
-    rc = main([str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "out"), "--towers", "image"])
+    out = str(tmp_path / "out")
+    rc = main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", out, "--towers", "image"])
     assert rc == 2 and "differs from PyTorch" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

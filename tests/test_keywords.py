@@ -120,7 +120,7 @@ def test_cli_lexicon_with_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture
     records = [{"caption": ["A pond near the road.", "Green trees."], "nouns": ["pond", "road", "trees"]}]
     source.write_text(json.dumps(records))
     output = tmp_path / "out.json"
-    assert main(["keywords", str(source), "--output", str(output), "--evaluate"]) == 0
+    assert main(["keywords", str(source), "--out", str(output), "--evaluate"]) == 0
     assert json.loads(output.read_text())[0]["nouns"] == ["pond", "road", "trees"]
     assert "f1 1.0000" in capsys.readouterr().out
     assert not (tmp_path / "out.json.failures.json").exists()

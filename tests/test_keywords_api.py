@@ -81,7 +81,7 @@ def test_cli_api_writes_failure_report(endpoint: str, tmp_path: Path, monkeypatc
     source = tmp_path / "captions.txt"
     source.write_text("a pond\ngarbage\n")
     output = tmp_path / "out.json"
-    assert main(["keywords", str(source), "-o", str(output), "--backend", "api", "--no-progress"]) == 0
+    assert main(["keywords", str(source), "-o", str(output), "--backend", "api", "--quiet"]) == 0
     assert json.loads(output.read_text()) == [{"caption": "a pond", "nouns": ["a", "pond"]}, {"caption": "garbage"}]
     report = json.loads((tmp_path / "out.json.failures.json").read_text())
     assert [(item["index"], item["caption"]) for item in report] == [(1, "garbage")]

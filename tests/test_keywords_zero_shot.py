@@ -44,7 +44,7 @@ def test_cli_from_image_on_annotation(synth: Path, tmp_path: Path, tiny_model) -
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("# mine\nrunway\nships\ntrees\ncars\n")
     out = tmp_path / "nouns.json"
-    argv = ["keywords", str(synth / "test.json"), "--from-image", "--checkpoint", str(checkpoint), "--output"]
+    argv = ["keywords", str(synth / "test.json"), "--from-image", "--checkpoint", str(checkpoint), "--out"]
     code = main([*argv, str(out), "--top-k", "2", "--threshold", "0", "--vocabulary-file", str(vocab), "--evaluate"])
     assert code == 0
     records = json.loads(out.read_text())

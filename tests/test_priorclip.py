@@ -229,7 +229,7 @@ def test_evaluate_cli_on_priorclip_checkpoint(model, tmp_path, capsys):
     ckpt = tmp_path / "PriorCLIP_RET-3.pt"
     _authors_checkpoint(model, ckpt)
     out = tmp_path / "res"
-    assert main(["evaluate", str(ckpt), "--arch", TINY, "--data", str(data), "--out", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--arch", TINY, "--data", str(data), "--out", str(out)]) == 0
     assert "| global |" in capsys.readouterr().out
     assert out.with_suffix(".json").exists()
 
@@ -240,7 +240,7 @@ def test_onnx_export_passes_verification(model, tmp_path, capsys):
     ckpt = tmp_path / "PriorCLIP_RET-3.pt"
     _authors_checkpoint(model, ckpt)
     out = tmp_path / "onnx"
-    assert main([str(ckpt), "--format", "onnx", "--out", str(out), "--arch", TINY]) == 0
+    assert main(["--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--arch", TINY]) == 0
     printed = capsys.readouterr().out
     assert "image: max abs error" in printed and (out / "manifest.json").exists()
 

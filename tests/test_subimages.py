@@ -31,13 +31,13 @@ def test_oracle_writes_the_synth_subimages(synth: Path, tmp_path: Path) -> None:
         [
             "subimages",
             str(synth / "test.json"),
-            "--output",
+            "--out",
             str(out),
             "--backend",
             "oracle",
             "--mask-root",
             str(synth / "masks"),
-            "--no-progress",
+            "--quiet",
             "--score-against",
             str(synth / "masks"),
         ]
@@ -120,7 +120,7 @@ def test_langsam_missing_checkpoint_error(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 
 def test_cli_saliency_needs_checkpoint(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["subimages", str(synth / "test.json"), "--output", str(tmp_path), "--backend", "clip-saliency"])
+    code = main(["subimages", str(synth / "test.json"), "--out", str(tmp_path), "--backend", "clip-saliency"])
     assert code == 2 and "--checkpoint" in capsys.readouterr().err
 
 

@@ -84,9 +84,9 @@ def test_cli_writes_dataset_and_rejects_bad_counts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cli"
-    assert main(["synth", str(out), "--train", "3", "--test", "1", "--size", "64", "--workers", "1"]) == 0
+    assert main(["synth", "--out", str(out), "--train", "3", "--test", "1", "--size", "64", "--workers", "1"]) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     assert len(load_train(out / "train.json")) == 3 * CAPTIONS_PER_IMAGE
     assert not (out / "val.json").exists()
-    assert main(["synth", str(out), "--test", "-1"]) == 2
+    assert main(["synth", "--out", str(out), "--test", "-1"]) == 2
     assert "--test must be 0 or more" in capsys.readouterr().err

@@ -13,7 +13,7 @@ example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
-  mpsclip embed images/ --out store --checkpoint best.safetensors --runtime onnxruntime --engine exported/
+  mpsclip embed images/ --out store --checkpoint best.safetensors --engine onnxruntime --engine-dir exported/
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --stride 224 --bands 4,3,2
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --resolution 10
   mpsclip embed 'shards/train-{0000..0099}.tar' --out web.store --checkpoint best.safetensors
@@ -26,6 +26,8 @@ import argparse
 from pathlib import Path
 
 from mpsclip.archive.sources import TileSettings
+from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
+from mpsclip.commands._args import DeprecatedOption, add_checkpoint, add_device, add_out, add_quiet, warn_deprecated
 from mpsclip.errors import MPSCLIPError
 
 HELP = "embed an image archive into a Parquet store for text search"
@@ -38,10 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SOURCE",
         help="folder of images (and .tar shards), a .txt list of paths, a .tar shard or 'shards-{0000..0099}.tar'",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="STORE", help="store folder (created/resumed)")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
+    add_out(parser, "store folder (created/resumed)", required=True, metavar="STORE")
+    add_checkpoint(parser, required=True)
     parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(parser)
     _perspective_arguments(parser.add_argument_group("perspectives (sub-images)"))
     _speed_arguments(parser.add_argument_group("speed and engines"))
     _tile_arguments(parser.add_argument_group("GeoTIFF scenes (needs rasterio)"))
@@ -51,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _perspective_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--perspectives",
-        choices=("none", "zero-shot", "from-dir"),
+        choices=PERSPECTIVES,
         default="none",
         help="none: global embedding only; zero-shot: keywords chosen by the model and clip-saliency sub-images "
         "cut in the same pass (no files written); from-dir: sub-images from --sub-root/<id without extension>/",
@@ -67,23 +69,46 @@ def _perspective_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _speed_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    add_device(group)
     group.add_argument(
-        "--runtime",
-        choices=("torch", "onnxruntime", "tensorrt"),
+        "--engine",
+        action=EngineKind,
         default="torch",
-        help="image-tower engine: torch (fast fused runtime on a GPU), or an mpsclip-export folder (--engine)",
+        metavar="KIND",
+        help=f"image-tower engine: {', '.join(RUNTIMES)} (torch: fast fused runtime on a GPU; others: --engine-dir)",
     )
-    group.add_argument("--engine", type=Path, default=None, help="mpsclip-export output folder for --runtime")
+    group.add_argument(
+        "--engine-dir", type=Path, default=None, metavar="DIR", help="an 'mpsclip export' folder for --engine"
+    )
+    group.add_argument("--runtime", dest="engine", action=DeprecatedOption, new="--engine", choices=RUNTIMES)
     group.add_argument(
         "--decode",
-        choices=("auto", "cpu", "device"),
+        choices=DECODERS,
         default="auto",
         help="JPEG decoding: cpu (PIL in the workers) or device (torchvision on the GPU); auto: device on a GPU",
     )
     group.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     group.add_argument("--shard-size", type=int, default=1024, help="items per shard (default: 1024)")
     group.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
+
+
+class EngineKind(argparse.Action):
+    """``--engine KIND``; a value that is no kind but a folder is the old ``--engine DIR`` (deprecated)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str,
+        option_string: str | None = None,
+    ) -> None:
+        if values in RUNTIMES:
+            namespace.engine = values
+        elif Path(values).is_dir():
+            warn_deprecated(parser, "--engine DIR", "--engine-dir DIR")
+            namespace.engine_dir = Path(values)
+        else:
+            parser.error(f"argument --engine: {values!r} is not one of {', '.join(RUNTIMES)}")
 
 
 def _tile_arguments(group: argparse._ArgumentGroup) -> None:
@@ -147,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         tiles=tile_settings(args),
-        runtime=args.runtime,
-        engine=args.engine,
+        runtime=args.engine,
+        engine=args.engine_dir,
         decode=args.decode,
         zero_shot=ZeroShotSettings(
             vocabulary=args.vocabulary_file,

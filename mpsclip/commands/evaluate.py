@@ -4,8 +4,8 @@ Modes: fused (the authors' retrieval embedding), global (no sub-images), max-res
 global embedding and the 4 MPR perspectives). Prints a table and writes <out>.json and <out>.md.
 
 Examples:
-  mpsclip evaluate runs/tiny/best.safetensors --data data/synth
-  mpsclip evaluate checkpoint_best.pth --eval-file rsitmd_test.json --image-root RSITMD/images \\
+  mpsclip evaluate --checkpoint runs/tiny/best.safetensors --data data/synth
+  mpsclip evaluate --checkpoint checkpoint_best.pth --eval-file rsitmd_test.json --image-root RSITMD/images \\
       --sub-root RSITMD/subimages --out results/rsitmd
 """
 
@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
+
 HELP = "evaluate retrieval (fused, global, max-response) of a checkpoint"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="ours (.safetensors), the authors' .pth, or an open_clip file")
+    add_checkpoint(
+        parser, "ours (.safetensors), the authors' .pth, or an open_clip file", required=True, positional=True
+    )
     parser.add_argument(
         "--arch", help="architecture of a .pth checkpoint (default ViT-B-32-quickgelu; PriorCLIP: ViT-B-32)"
     )
@@ -26,19 +30,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-file", help="per-image evaluation annotations (JSON)")
     parser.add_argument("--image-root", help="folder holding the images")
     parser.add_argument("--sub-root", help="folder of <image stem>/<noun>_blackbg.png sub-images")
-    parser.add_argument("--out", type=Path, help="results path without suffix (default: <checkpoint>.eval)")
+    add_out(parser, "results path without suffix (default: <checkpoint>.eval)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--max-sub-images", type=int)
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, counting them")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    add_device(parser)
+    add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from mpsclip.data.annotations import load_eval
     from mpsclip.data.synth import dataset_paths
+    from mpsclip.devices import resolve_device
     from mpsclip.errors import MPSCLIPError
     from mpsclip.evaluate import embed_eval_set, markdown_table, score_all_modes, write_results
     from mpsclip.factory import load_model
@@ -50,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
     sub_root = args.sub_root or paths.get("sub_root")
     if eval_file is None or image_root is None:
         raise MPSCLIPError("give --data, or --eval-file and --image-root")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = load_model(args.checkpoint, arch=args.arch).to(device)
     images = load_eval(eval_file)
     emb = embed_eval_set(
         model, images, image_root, sub_root, args.batch_size, args.num_workers, args.max_sub_images, device,
-        skip_bad_images=args.skip_bad_images,
+        skip_bad_images=args.skip_bad_images, progress=not args.quiet,
     )
     results = score_all_modes(emb)
     n_images, n_texts = emb.glob.shape[0], emb.text.shape[0]

@@ -21,6 +21,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpsclip.commands._args import add_checkpoint, add_device, add_quiet
+
 if TYPE_CHECKING:
     import torch
 
@@ -34,17 +36,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-rows", type=int, default=100_000, help="training sample size (default: 100000)")
     parser.add_argument("--recall-queries", type=int, default=200, help="store rows used as recall queries")
     parser.add_argument("--queries-file", type=Path, default=None, help="text queries for recall, one per line")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model for --queries-file (default: store's)")
+    add_checkpoint(parser, "model for --queries-file (default: the store's)")
+    add_device(parser, "model for --queries-file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training and query samples")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(parser)
 
 
 def _text_queries(args: argparse.Namespace, manifest: dict[str, Any]) -> torch.Tensor:
     from mpsclip.archive.search import encode_queries, load_search_model
     from mpsclip.commands.search import read_queries_file
+    from mpsclip.devices import resolve_device
 
     texts = read_queries_file(args.queries_file)
-    return encode_queries(load_search_model(manifest, args.checkpoint), texts)
+    return encode_queries(load_search_model(manifest, args.checkpoint, resolve_device(args.device)), texts).cpu()
 
 
 def run(args: argparse.Namespace) -> int:

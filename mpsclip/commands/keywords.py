@@ -12,17 +12,20 @@ rs_vocabulary.txt or --vocabulary-file) with the model's own text tower ("a sate
 --top-k nouns with softmax probability >= --threshold are written as {"image": ..., "nouns": [...]} records.
 
 example:
-  mpsclip keywords captions.json --output captions_nouns.json
-  mpsclip keywords test.json --output out.json --evaluate
-  mpsclip keywords captions.txt --output out.json --backend api --api-url http://localhost:8000/v1 \\
+  mpsclip keywords captions.json --out captions_nouns.json
+  mpsclip keywords test.json --out out.json --evaluate
+  mpsclip keywords captions.txt --out out.json --backend api --api-url http://localhost:8000/v1 \\
       --api-model qwen2.5-7b-instruct --concurrency 8
-  mpsclip keywords archive_images/ --from-image --checkpoint model.safetensors --output archive_nouns.json
+  mpsclip keywords archive_images/ --from-image --checkpoint model.safetensors --out archive_nouns.json
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from mpsclip.choices import KEYWORD_BACKENDS
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
 
 HELP = "extract nouns from captions (lexicon, local LLM or chat API) into each record's 'nouns'"
 
@@ -31,15 +34,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input", type=Path, help="annotation .json or plain-text file (one caption per line); --from-image: or a folder"
     )
-    parser.add_argument("--output", "-o", type=Path, required=True, help="where to write the records as JSON")
-    parser.add_argument("--backend", choices=("lexicon", "llm", "api"), default="lexicon")
+    add_out(parser, "where to write the records as JSON", required=True, metavar="OUT.json", old_flags=("--output",))
+    parser.add_argument("--backend", choices=KEYWORD_BACKENDS, default="lexicon")
     score = parser.add_mutually_exclusive_group()
     score.add_argument("--evaluate", action="store_true", help="print P/R/F1 against the input's own 'nouns'")
     score.add_argument("--score-against", type=Path, metavar="REF.json", help="print P/R/F1 against REF's nouns")
     parser.add_argument("--vocabulary", type=Path, help="lexicon: vocabulary file (default: the packaged one)")
     parser.add_argument("--prompt-file", type=Path, help="llm/api: instruction text, {caption} is replaced")
     parser.add_argument("--llm-model", help="llm: local model folder or Hugging Face cache id")
-    parser.add_argument("--device", default="cpu", help="llm, --from-image: torch device (default: cpu)")
+    add_device(parser, "llm, --from-image")
     parser.add_argument(
         "--batch-size", type=int, default=8, help="llm: captions per generate call; --from-image: images per batch"
     )
@@ -48,10 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="api: bearer key (env OPENAI_API_KEY)")
     parser.add_argument("--concurrency", type=int, default=8, help="api: requests in flight")
     parser.add_argument("--cache", type=Path, help="api: reply cache folder (default: OUTPUT.cache/)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(parser)
     image = parser.add_argument_group("--from-image (zero-shot keywords for images without captions)")
     image.add_argument("--from-image", action="store_true", help="score images against a vocabulary instead")
-    image.add_argument("--checkpoint", type=Path, help="model weights (any file mpsclip can load)")
+    add_checkpoint(image, "model weights (any file mpsclip can load)")
     image.add_argument("--arch", help="open_clip architecture for backbone-only checkpoints")
     image.add_argument("--image-root", type=Path, help="folder of an annotation INPUT's images (default: its folder)")
     image.add_argument("--top-k", type=int, default=5, help="nouns kept per image at most (default: 5)")
@@ -69,25 +72,27 @@ def _backend(args: argparse.Namespace):  # -> a backend with extract(captions) -
 
         vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else default_vocabulary()
         return LexiconBackend(vocabulary)
+    from mpsclip.devices import resolve_device
     from mpsclip.keywords.llm import read_prompt
 
     prompt = read_prompt(args.prompt_file)
     if args.backend == "llm":
         from mpsclip.keywords.llm import load_llm_backend
 
-        backend = load_llm_backend(args.llm_model, prompt, args.batch_size, args.device)
-        backend.progress = not args.no_progress
+        backend = load_llm_backend(args.llm_model, prompt, args.batch_size, str(resolve_device(args.device)))
+        backend.progress = not args.quiet
         return backend
     from mpsclip.keywords.api import ApiBackend, ApiConfig
 
-    cache = args.cache or args.output.with_name(args.output.name + ".cache")
+    cache = args.cache or args.out.with_name(args.out.name + ".cache")
     config = ApiConfig.from_options(
         args.api_url, args.api_model, args.api_key, cache, prompt=prompt, concurrency=args.concurrency
     )
-    return ApiBackend(config, progress=not args.no_progress)
+    return ApiBackend(config, progress=not args.quiet)
 
 
 def _run_from_image(args: argparse.Namespace) -> int:
+    from mpsclip.devices import resolve_device
     from mpsclip.errors import MPSCLIPError
     from mpsclip.factory import load_model
     from mpsclip.keywords import evaluate_nouns
@@ -102,11 +107,12 @@ def _run_from_image(args: argparse.Namespace) -> int:
     vocabulary = load_rs_vocabulary(args.vocabulary_file)
     model = load_model(args.checkpoint, arch=args.arch)
     records = image_keywords(
-        model, images, vocabulary, args.top_k, args.threshold, device=args.device, batch_size=args.batch_size
+        model, images, vocabulary, args.top_k, args.threshold, device=resolve_device(args.device),
+        batch_size=args.batch_size,
     )
-    write_json_atomic(args.output, records)
+    write_json_atomic(args.out, records)
     found = sum(len(record["nouns"]) for record in records)
-    print(f"{len(records)} images, {len(vocabulary)} vocabulary nouns, {found} nouns kept -> {args.output}")
+    print(f"{len(records)} images, {len(vocabulary)} vocabulary nouns, {found} nouns kept -> {args.out}")
     if args.evaluate:
         if args.input.is_dir():
             raise MPSCLIPError("--evaluate with --from-image needs an annotation INPUT with 'nouns', not a folder")
@@ -145,12 +151,12 @@ def run(args: argparse.Namespace) -> int:
     backend = _backend(args)
     captions = [caption for record in records for caption in captions_of(record)]
     merged, failures = merge_outcomes(records, backend.extract(captions))
-    write_outputs(args.output, merged, failures)
+    write_outputs(args.out, merged, failures)
 
     found = sum(len(record.get("nouns") or []) for record in merged)
-    print(f"{len(merged)} records, {len(captions)} captions, {found} nouns -> {args.output}")
+    print(f"{len(merged)} records, {len(captions)} captions, {found} nouns -> {args.out}")
     if failures:
-        print(f"{len(failures)} captions failed; their records kept old nouns: {failures_path(args.output)}")
+        print(f"{len(failures)} captions failed; their records kept old nouns: {failures_path(args.out)}")
     if reference is not None:
         score = evaluate_nouns([record.get("nouns") or [] for record in merged], reference)
         print(f"precision {score['precision']:.4f}  recall {score['recall']:.4f}  f1 {score['f1']:.4f}")

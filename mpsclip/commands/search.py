@@ -18,6 +18,7 @@ example:
   mpsclip search archive.store --queries-file queries.txt --format json > hits.json
   mpsclip search archive.store --image example.png "an airport" --mode max-response
   mpsclip search tiles.store "an airport" --bbox 5.9,45.8,10.5,47.8 --format geojson > hits.geojson
+  mpsclip search tiles.store "a marina" --bbox -78.9,23.5,-77.7,25.5 --format geojson --out hits.geojson
   mpsclip search tiles.store "ships in a harbor" -k 24 --format html --out hits.html
   mpsclip search big.store "a stadium" --candidates 500 --nprobe 64      # with an index from 'mpsclip index'
 """
@@ -30,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mpsclip.choices import MODES, SEARCH_FORMATS
+from mpsclip.commands._args import add_bbox, add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
@@ -44,21 +47,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("queries", nargs="*", metavar="QUERY", help="text queries")
     parser.add_argument("--queries-file", type=Path, default=None, help="more queries, one per line")
     parser.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
-    parser.add_argument("--mode", choices=("fused", "global", "max-response"), default="fused", help="scoring")
-    parser.add_argument("--format", choices=("table", "json", "geojson", "html"), default="table", help="output format")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="write to FILE (default: stdout)")
-    parser.add_argument("--bbox", default=None, help="minx,miny,maxx,maxy: keep items whose footprint intersects")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model (default: the store's)")
+    parser.add_argument("--mode", choices=MODES, default="fused", help="scoring")
+    parser.add_argument("--format", choices=SEARCH_FORMATS, default="table", help="output format")
+    add_out(parser, "write to FILE (default: stdout)", metavar="FILE")
+    add_bbox(parser, "west,south,east,north (EPSG:4326 degrees, negative west/south): keep items whose footprint "
+             "intersects")
+    add_checkpoint(parser, "model (default: the store's)")
     parser.add_argument(
         "--image", type=Path, action="append", default=[], metavar="PATH", help="an image query (repeatable)"
     )
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    add_device(parser)
     parser.add_argument("--exact", action="store_true", help="exhaustive search even if the store has an index")
     parser.add_argument(
         "--candidates", type=int, default=None, metavar="N", help="index candidates re-ranked per query (10 x -k)"
     )
     parser.add_argument("--nprobe", type=int, default=None, metavar="N", help="inverted lists the index visits")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(parser)
 
 
 def read_queries_file(path: Path) -> list[str]:
@@ -110,32 +114,30 @@ def open_index(args: argparse.Namespace, info: StoreInfo) -> StoreIndex | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mpsclip.archive.embedder import resolve_device
     from mpsclip.archive.search import (
         encode_images,
         encode_queries,
         exact_topk,
         format_table,
         load_search_model,
-        parse_bbox,
         to_geojson,
         to_hits,
         to_html,
         to_json,
     )
     from mpsclip.archive.store import open_store
+    from mpsclip.devices import resolve_device
 
     texts = read_queries(args)
     labels = texts + [str(path) for path in args.image]
     if args.k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {args.k}")
-    bbox = parse_bbox(args.bbox) if args.bbox is not None else None
     info = open_store(args.store)
     index = open_index(args, info)
     model = load_search_model(info.manifest, args.checkpoint, resolve_device(args.device))
     queries = torch.cat([encode_queries(model, texts), encode_images(model, args.image)])
     if index is None:
-        scores, rows = exact_topk(info, queries, args.k, args.mode, bbox, progress=not args.quiet)
+        scores, rows = exact_topk(info, queries, args.k, args.mode, args.bbox, progress=not args.quiet)
     else:
         scores, rows = index.search(queries, args.k, args.mode, args.candidates, args.nprobe)
     results = to_hits(info, scores, rows)

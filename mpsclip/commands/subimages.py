@@ -16,8 +16,8 @@ computes them again). Shard over machines or GPUs with --rank/--world-size (imag
 Failed images are listed and the run goes on; the exit status is then 1.
 
 example:
-  mpsclip subimages synth/test.json --image-root synth --output subs --backend oracle --mask-root synth/masks
-  mpsclip subimages test.json --image-root data --output subs --backend clip-saliency --checkpoint model.safetensors \\
+  mpsclip subimages synth/test.json --image-root synth --out subs --backend oracle --mask-root synth/masks
+  mpsclip subimages test.json --image-root data --out subs --backend clip-saliency --checkpoint model.safetensors \\
       --score-against synth/masks
 """
 
@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpsclip.choices import SAM_MODEL_TYPES, SUBIMAGE_BACKENDS
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
 
 HELP = "cut black-background keyword sub-images (oracle masks, CLIP saliency or LangSAM)"
@@ -39,8 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-root", type=Path, help="folder the 'image' paths are relative to (default: the annotation's folder)"
     )
-    parser.add_argument("--output", "-o", type=Path, required=True, help="output folder of <stem>/<noun>_blackbg.png")
-    parser.add_argument("--backend", choices=("oracle", "clip-saliency", "langsam"), default="clip-saliency")
+    add_out(parser, "output folder of <stem>/<noun>_blackbg.png", required=True, metavar="DIR", old_flags=("--output",))
+    parser.add_argument("--backend", choices=SUBIMAGE_BACKENDS, default="clip-saliency")
     parser.add_argument("--rank", type=int, default=0, help="this shard (default: 0)")
     parser.add_argument("--world-size", type=int, default=1, help="number of shards (default: 1)")
     parser.add_argument(
@@ -49,13 +51,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="MASK_ROOT",
         help="print the mean IoU of this shard's sub-images against MASK_ROOT/<stem>/<noun>.png",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(parser)
     oracle = parser.add_argument_group("oracle")
     oracle.add_argument("--mask-root", type=Path, help="SYNTH/masks of the synthetic set")
     saliency = parser.add_argument_group("clip-saliency")
-    saliency.add_argument("--checkpoint", type=Path, help="model weights (any file mpsclip can load)")
+    add_checkpoint(saliency, "model weights (any file mpsclip can load)")
     saliency.add_argument("--arch", help="open_clip architecture for backbone-only checkpoints")
-    saliency.add_argument("--device", default="auto", help="torch device (default: cuda when present, else cpu)")
+    add_device(saliency)
     saliency.add_argument("--batch-size", type=int, default=16, help="images per model call (default: 16)")
     saliency.add_argument(
         "--prompt-template",
@@ -76,17 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     langsam = parser.add_argument_group("langsam")
     langsam.add_argument("--sam-checkpoint", type=Path, help="SAM weights (default: found in the torch hub cache)")
-    langsam.add_argument("--sam-model-type", default="vit_h", choices=("vit_h", "vit_l", "vit_b"))
+    langsam.add_argument("--sam-model-type", default="vit_h", choices=SAM_MODEL_TYPES)
     langsam.add_argument("--box-threshold", type=float, default=DEFAULT_BOX_THRESHOLD)
     langsam.add_argument("--text-threshold", type=float, default=DEFAULT_TEXT_THRESHOLD)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def build_backend(args: argparse.Namespace):  # -> mpsclip.subimages.writer.Backend
@@ -100,6 +94,7 @@ def build_backend(args: argparse.Namespace):  # -> mpsclip.subimages.writer.Back
         from mpsclip.subimages.langsam import LangSamBackend
 
         return LangSamBackend(args.sam_checkpoint, args.sam_model_type, args.box_threshold, args.text_threshold)
+    from mpsclip.devices import resolve_device
     from mpsclip.factory import load_model
     from mpsclip.subimages.saliency import SaliencyBackend
 
@@ -112,7 +107,7 @@ def build_backend(args: argparse.Namespace):  # -> mpsclip.subimages.writer.Back
     model = load_model(args.checkpoint, arch=args.arch)
     return SaliencyBackend(
         model,
-        device=resolve_device(args.device),
+        device=str(resolve_device(args.device)),
         template=args.prompt_template,
         k=args.saliency_k,
         kernel=args.clean_kernel,
@@ -126,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     image_root = args.image_root if args.image_root is not None else args.annotation.parent
     items = shard(load_items(args.annotation, image_root), args.rank, args.world_size)
     backend = build_backend(args)
-    summary = write_subimages(items, backend, args.output, progress=not args.no_progress)
-    print(f"{args.output} (rank {args.rank}/{args.world_size}): {summary.format()}")
+    summary = write_subimages(items, backend, args.out, progress=not args.quiet)
+    print(f"{args.out} (rank {args.rank}/{args.world_size}): {summary.format()}")
     if args.score_against is not None:
         pairs = [
             (item.stem, noun)
@@ -136,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             if (args.score_against / item.stem / f"{noun}.png").is_file()
         ]
         print(
-            f"mean IoU vs {args.score_against}: {mask_iou(args.output, args.score_against, pairs):.4f} "
+            f"mean IoU vs {args.score_against}: {mask_iou(args.out, args.score_against, pairs):.4f} "
             f"over {len(pairs)} (image, noun) pairs"
         )
     return 0 if summary.failures == 0 else 1

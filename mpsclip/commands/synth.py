@@ -7,27 +7,28 @@ Writes OUT/images/<class>_<n>.png, OUT/train.json, OUT/test.json (and OUT/val.js
 OUT/subimages/<stem>/<noun>_blackbg.png and OUT/masks/<stem>/<noun>.png.
 
 example:
-  mpsclip synth synth_data --train 2000 --test 400 --seed 0
+  mpsclip synth --out synth_data --train 2000 --test 400 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from mpsclip.commands._args import add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
 
 HELP = "generate a synthetic remote-sensing dataset (images, captions, masks, sub-images)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, metavar="OUT", help="output folder (created if missing)")
+    add_out(parser, "output folder (created if missing)", required=True, metavar="OUT", positional=True)
     parser.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
     parser.add_argument("--test", type=int, default=400, help="test images (default: 400)")
     parser.add_argument("--val", type=int, default=0, help="validation images (default: 0, no val.json)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels (default: 224)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         n_val=args.val,
         image_size=args.size,
         workers=args.workers,
-        progress=True,
+        progress=not args.quiet,
     )
     total = summary.n_train + summary.n_val + summary.n_test
     print(f"wrote {total} images to {summary.out_dir} in {summary.seconds:.1f} s")

@@ -15,19 +15,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpsclip.choices import MODEL_FAMILIES
+from mpsclip.commands._args import add_out
+
 HELP = "train MPS-CLIP (adapters + MPR; --unfreeze-backbone for full fine-tuning)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="rsitmd", help="YAML file or shipped name: rsitmd, rsicd, tiny")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for checkpoints and logs")
+    add_out(parser, "output folder for checkpoints and logs", required=True, metavar="DIR")
     parser.add_argument("--data", type=Path, help="a folder made by `mpsclip synth` (sets all paths below)")
     parser.add_argument("--train-file", help="per-caption training annotations (JSON)")
     parser.add_argument("--eval-file", help="per-image evaluation annotations (JSON), evaluated each epoch")
     parser.add_argument("--image-root", help="folder holding the images named in the annotations")
     parser.add_argument("--sub-root", help="folder of <image stem>/<noun>_blackbg.png sub-images")
     parser.add_argument(
-        "--model-family", choices=["mpsclip", "priorclip"], help="priorclip trains PriorCLIP with its own objective"
+        "--model-family", choices=MODEL_FAMILIES, help="priorclip trains PriorCLIP with its own objective"
     )
     parser.add_argument("--arch", help="open_clip architecture (PriorCLIP: ViT-B-32)")
     parser.add_argument("--init-checkpoint", help="start from this checkpoint (ours, the authors', open_clip)")

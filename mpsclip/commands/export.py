@@ -1,0 +1,89 @@
+"""Export the image and text towers of a checkpoint for serving (ONNX, TensorRT, AOTInductor, Triton repository).
+
+Adapters included, L2-normalised outputs, dynamic batch axis, parity verified against PyTorch. The output
+folder appears only if everything succeeded; it holds manifest.json describing inputs, preprocessing and
+parity figures. The same command is installed as ``mpsclip-export`` and runs as ``python -m mpsclip.export``.
+
+examples:
+  # ONNX, both towers, parity-checked against PyTorch on CPU
+  mpsclip export --checkpoint runs/rsicd/model.safetensors --format onnx --out exports/rsicd-onnx
+
+  # the authors' checkpoint, fp16 TensorRT engines for batches of 1 to 512 (NVIDIA GPU, pip install 'mpsclip[gpu]')
+  mpsclip export --checkpoint checkpoint_best.pth --arch ViT-B-32-quickgelu --format tensorrt --precision fp16 \\
+      --min-batch 1 --opt-batch 128 --max-batch 512 --out exports/rsicd-trt
+
+  # AOTInductor packages (.pt2) for the CPU, loadable with torch alone (torch._inductor.aoti_load_package)
+  mpsclip export --checkpoint runs/rsicd/model.safetensors --format aoti --device cpu \\
+      --opt-batch 16 --max-batch 64 --out exports/rsicd-aoti
+
+  # a Triton Inference Server repository (then: tritonserver --model-repository exports/triton)
+  mpsclip export --checkpoint runs/rsicd/model.safetensors --format triton-repo --backend onnxruntime \\
+      --out exports/triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mpsclip.choices import EXPORT_FORMATS, PRECISIONS, TRITON_BACKENDS
+from mpsclip.commands._args import add_checkpoint, add_device, add_out
+
+HELP = "export the image and text towers for serving (ONNX, TensorRT, AOTInductor, Triton repository)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint(
+        parser, "ours (.safetensors + .json), the authors' .pth, or open_clip", required=True, positional=True
+    )
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt", help="artefact kind")
+    add_out(parser, "output folder (must not exist, or be empty)", required=True, metavar="DIR")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="compute precision (fp32)")
+    parser.add_argument("--towers", default="image,text", help="comma-separated towers to export (image,text)")
+    parser.add_argument("--min-batch", type=int, default=1, help="smallest batch (TensorRT/AOTI profile; 1)")
+    parser.add_argument("--opt-batch", type=int, default=256, help="batch to tune for / Triton's preferred (256)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest batch (1024)")
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=True, help="check parity with PyTorch (on)"
+    )
+    parser.add_argument("--arch", default=None, help="architecture for .pth checkpoints (ViT-B-32-quickgelu)")
+    parser.add_argument("--backend", default="onnxruntime", choices=TRITON_BACKENDS, help="Triton backend")
+    add_device(parser, "what --format aoti compiles for")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mpsclip.devices import resolve_device
+    from mpsclip.errors import MPSCLIPError
+    from mpsclip.export import export
+    from mpsclip.export.manifest import MANIFEST
+
+    if args.device != "auto" and args.fmt != "aoti":
+        raise MPSCLIPError(f"--device {args.device}: only --format aoti compiles for a device; drop --device")
+    device = resolve_device(args.device).type if args.fmt == "aoti" else None
+    out = export(
+        args.checkpoint,
+        args.fmt,
+        args.out,
+        precision=args.precision,
+        towers=tuple(t.strip() for t in args.towers.split(",") if t.strip()),
+        min_batch=args.min_batch,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        verify=args.verify,
+        arch=args.arch,
+        backend=args.backend,
+        device=device,
+    )
+    for tower, figures in json.loads((out / MANIFEST).read_text())["verification"].items():
+        if figures["status"] == "verified":
+            print(f"{tower}: max abs error {figures['max_abs']:.3g}, min cosine {figures['min_cosine']:.7f}")
+            if "fresh_process" in figures:
+                fresh = figures["fresh_process"]
+                print(
+                    f"{tower} (fresh process, torch only): max abs error {fresh['max_abs']:.3g}, "
+                    f"min cosine {fresh['min_cosine']:.7f}"
+                )
+        else:
+            print(f"{tower}: not verified ({figures['reason']})")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,170 @@
+"""The one CLI grammar: verbs, shared flags, deprecated spellings, negative coordinates, a closed stdout."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mpsclip.export.__main__ import build_parser as build_export_parser
+
+from mpsclip.cli import COMMANDS, EXIT_BROKEN_PIPE, build_parser, main
+
+VERBS = [name.rsplit(".", 1)[1] for name in COMMANDS]
+
+# verb -> the shared flags it must have (--out, --checkpoint, --device, --quiet where they apply)
+SHARED = {
+    "synth": {"--out", "--quiet"},
+    "train": {"--out"},
+    "evaluate": {"--out", "--checkpoint", "--device", "--quiet"},
+    "keywords": {"--out", "--checkpoint", "--device", "--quiet"},
+    "subimages": {"--out", "--checkpoint", "--device", "--quiet"},
+    "embed": {"--out", "--checkpoint", "--device", "--quiet"},
+    "index": {"--checkpoint", "--device", "--quiet"},
+    "search": {"--out", "--checkpoint", "--device", "--quiet"},
+    "export": {"--out", "--checkpoint", "--device"},
+}
+
+
+def _verb_parser(verb: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[verb]
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {s: a for a in parser._actions for s in a.option_strings if a.help is not argparse.SUPPRESS}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([verb, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert f"mpsclip {verb}" in text and "example" in text.lower()
+
+
+def test_shared_flags_table_covers_every_verb() -> None:
+    assert set(SHARED) <= set(VERBS)
+
+
+@pytest.mark.parametrize("verb", sorted(SHARED))
+def test_shared_flags_are_spelled_the_same(verb: str) -> None:
+    options = _options(_verb_parser(verb))
+    assert SHARED[verb] <= set(options)
+    for old in ("--output", "--no-progress", "--runtime"):
+        assert old not in options, f"{verb} still advertises {old}"
+    if "--device" in options:
+        assert options["--device"].default == "auto"
+    if "--quiet" in options:
+        assert options["--quiet"].default is False
+
+
+def test_export_aliases_share_one_parser_definition() -> None:
+    ours, theirs = _options(_verb_parser("export")), _options(build_export_parser())
+    assert set(ours) == set(theirs)
+
+
+OLD_SPELLINGS = [
+    # (argv, what the old spelling set, the warning)
+    (["keywords", "in.json", "--output", "o.json"], ("out", Path("o.json")), "--output is deprecated, use --out"),
+    (["subimages", "a.json", "--output", "s"], ("out", Path("s")), "--output is deprecated, use --out"),
+    (["keywords", "in.json", "-o", "o.json", "--no-progress"], ("quiet", True), "--no-progress is deprecated"),
+    (["evaluate", "ck.safetensors", "--data", "d"], ("checkpoint", Path("ck.safetensors")), "use --checkpoint"),
+    (["synth", "data_dir", "--train", "4"], ("out", Path("data_dir")), "positional OUT is deprecated"),
+    (
+        ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--runtime", "onnxruntime"],
+        ("engine", "onnxruntime"),
+        "--runtime is deprecated, use --engine",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected", "warning"), OLD_SPELLINGS)
+def test_old_spellings_warn_and_still_work(
+    argv: list[str], expected: tuple[str, object], warning: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(argv)
+    assert getattr(args, expected[0]) == expected[1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mpsclip {argv[0]}: warning: ") and warning in err[0]
+    assert err[0].endswith("(it will be removed in 0.3)")
+
+
+def test_new_spellings_do_not_warn(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "ck", "--data", "d", "--quiet", "--out", "r"])
+    assert (args.checkpoint, args.quiet, args.out, args.device) == (Path("ck"), True, Path("r"), "auto")
+    assert capsys.readouterr().err == ""
+
+
+def test_export_positional_checkpoint_is_deprecated(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_export_parser().parse_args(["m.safetensors", "--format", "onnx", "--out", "x"])
+    assert args.checkpoint == Path("m.safetensors")
+    assert "mpsclip-export: warning: the positional CHECKPOINT is deprecated" in capsys.readouterr().err
+
+
+def test_required_checkpoint_missing_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["evaluate", "--data", "d"])
+    assert done.value.code == 2
+    assert "required: --checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_given_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "a.pth", "--checkpoint", "b.pth"])
+    assert "--checkpoint given twice" in capsys.readouterr().err
+
+
+def test_embed_engine_kind_and_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["embed", "imgs", "--out", "s", "--checkpoint", "c"]
+    args = build_parser().parse_args([*base, "--engine", "onnxruntime", "--engine-dir", str(tmp_path)])
+    assert (args.engine, args.engine_dir) == ("onnxruntime", tmp_path)
+    assert capsys.readouterr().err == ""
+    old = build_parser().parse_args([*base, "--runtime", "tensorrt", "--engine", str(tmp_path)])
+    assert (old.engine, old.engine_dir) == ("tensorrt", tmp_path)
+    assert "--engine DIR is deprecated, use --engine-dir DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--engine", "onnxrunt1me"])
+
+
+@pytest.mark.parametrize("form", ["split", "equals"])
+def test_bbox_in_the_western_and_southern_hemispheres(form: str) -> None:
+    box = "-78.9,-23.5,-77.7,25.5"
+    flag = ["--bbox", box] if form == "split" else [f"--bbox={box}"]
+    args = build_parser().parse_args(["search", "tiles.store", "a marina", *flag, "-k", "3"])
+    assert args.bbox == (-78.9, -23.5, -77.7, 25.5)
+    assert args.queries == ["a marina"] and args.k == 3
+
+
+def test_bad_bbox_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["search", "s", "q", "--bbox", "-77.7,23.5,-78.9,25.5"])
+    assert done.value.code == 2
+    assert "W <= E" in capsys.readouterr().err
+
+
+PRINTING_VERB = """
+import sys
+from mpsclip.cli import run_parser
+from mpsclip.commands._args import Parser
+parser = Parser(prog="mpsclip lines")
+parser.set_defaults(_run=lambda args: [print(f"line {i}") for i in range(100_000)] and 0, _prog="mpsclip lines")
+sys.exit(run_parser(parser, []))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "mpsclip", "search", "--help"], ["-u", "-c", PRINTING_VERB], ["-c", PRINTING_VERB]],
+    ids=["help", "print-unbuffered", "print-buffered"],
+)
+def test_closed_stdout_ends_quietly(argv: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # argparse swallows unbuffered --help errors
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before mpsclip writes a byte, as with `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE, err
+    assert err == ""
