@@ -8,7 +8,7 @@ Reading runs in DataLoader worker processes, batches ahead of the towers, into p
 ``decode="device"`` (the default on a GPU) JPEG files are only read there and decoded on the embedding device
 with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), then resized (bicubic, antialiased) and normalised there;
 other formats, GeoTIFF tiles and sub-images are decoded with PIL in the workers. The image tower runs on the
-engine of ``runtime`` (:mod:`mpsclip.archive.runtimes`); sub-images come from files (``from-dir``) or are cut
+engine of ``runtime`` (:func:`mpsclip.engines.runtime_engine`); sub-images come from files (``from-dir``) or are cut
 in the same pass
 (``zero-shot``, :mod:`mpsclip.archive.perspectives`).
 """
@@ -30,13 +30,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from mpsclip.archive import webdataset
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
-from mpsclip.archive.runtimes import RUNTIMES, image_encoder
 from mpsclip.archive.sources import READ_ERRORS, Item, TileSettings, is_image_file, open_item, open_rgb
 from mpsclip.archive.store import ShardRows
 from mpsclip.checkpoints import file_sha256
+from mpsclip.choices import RUNTIMES
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import Sample
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+from mpsclip.engines import embedding_precision, runtime_engine
 from mpsclip.errors import MPSCLIPError
 
 PERSPECTIVES = ("none", "zero-shot", "from-dir")
@@ -219,7 +220,9 @@ class Embedder:
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)
         self.decode = resolve_decode(settings.decode, self.device)
-        self.encode = image_encoder(self.model, settings.runtime, self.device, settings.engine, checkpoint_sha256)
+        self.engine = runtime_engine(settings.runtime, self.model, self.device, settings.engine, checkpoint_sha256)
+        self.encode = self.engine.encode_image
+        self.precision = embedding_precision(self.engine.kind, self.device, self.engine.precision)
         self.zero_shot = (
             ZeroShotPerspectives(self.model, settings.zero_shot, self.device)
             if settings.perspectives == "zero-shot"
@@ -278,7 +281,7 @@ class Embedder:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[list[str]] | None]:
         """The embeddings of a batch, its sub-image mask [B, R] and (zero-shot) each image's keywords."""
         batch = collate(samples).to(self.device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.precision.context(self.device):  # the engine's precision rules the whole path
             if self.zero_shot is None:
                 out = self.model.embed_all(batch.images, batch.regions, batch.mask, self.encode)
                 return out, batch.mask, None
