@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from mpsclip.export.__main__ import build_parser as build_export_parser
 
 from mpsclip.cli import COMMANDS, EXIT_BROKEN_PIPE, build_parser, main
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """``mpsclip-export``'s parser (imported here: importing mpsclip.export loads the exporters)."""
+    from mpsclip.export.__main__ import build_parser as build
+
+    return build()
+
 
 VERBS = [name.rsplit(".", 1)[1] for name in COMMANDS]
 
@@ -168,3 +177,23 @@ def test_closed_stdout_ends_quietly(argv: list[str]) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE, err
     assert err == ""
+
+
+def _readme_commands() -> list[list[str]]:
+    """The ``mpsclip ...`` lines of README.md's bash blocks (continuations joined, comments and redirects cut)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if words[:1] != ["mpsclip"] or "..." in words:
+            continue
+        commands.append(words[1 : words.index(">")] if ">" in words else words[1:])
+    return commands
+
+
+@pytest.mark.parametrize("argv", _readme_commands(), ids=lambda argv: " ".join(argv)[:60])
+def test_readme_commands_parse_without_warnings(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    build_parser().parse_args(argv)
+    assert capsys.readouterr().err == ""
