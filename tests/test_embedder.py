@@ -142,7 +142,7 @@ def test_runtime_errors(jpegs: Path, ckpt: Path, tiny_model: MPSCLIP, tmp_path: 
     with pytest.raises(MPSCLIPError, match="another checkpoint"):
         settings = dataclasses.replace(SMALL, runtime="onnxruntime", engine=fake)
         embed_archive(jpegs, tmp_path / "b", ckpt, settings=settings, progress=False)
-    with pytest.raises(MPSCLIPError, match="only used with --runtime"):
+    with pytest.raises(MPSCLIPError, match="only used with --engine"):
         embed_archive(jpegs, tmp_path / "c", ckpt, settings=dataclasses.replace(SMALL, engine=fake), progress=False)
 
 

@@ -114,8 +114,8 @@ def _driver_settings(actors: _Actors) -> EmbedSettings:
         return replace(settings, device="cpu", decode=decode)
     if not torch.cuda.is_available():
         raise MPSCLIPError(
-            "--ray --runtime tensorrt: the driver needs a GPU too (to check the engine); "
-            "run it on a GPU node, or use --runtime onnxruntime or torch"
+            "--ray --engine tensorrt: the driver needs a GPU too (to check the engine); "
+            "run it on a GPU node, or use --engine onnxruntime or torch"
         )
     return replace(settings, decode=decode)
 

@@ -8,7 +8,7 @@
   gives the files, precision and batch range, and is refused if ``checkpoint_sha256`` names another checkpoint.
 
 ``engine_availability(kind, device)`` says why a kind cannot run here (None if it can), without loading
-anything; ``runtime_engine(...)`` is the choice ``mpsclip embed --runtime`` makes; ``embedding_precision``
+anything; ``runtime_engine(...)`` is the choice ``mpsclip embed --engine`` makes; ``embedding_precision``
 (:mod:`mpsclip.engines.precision`) the one precision of a path.
 """
 
@@ -109,17 +109,17 @@ def runtime_engine(
     export_dir: Path | None,
     checkpoint_sha256: str,
 ) -> Engine:
-    """The image engine of ``mpsclip embed --runtime`` (``--engine`` gives ``export_dir``).
+    """The image engine of ``mpsclip embed --engine`` (``--engine-dir`` gives ``export_dir``).
 
     ``torch`` is the optimized engine in fp16 on a GPU and the eager model in fp32 on the CPU; the others
     load the export folder, which must come from the same checkpoint."""
     if runtime not in RUNTIMES:
-        raise MPSCLIPError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch":
         if export_dir is not None:
-            raise MPSCLIPError("--engine is only used with --runtime onnxruntime or tensorrt; drop it")
+            raise MPSCLIPError("--engine-dir is only used with --engine onnxruntime or tensorrt; drop it")
         kind = "optimized" if device.type == "cuda" else "torch"
         return load_engine(kind, model, device, precision=DEFAULT_PRECISION[kind])
     if export_dir is None:
-        raise MPSCLIPError(f"--runtime {runtime} needs --engine DIR, a folder written by mpsclip export")
+        raise MPSCLIPError(f"--engine {runtime} needs --engine-dir DIR, a folder written by mpsclip export")
     return load_engine(runtime, export_dir, device, checkpoint_sha256=checkpoint_sha256)
