@@ -8,7 +8,7 @@ torch-only interpreter before loading them itself) and each timing runs in a fre
 such as the SIGSEGV in ``aoti_load_package`` seen with torch 2.11.0+cu130, is recorded with its signal and
 stderr tail instead of ending the run. Writes ``<out>/<device>-export.json`` and ``<out>/<device>-export.md``.
 Timings: median of ``--repeats`` calls after ``--warmup`` calls, CUDA events on a GPU, wall clock on a CPU;
-AOTInductor gets device-resident inputs, ONNX Runtime host arrays in and out (as ``OrtEncoder`` serves them).
+AOTInductor gets device-resident inputs, ONNX Runtime host tensors in and out (the CPU ``onnxruntime`` engine).
 """
 
 from __future__ import annotations
@@ -146,12 +146,13 @@ def time_tower(folder: Path, tower: str, device: str, batches: list[int], warmup
             tensor = torch.from_numpy(x).to(device)
             return lambda: runner(tensor)
     else:
-        from mpsclip.export import OrtEncoder
+        from mpsclip.engines import load_engine
 
-        encoder = OrtEncoder(path)
+        encoder = getattr(load_engine("onnxruntime", folder, "cpu"), f"encode_{tower}")
 
         def call_at(x: np.ndarray) -> Callable[[], object]:
-            return lambda: encoder(x)
+            tensor = torch.from_numpy(x)
+            return lambda: encoder(tensor)
 
     rows = []
     for batch in batches:

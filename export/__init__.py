@@ -2,8 +2,10 @@
 
 ``export(checkpoint, fmt, out)`` writes everything into a temporary folder beside ``out``, verifies parity
 with PyTorch, writes ``manifest.json`` and only then renames the folder to ``out``: a failure leaves nothing.
-AOTInductor packages are verified twice: first in a fresh interpreter that has torch but cannot import
-mpsclip or open_clip (so that a crash while loading is reported, not suffered), then in this process.
+Verification loads the staged folder through :func:`mpsclip.engines.load_engine`, as embedding and serving
+do, and compares each tower with the fp32 eager engine. AOTInductor packages are first run in a fresh
+interpreter that has torch but cannot import mpsclip or open_clip (so that a crash while loading is reported,
+not suffered), then loaded in this process.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ from pathlib import Path
 from mpsclip.export import aoti, tensorrt, triton_repo
 from mpsclip.export.manifest import build_manifest, write_manifest
 from mpsclip.export.onnx import DTYPES, write_onnx
-from mpsclip.export.ort import OrtEncoder
 from mpsclip.export.towers import TOWERS
-from mpsclip.export.verify import Encoder, not_run, seeded_inputs, verification_batches, verify_outputs, verify_tower
+from mpsclip.export.verify import not_run, seeded_inputs, verification_batches, verify_engine, verify_outputs
 
+from mpsclip.engines import engine_availability, load_engine
 from mpsclip.errors import MPSCLIPError
 from mpsclip.factory import load_model
 from mpsclip.model import MPSCLIP
 
-__all__ = ["FORMATS", "OrtEncoder", "export"]
+__all__ = ["FORMATS", "export"]
 
 FORMATS = ("onnx", "tensorrt", "aoti", "triton-repo")
 
@@ -63,10 +65,8 @@ def export(
         files = {t: _write_tower(model, t, stage, fmt, precision, batches, backend, device) for t in towers}
         if fmt == "triton-repo":
             triton_repo.write_docs(stage, model, backend)
-        verification = {
-            t: _verify(model, t, stage / files[t], precision, batches) if verify else not_run("--no-verify")
-            for t in towers
-        }
+            if "text" in towers:
+                triton_repo.write_text_ensemble(stage, model, max_batch=max_batch)
         manifest = build_manifest(
             checkpoint=checkpoint,
             model=model,
@@ -74,10 +74,13 @@ def export(
             precision=precision,
             files=files,
             batch={"min": min_batch, "opt": opt_batch, "max": max_batch},
-            verification=verification,
+            verification={t: not_run("--no-verify" if not verify else "pending") for t in towers},
             device=device,
         )
         write_manifest(stage, manifest)
+        if verify:
+            manifest["verification"] = _verify(model, stage, fmt, backend, device, precision, batches)
+            write_manifest(stage, manifest)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(stage, out)
@@ -153,18 +156,32 @@ def _build_plan(model: MPSCLIP, tower: str, plan: Path, precision: str, batches:
 
 
 def _verify(
-    model: MPSCLIP, tower: str, artefact: Path, precision: str, batches: tuple[int, int, int]
-) -> dict[str, object]:
+    model: MPSCLIP,
+    stage: Path,
+    fmt: str,
+    backend: str,
+    device: str | None,
+    precision: str,
+    batches: tuple[int, int, int],
+) -> dict[str, dict[str, object]]:
+    """Figures per tower of the staged folder, loaded as the engine that will run it."""
+    kind = {"onnx": "onnxruntime", "triton-repo": backend}.get(fmt, fmt)
+    device = device or ("cuda" if kind == "tensorrt" or engine_availability(kind, "cuda") is None else "cpu")
     sizes = verification_batches(batches[0], batches[2])
-    if artefact.suffix != ".pt2":
-        return verify_tower(model, tower, _encoder(artefact), precision, sizes)
-    inputs = seeded_inputs(model, tower, sizes)
-    fresh = verify_outputs(model, tower, inputs, aoti.run_in_fresh_process(artefact, inputs), precision)
-    figures = verify_tower(model, tower, aoti.AotiEncoder(artefact), precision, sizes)
-    return {**figures, "fresh_process": {"max_abs": fresh["max_abs"], "min_cosine": fresh["min_cosine"]}}
+    fresh = _fresh_process_figures(model, stage, precision, sizes) if kind == "aoti" else {}
+    engine = load_engine(kind, stage, device)
+    figures = {t: verify_engine(model, t, engine, precision, sizes) for t in sorted(engine.towers)}
+    return {t: {**f, **({"fresh_process": fresh[t]} if t in fresh else {})} for t, f in figures.items()}
 
 
-def _encoder(artefact: Path) -> Encoder:
-    if artefact.suffix == ".plan":
-        return tensorrt.TrtEncoder(artefact)
-    return OrtEncoder(artefact)
+def _fresh_process_figures(
+    model: MPSCLIP, stage: Path, precision: str, sizes: tuple[int, ...]
+) -> dict[str, dict[str, object]]:
+    """Each ``.pt2`` package run in a new interpreter with torch only (a crash is reported, not suffered)."""
+    figures = {}
+    for package in sorted(stage.glob("*_encoder.pt2")):
+        tower = package.name.removesuffix("_encoder.pt2")
+        inputs = seeded_inputs(model, tower, sizes)
+        done = verify_outputs(model, tower, inputs, aoti.run_in_fresh_process(package, inputs), precision)
+        figures[tower] = {"max_abs": done["max_abs"], "min_cosine": done["min_cosine"]}
+    return figures

@@ -3,6 +3,7 @@
 A package holds compiled code for one device kind (a CPU package also for the compiling machine's instruction
 set). ``run_in_fresh_process`` loads it in a new interpreter that cannot import mpsclip or open_clip, so that
 a crash while loading (seen with CUDA packages of torch 2.11.0+cu130) is reported instead of killing the caller.
+Running a package in-process is :mod:`mpsclip.engines.aoti`.
 """
 
 from __future__ import annotations
@@ -49,19 +50,6 @@ def compile_tower(
     with torch.no_grad(), mha_fast_path_disabled():
         program = torch.export.export(module, (inputs,), dynamic_shapes=({0: batch},))
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-
-
-class AotiEncoder:
-    """``encoder(batch) -> embeddings`` for one ``.pt2`` package, on the device it was compiled for."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.runner = torch._inductor.aoti_load_package(str(path))
-        self.device = self.runner.get_metadata().get("AOTI_DEVICE_KEY", "cpu")
-        require_device(self.device)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.runner(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
 
 
 def run_in_fresh_process(

@@ -1,11 +1,12 @@
-"""TensorRT engines built from the float32 ONNX towers (TensorRT 10 Python API); needs an NVIDIA GPU."""
+"""Building TensorRT engines from the float32 ONNX towers (TensorRT 10 Python API); needs an NVIDIA GPU.
+
+Running them is :mod:`mpsclip.engines.tensorrt`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import torch
 
 from mpsclip.errors import MPSCLIPError
@@ -61,28 +62,3 @@ def build_engine(
     plan_path.write_bytes(bytes(serialized))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
-
-class TrtEncoder:
-    """``encoder(batch) -> embeddings`` for one ``.plan`` engine; buffers are CUDA tensors from PyTorch."""
-
-    def __init__(self, path: str | Path) -> None:
-        trt = require_tensorrt()
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(path).read_bytes())
-        if self.engine is None:
-            raise MPSCLIPError(f"{path}: not a TensorRT engine for this TensorRT version and GPU; rebuild it here")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        inputs = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
-        self.context.set_input_shape(self.input_name, tuple(inputs.shape))
-        output = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda")
-        self.context.set_tensor_address(self.input_name, inputs.data_ptr())
-        self.context.set_tensor_address(self.output_name, output.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise MPSCLIPError("TensorRT failed to run the engine (see its log above)")
-        stream.synchronize()
-        return output.cpu().numpy()

@@ -1,19 +1,22 @@
-"""Parity of an exported tower against the PyTorch model on fixed, seeded inputs."""
+"""Parity of an exported tower against the eager PyTorch engine on fixed, seeded inputs.
+
+The artefact is loaded through :func:`mpsclip.engines.load_engine`, as embedding and serving load it, and
+compared with the fp32 eager engine (``torch``) on the CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from mpsclip.export.onnx import mha_fast_path_disabled
-from mpsclip.export.towers import build_tower, example_input
+from mpsclip.export.towers import example_input
 
+from mpsclip.engines import Engine, load_engine
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
-Encoder = Callable[[np.ndarray], np.ndarray]
 BATCHES = (1, 3)  # two sizes, so that a batch dimension baked in as a constant shows up
 SEED = 1234
 
@@ -52,17 +55,27 @@ def seeded_inputs(model: MPSCLIP, tower: str, batches: Sequence[int] = BATCHES) 
     return [example_input(model, tower, batch, seed=SEED + batch).numpy() for batch in batches]
 
 
+def reference_outputs(model: MPSCLIP, tower: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """What the fp32 eager engine gives on the CPU (MultiheadAttention's fused fast path off, as exported)."""
+    eager = load_engine("torch", model, "cpu")
+    with mha_fast_path_disabled():
+        return [getattr(eager, f"encode_{tower}")(torch.from_numpy(x)).numpy() for x in inputs]
+
+
+def engine_outputs(engine: Engine, tower: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``engine``'s embeddings of ``inputs``, fed as tensors on its device."""
+    encode = getattr(engine, f"encode_{tower}")
+    return [encode(torch.from_numpy(x).to(engine.device)).cpu().numpy() for x in inputs]
+
+
 def verify_outputs(
     model: MPSCLIP, tower: str, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], precision: str
 ) -> dict[str, object]:
-    """Compare ``outputs`` (the artefact's, one per input) with the float32 PyTorch tower; raise if too far.
+    """Compare ``outputs`` (the artefact's, one per input) with the fp32 eager engine; raise if too far.
 
     Returns the figures for the manifest: ``max_abs``, ``min_cosine``, the batches and the tolerance."""
-    module = build_tower(model, tower)
     max_abs, min_cosine = 0.0, 1.0
-    for batch, output in zip(inputs, outputs, strict=True):
-        with torch.no_grad(), mha_fast_path_disabled():
-            reference = module(torch.from_numpy(batch)).numpy()
+    for reference, output in zip(reference_outputs(model, tower, inputs), outputs, strict=True):
         err, cos = compare(reference, np.asarray(output))
         max_abs, min_cosine = max(max_abs, err), min(min_cosine, cos)
     tolerance = TOLERANCES[precision]
@@ -83,12 +96,12 @@ def verify_outputs(
     return figures
 
 
-def verify_tower(
-    model: MPSCLIP, tower: str, encoder: Encoder, precision: str, batches: Sequence[int] = BATCHES
+def verify_engine(
+    model: MPSCLIP, tower: str, engine: Engine, precision: str, batches: Sequence[int] = BATCHES
 ) -> dict[str, object]:
-    """Run ``encoder`` and the float32 PyTorch tower on seeded inputs; raise if outside the tolerance."""
+    """Run ``engine`` and the fp32 eager engine on seeded inputs; raise if outside the tolerance."""
     inputs = seeded_inputs(model, tower, batches)
-    return verify_outputs(model, tower, inputs, [encoder(batch) for batch in inputs], precision)
+    return verify_outputs(model, tower, inputs, engine_outputs(engine, tower, inputs), precision)
 
 
 def not_run(reason: str) -> dict[str, object]:

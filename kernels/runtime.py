@@ -1,4 +1,7 @@
-"""Inference runtime for an open_clip CLIP with G²A adapters: fused adapters, SDPA attention, CUDA graphs.
+"""The fast inference runtime for an open_clip CLIP with G²A adapters: fused adapters, SDPA attention, CUDA graphs.
+
+This is what ``model.optimize()`` returns; :mod:`mpsclip.engines` serves it as the ``optimized`` engine
+(choosing an engine is the engines package's job, not this module's).
 
 ``optimize(model)`` returns an :class:`OptimizedCLIP` holding an eval-mode copy of the model in fp16 or bf16
 whose backbone attention calls ``F.scaled_dot_product_attention`` on the original weights and whose

@@ -7,12 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from mpsclip.export import OrtEncoder, aoti, export, verify
+from mpsclip.export import aoti, export, verify
 from mpsclip.export.__main__ import main
 from mpsclip.export.onnx import mha_fast_path_disabled, transpose_after_matmul
 from mpsclip.export.towers import build_tower, example_input
 from onnx import helper, numpy_helper
 
+from mpsclip.engines import load_engine
 from mpsclip.errors import MPSCLIPError
 from tests.conftest import TINY
 from tests.test_checkpoints import authors_state
@@ -32,12 +33,13 @@ def test_onnx_fp32_parity_with_dynamic_batch(tiny_model, checkpoint, tmp_path):
     out = export(checkpoint, "onnx", tmp_path / "onnx")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arch"] == TINY and manifest["checkpoint"]["sha256"] and manifest["tokenizer"]["name"] == TINY
+    engine = load_engine("onnxruntime", out, "cpu", checkpoint_sha256=manifest["checkpoint"]["sha256"])
     for tower in ("image", "text"):
         assert manifest["verification"][tower]["status"] == "verified"
-        encoder = OrtEncoder(out / manifest["towers"][tower]["file"])
+        encode = getattr(engine, f"encode_{tower}")
         for batch in (1, 3):
             inputs = example_input(tiny_model, tower, batch, seed=7)
-            max_abs, min_cos = verify.compare(_reference(tiny_model, tower, inputs), encoder(inputs.numpy()))
+            max_abs, min_cos = verify.compare(_reference(tiny_model, tower, inputs), encode(inputs).numpy())
             assert max_abs <= 1e-4 and min_cos >= 0.99999, (tower, batch, max_abs, min_cos)
 
 
@@ -67,12 +69,15 @@ def test_triton_repo_configs_parse(checkpoint, tmp_path):
 def test_fp16_onnx_verified_on_onnxruntime_cpu(tiny_model, checkpoint, tmp_path):
     out = export(checkpoint, "onnx", tmp_path / "fp16", precision="fp16")
     manifest = json.loads((out / "manifest.json").read_text())
+    engine = load_engine("onnxruntime", out, "cpu", precision="fp16")
+    assert engine.precision == "fp16" and engine.dtype == torch.float16
     for tower in ("image", "text"):
         assert manifest["verification"][tower]["status"] == "verified"
         assert manifest["verification"][tower]["min_cosine"] >= 0.999
-        encoder = OrtEncoder(out / manifest["towers"][tower]["file"], providers=["CPUExecutionProvider"])
         inputs = example_input(tiny_model, tower, 2, seed=5)
-        assert verify.compare(_reference(tiny_model, tower, inputs), encoder(inputs.numpy()))[1] >= 0.999
+        output = getattr(engine, f"encode_{tower}")(inputs)
+        assert output.dtype == torch.float32
+        assert verify.compare(_reference(tiny_model, tower, inputs), output.numpy())[1] >= 0.999
 
 
 def _transpose_matmul_graph(dtype: type) -> onnx.ModelProto:
@@ -136,6 +141,13 @@ def test_aoti_cpu_package_verified_and_loads_with_torch_only(tiny_model, checkpo
         assert max_abs <= 1e-4 and min_cos >= 0.99999
     with pytest.raises(MPSCLIPError, match="fresh process"):
         aoti.run_in_fresh_process(tmp_path / "missing.pt2", inputs)
+    engine = load_engine("aoti", tmp_path / "aoti", "cpu", checkpoint_sha256=manifest["checkpoint"]["sha256"])
+    assert engine.kind == "aoti" and engine.batch_sizes == (1, 4) and engine.towers == {"image"}
+    embedded = engine.encode_image(torch.from_numpy(inputs[1]))
+    assert embedded.device.type == "cpu" and embedded.dtype == torch.float32
+    assert verify.compare(_reference(tiny_model, "image", torch.from_numpy(inputs[1])), embedded.numpy())[0] <= 1e-4
+    with pytest.raises(MPSCLIPError, match="outside the exported range"):
+        engine.encode_image(torch.zeros(5, 3, 224, 224))
 
 
 def test_describe_exit_names_the_signal():
