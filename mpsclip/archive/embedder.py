@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from mpsclip.data.datasets import Sample
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
 from mpsclip.engines import embedding_precision, runtime_engine
 from mpsclip.errors import MPSCLIPError
+from mpsclip.family import RetrievalModel
 
 PERSPECTIVES = ("none", "zero-shot", "from-dir")
 DECODERS = ("auto", "cpu", "device")
@@ -213,7 +213,7 @@ def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -
 class Embedder:
     """A model on its device plus the reading settings; :meth:`embed` makes one shard's rows."""
 
-    def __init__(self, model: Any, settings: EmbedSettings, checkpoint_sha256: str) -> None:
+    def __init__(self, model: RetrievalModel, settings: EmbedSettings, checkpoint_sha256: str) -> None:
         settings.check()
         self.settings = settings
         self.checkpoint_sha256 = checkpoint_sha256
