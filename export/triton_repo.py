@@ -142,3 +142,125 @@ def write_config(folder: Path, model: MPSCLIP, tower: str, backend: str, *, opt_
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+TOKENIZER = "tokenizer"
+TEXT_ENSEMBLE = "text_ensemble"
+
+
+def tokenizer_config_text(model: MPSCLIP, *, max_batch: int) -> str:
+    """``config.pbtxt`` of the Python-backend tokenizer: raw strings ``TEXT`` → token ids."""
+    return f"""name: "{TOKENIZER}"
+backend: "python"
+max_batch_size: {max_batch}
+input [
+  {{
+    name: "TEXT"
+    data_type: TYPE_STRING
+    dims: [ 1 ]
+  }}
+]
+output [
+  {{
+    name: "{INPUT_NAMES["text"]}"
+    data_type: TYPE_INT64
+    dims: [ {input_shape(model, "text")[1]} ]
+  }}
+]
+parameters {{
+  key: "arch"
+  value: {{ string_value: "{model.config.arch}" }}
+}}
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+"""
+
+
+def ensemble_config_text(model: MPSCLIP, *, max_batch: int) -> str:
+    """``config.pbtxt`` of the ensemble: raw strings → ``tokenizer`` → ``text_encoder`` → embedding."""
+    tokens = INPUT_NAMES["text"]
+    return f"""name: "{TEXT_ENSEMBLE}"
+platform: "ensemble"
+max_batch_size: {max_batch}
+input [
+  {{
+    name: "TEXT"
+    data_type: TYPE_STRING
+    dims: [ 1 ]
+  }}
+]
+output [
+  {{
+    name: "{OUTPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {model.embed_dim} ]
+  }}
+]
+ensemble_scheduling {{
+  step [
+    {{
+      model_name: "{TOKENIZER}"
+      model_version: -1
+      input_map {{ key: "TEXT" value: "TEXT" }}
+      output_map {{ key: "{tokens}" value: "ensemble_tokens" }}
+    }},
+    {{
+      model_name: "{model_name("text")}"
+      model_version: -1
+      input_map {{ key: "{tokens}" value: "ensemble_tokens" }}
+      output_map {{ key: "{OUTPUT_NAME}" value: "{OUTPUT_NAME}" }}
+    }}
+  ]
+}}
+"""
+
+
+TOKENIZER_MODEL_PY = '''"""Triton Python backend: strings (TEXT, BYTES [B, 1]) -> open_clip token ids (INT64 [B, L])."""
+
+import json
+
+import numpy as np
+import open_clip
+import triton_python_backend_utils as pb_utils
+
+import mpsclip.backbone  # noqa: F401  (registers mpsclip's architectures with open_clip)
+
+OUTPUT = "%s"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.tokenizer = open_clip.get_tokenizer(config["parameters"]["arch"]["string_value"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
+            tokens = self.tokenizer(texts).numpy().astype(np.int64)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, tokens)]))
+        return responses
+'''
+
+
+def write_text_ensemble(folder: Path, model: MPSCLIP, *, max_batch: int) -> list[Path]:
+    """Add the Python-backend ``tokenizer`` and the ``text_ensemble`` (strings → embedding) to a repository."""
+    written = []
+    for name, text in (
+        (TOKENIZER, tokenizer_config_text(model, max_batch=max_batch)),
+        (TEXT_ENSEMBLE, ensemble_config_text(model, max_batch=max_batch)),
+    ):
+        try:
+            parse_config(text)
+        except ImportError:
+            pass  # validation is optional: tritonclient[grpc] is not a dependency
+        (folder / name / "1").mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.pbtxt").write_text(text)
+        written.append(folder / name / "config.pbtxt")
+    (folder / TOKENIZER / "1" / "model.py").write_text(TOKENIZER_MODEL_PY % INPUT_NAMES["text"])
+    return written
