@@ -161,3 +161,32 @@ def test_embedder_applies_the_decided_precision(tiny_model, monkeypatch):
 
 def test_exported_kinds_are_listed():
     assert set(EXPORTED) <= set(ENGINES)
+
+
+def test_gpu_check_cpu_smoke(tmp_path, capsys):
+    """``python -m mpsclip.bench.gpu --device cpu``: a subset runs, CUDA-only checks SKIP with a reason."""
+    from mpsclip.bench import gpu
+
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--checks", "embed,search,maxsim,aoti-cuda",
+            "--engines", "torch,tensorrt", "--sources", "jpeg,wds", "--images", "4", "--batch", "4"]  # fmt: skip
+    assert gpu.main(argv) == 0
+    report = json.loads((tmp_path / "gpu-checks.json").read_text())
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert status["setup"] == status["embed/torch/device/wds"] == status["search/fused"] == status["maxsim"] == "PASS"
+    assert status["embed/tensorrt/cpu/jpeg"] == status["aoti-cuda"] == "SKIP"
+    assert report["checks"][1]["details"]["global_min_cosine"] == 1.0
+    out = capsys.readouterr().out
+    assert "PASS maxsim" in out and "SKIP aoti-cuda" in out and '"counts"' in out
+
+
+def test_gpu_check_isolates_a_failing_check(tmp_path, monkeypatch, capsys):
+    from mpsclip.bench import gpu
+
+    def broken(fx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu, "check_maxsim", broken)
+    rc = gpu.main(["--out", str(tmp_path), "--device", "cpu", "--checks", "maxsim,optimize", "--images", "2"])
+    status = {c["name"]: c["status"] for c in json.loads((tmp_path / "gpu-checks.json").read_text())["checks"]}
+    assert rc == 1 and status == {"setup": "PASS", "maxsim": "FAIL", "optimize": "PASS"}
+    assert "FAIL maxsim" in capsys.readouterr().out
