@@ -28,6 +28,7 @@ COMMANDS = (
     "mpsclip.commands.index",
     "mpsclip.commands.search",
     "mpsclip.commands.export",
+    "mpsclip.commands.bench",
 )
 """The verbs, in the order ``mpsclip --help`` lists them: add one line per new command module."""
 
