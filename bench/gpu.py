@@ -133,12 +133,15 @@ class Fixture:
     def reference(self, source: str, perspectives: str = "none") -> Path:
         return self.store(f"cpu-{perspectives}", source, "cpu", decode="cpu", perspectives=perspectives)
 
-    def onnx_dir(self) -> Path:
-        if "onnx" not in self._cache:
+    def export_dir(self, fmt: str) -> Path:
+        """An image-tower export of the checkpoint in ``fmt`` (onnx or tensorrt), made once."""
+        if fmt not in self._cache:
             from mpsclip.export import export
 
-            self._cache["onnx"] = export(self.checkpoint, "onnx", self.work / "onnx", towers=("image",))
-        return self._cache["onnx"]
+            folder = self.work / f"export-{fmt}"
+            self._cache[fmt] = export(self.checkpoint, fmt, folder, towers=("image",), opt_batch=self.batch,
+                                      max_batch=max(64, self.batch))  # fmt: skip
+        return self._cache[fmt]
 
 
 def compare_stores(reference: Path, other: Path, columns: tuple[str, ...]) -> dict[str, Any]:
@@ -180,9 +183,8 @@ def check_embed(fx: Fixture, engine: str, decoder: str, source: str) -> dict[str
     reason = engine_availability(kind, fx.device)
     if reason is not None:
         raise Skip(reason)
-    engine_dir = fx.onnx_dir() if engine != "torch" else None
-    if engine == "tensorrt":
-        raise Skip("needs a TensorRT export: run mpsclip export --format tensorrt on this machine first")
+    engine_dir = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}.get(engine)
+    engine_dir = fx.export_dir(engine_dir) if engine_dir else None
     store = fx.store(f"{fx.device.type}-{engine}-{decoder}", source, str(fx.device), runtime=engine,
                      engine=engine_dir, decode=decoder)  # fmt: skip
     return compare_stores(fx.reference(source), store, ("retrieval", "global"))
@@ -368,15 +370,23 @@ def main(argv: list[str] | None = None) -> int:
             fx = Fixture(work, device, work / "model.safetensors", {}, args.batch, tuple(args.engines.split(",")))
             fx.checkpoint = Path(setup["details"]["checkpoint"])
             fx.sources = {name: Path(setup["details"]["sources"][name]) for name in args.sources.split(",")}
-            results += [run_check(name, check) for name, check in plan(fx, selected)]
-    counts = {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
-    report = {"environment": env, "counts": counts, "checks": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "gpu-checks.json"
-    path.with_suffix(".tmp").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    path.with_suffix(".tmp").replace(path)
+            for name, check in plan(fx, selected):
+                results.append(run_check(name, check))
+                write_report(args.out, env, results)  # after each check: a killed run keeps its lines
+    counts = write_report(args.out, env, results)
     print(json.dumps({"counts": counts, "checks": {r["name"]: r["status"] for r in results}}, indent=1))
     return 1 if counts["FAIL"] else 0
+
+
+def write_report(out: Path, env: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, int]:
+    """Write ``<out>/gpu-checks.json`` atomically; returns the PASS/FAIL/SKIP counts."""
+    counts = {s: sum(r["status"] == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu-checks.json"
+    path.with_suffix(".tmp").write_text(json.dumps({"environment": env, "counts": counts, "checks": results},
+                                                   indent=2, default=str) + "\n")  # fmt: skip
+    path.with_suffix(".tmp").replace(path)
+    return counts
 
 
 def _setup(work: Path, args: argparse.Namespace) -> dict[str, Any]:
