@@ -1,0 +1,352 @@
+// mpsclip search page: vanilla JS, no build step, no network beyond this server.
+// Every piece of data from the server is inserted with textContent or as an attribute, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const state = { stores: [], hits: [], selected: null, bbox: null, last: null };
+
+function el(tag, attrs = {}, text = null) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+  return node;
+}
+
+function message(text, isError = false) {
+  $("message").textContent = text;
+  $("message").className = isError ? "error" : "";
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail || body);
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return body;
+}
+
+function currentStore() {
+  return state.stores.find((s) => s.name === $("store").value) || null;
+}
+
+// ---- URL state -------------------------------------------------------------------------------------------------
+
+function readUrl() {
+  const params = new URLSearchParams(location.search);
+  if (params.has("q")) $("query").value = params.get("q");
+  if (params.has("mode")) $("mode").value = params.get("mode");
+  if (params.has("k")) $("k").value = params.get("k");
+  const bbox = (params.get("bbox") || "").split(",").map(Number);
+  state.bbox = bbox.length === 4 && bbox.every(Number.isFinite) ? bbox : null;
+  return params.get("store");
+}
+
+function writeUrl() {
+  const params = new URLSearchParams();
+  const q = $("query").value.trim();
+  if (q) params.set("q", q);
+  params.set("mode", $("mode").value);
+  params.set("k", $("k").value);
+  if ($("store").value) params.set("store", $("store").value);
+  if (state.bbox) params.set("bbox", state.bbox.map((v) => v.toFixed(5)).join(","));
+  history.replaceState(null, "", `${location.pathname}?${params}`);
+}
+
+// ---- search ----------------------------------------------------------------------------------------------------
+
+function common() {
+  const body = { k: Number($("k").value) || 10, mode: $("mode").value };
+  if ($("store").value) body.store = $("store").value;
+  if (state.bbox) body.bbox = state.bbox;
+  return body;
+}
+
+async function run(label, request) {
+  message(`Searching ${label}…`);
+  try {
+    const result = await request();
+    state.hits = result.hits;
+    renderResults(result, label);
+  } catch (err) {
+    state.hits = [];
+    renderResults(null, label);
+    message(`Search failed: ${err.message}`, true);
+  }
+}
+
+function searchText() {
+  const text = $("query").value.trim();
+  writeUrl();
+  if (!text) return message("Type a query, drop an image, or pick a result for “more like this”.");
+  state.last = () => searchText();
+  const body = { ...common(), text };
+  return run(`for “${text}”`, () => api("/search", jsonPost(body)));
+}
+
+function searchItem(id) {
+  state.last = () => searchItem(id);
+  writeUrl();
+  return run(`like ${id}`, () => api("/search", jsonPost({ ...common(), item_id: id })));
+}
+
+function searchFile(file) {
+  if (!file.type.startsWith("image/")) return message(`${file.name} is not an image`, true);
+  state.last = () => searchFile(file);
+  writeUrl();
+  const form = new FormData();
+  form.append("file", file);
+  const body = common();
+  form.append("k", String(body.k));
+  form.append("mode", body.mode);
+  if (body.store) form.append("store", body.store);
+  if (body.bbox) form.append("bbox", body.bbox.join(","));
+  return run(`by image ${file.name}`, () => api("/search/upload", { method: "POST", body: form }));
+}
+
+function jsonPost(body) {
+  return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+}
+
+// ---- rendering -------------------------------------------------------------------------------------------------
+
+function renderResults(result, label) {
+  const grid = $("results");
+  grid.replaceChildren();
+  state.selected = null;
+  $("details").hidden = true;
+  if (result) {
+    const ms = result.took_ms ? ` in ${Math.round(result.took_ms.total)} ms` : "";
+    message(result.hits.length ? `${result.hits.length} results ${label}${ms}` : `No results ${label}.`);
+  }
+  state.hits.forEach((hit, index) => {
+    const card = el("figure", { class: "hit", tabindex: "0", "data-id": hit.id });
+    const img = el("img", { src: hit.thumbnail_url, alt: hit.id, loading: "lazy" });
+    const caption = el("figcaption");
+    caption.append(
+      el("div", { class: "score" }, `#${hit.rank} · ${hit.score.toFixed(4)}`),
+      el("div", { class: "id" }, hit.id),
+      el("div", { class: "keywords" }, (hit.keywords || []).join(", ")),
+    );
+    card.append(img, caption);
+    card.addEventListener("click", () => select(index));
+    card.addEventListener("keydown", (event) => event.key === "Enter" && select(index));
+    grid.append(card);
+  });
+  renderOverview();
+}
+
+async function select(index) {
+  const hit = state.hits[index];
+  state.selected = index;
+  document.querySelectorAll(".hit").forEach((card, i) => card.classList.toggle("selected", i === index));
+  renderOverview();
+  $("details").hidden = false;
+  $("details-id").textContent = hit.id;
+  $("details-thumb").src = hit.thumbnail_url;
+  $("details-thumb").alt = hit.id;
+  const meta = $("details-meta");
+  meta.replaceChildren();
+  try {
+    const item = await api(`/items/${encodeURIComponent(hit.store)}/${encodeURIComponent(hit.id)}`);
+    const rows = { store: item.store, score: hit.score.toFixed(4), keywords: (item.keywords || []).join(", ") };
+    if (hit.scene) rows.scene = hit.scene;
+    for (const [key, value] of Object.entries({ ...rows, ...(item.meta || {}) })) {
+      meta.append(el("dt", {}, key), el("dd", {}, typeof value === "string" ? value : JSON.stringify(value)));
+    }
+  } catch (err) {
+    meta.append(el("dt", {}, "error"), el("dd", {}, err.message));
+  }
+}
+
+// ---- scene overview: footprints and bbox drawing ---------------------------------------------------------------
+
+function project(bounds, width, height, lon, lat) {
+  const [w, s, e, n] = bounds;
+  return [((lon - w) / (e - w)) * width, ((n - lat) / (n - s)) * height];
+}
+
+function unproject(bounds, width, height, x, y) {
+  const [w, s, e, n] = bounds;
+  return [w + (x / width) * (e - w), n - (y / height) * (n - s)];
+}
+
+function renderOverview() {
+  const store = currentStore();
+  const scenes = store && store.georeferenced ? store.scenes || [] : [];
+  $("overview").hidden = scenes.length === 0;
+  const holder = $("scenes");
+  holder.replaceChildren();
+  for (const scene of scenes) holder.append(sceneView(scene));
+  $("bbox-bar").hidden = !state.bbox;
+  $("bbox-text").textContent = state.bbox ? state.bbox.map((v) => v.toFixed(4)).join(", ") : "";
+}
+
+function sceneView(scene) {
+  const box = el("div", { class: "scene", "data-scene": String(scene.index) });
+  const img = el("img", { src: scene.quicklook_url, alt: `quicklook of ${scene.name}` });
+  const size = 1000; // SVG user units: the viewBox stretches to the image, so lon/lat map onto [0, size]
+  const svg = svgEl("svg", { viewBox: `0 0 ${size} ${size}`, preserveAspectRatio: "none" });
+  const toXY = (lon, lat) => project(scene.bounds, size, size, lon, lat);
+  state.hits.forEach((hit, index) => {
+    if (!hit.footprint || (hit.scene !== null && hit.scene !== undefined && hit.scene !== scene.name)) return;
+    const points = hit.footprint.coordinates[0].map(([lon, lat]) => toXY(lon, lat).join(",")).join(" ");
+    const cls = index === state.selected ? "footprint selected" : "footprint";
+    const polygon = svgEl("polygon", { points, class: cls, "data-id": hit.id });
+    const title = svgEl("title", {});
+    title.textContent = `#${hit.rank} ${hit.id}`;
+    polygon.append(title);
+    svg.append(polygon);
+  });
+  if (state.bbox) svg.append(bboxRect(svg, toXY));
+  dragBox(svg, scene, size);
+  box.append(img, svg, el("div", { class: "name" }, scene.name));
+  return box;
+}
+
+function bboxRect(svg, toXY) {
+  const [w, s, e, n] = state.bbox;
+  const [x0, y0] = toXY(w, n);
+  const [x1, y1] = toXY(e, s);
+  return svgEl("rect", { class: "bbox", x: x0, y: y0, width: Math.max(0, x1 - x0), height: Math.max(0, y1 - y0) });
+}
+
+function dragBox(svg, scene, size) {
+  let start = null;
+  let rect = null;
+  const local = (event) => {
+    const r = svg.getBoundingClientRect();
+    const x = Math.min(Math.max(event.clientX - r.left, 0), r.width);
+    const y = Math.min(Math.max(event.clientY - r.top, 0), r.height);
+    return [(x / r.width) * size, (y / r.height) * size];
+  };
+  svg.addEventListener("pointerdown", (event) => {
+    start = local(event);
+    svg.setPointerCapture(event.pointerId);
+    rect = svgEl("rect", { class: "bbox", x: start[0], y: start[1], width: 0, height: 0 });
+    svg.append(rect);
+  });
+  svg.addEventListener("pointermove", (event) => {
+    if (!start) return;
+    const [x, y] = local(event);
+    rect.setAttribute("x", Math.min(x, start[0]));
+    rect.setAttribute("y", Math.min(y, start[1]));
+    rect.setAttribute("width", Math.abs(x - start[0]));
+    rect.setAttribute("height", Math.abs(y - start[1]));
+  });
+  svg.addEventListener("pointerup", (event) => {
+    if (!start) return;
+    const end = local(event);
+    const first = start;
+    start = null;
+    if (Math.abs(end[0] - first[0]) < 4 || Math.abs(end[1] - first[1]) < 4) return renderOverview();
+    const [lonA, latA] = unproject(scene.bounds, size, size, first[0], first[1]);
+    const [lonB, latB] = unproject(scene.bounds, size, size, end[0], end[1]);
+    state.bbox = [Math.min(lonA, lonB), Math.min(latA, latB), Math.max(lonA, lonB), Math.max(latA, latB)];
+    rerun();
+  });
+}
+
+function rerun() {
+  writeUrl();
+  if (state.last) state.last();
+  else renderOverview();
+}
+
+// ---- GeoJSON download (RFC 7946: lon/lat WGS84) ------------------------------------------------------------------
+
+function downloadGeoJSON() {
+  const features = state.hits
+    .filter((hit) => hit.footprint)
+    .map((hit) => ({
+      type: "Feature",
+      id: hit.id,
+      geometry: hit.footprint,
+      properties: { rank: hit.rank, score: hit.score, id: hit.id, store: hit.store, keywords: hit.keywords, scene: hit.scene },
+    }));
+  const blob = new Blob([JSON.stringify({ type: "FeatureCollection", features }, null, 2)], { type: "application/geo+json" });
+  const link = el("a", { href: URL.createObjectURL(blob), download: "mpsclip-hits.geojson" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+// ---- start -----------------------------------------------------------------------------------------------------
+
+async function loadStores(wanted) {
+  const select = $("store");
+  try {
+    state.stores = (await api("/stores")).stores;
+  } catch (err) {
+    message(`Could not list the stores: ${err.message}`, true);
+    return false;
+  }
+  select.replaceChildren(...state.stores.map((s) => el("option", { value: s.name }, `${s.name} (${s.items} items)`)));
+  if (wanted && state.stores.some((s) => s.name === wanted)) select.value = wanted;
+  if (!state.stores.length) {
+    message("No store is being served: start `mpsclip serve STORE`.", true);
+    return false;
+  }
+  return checkEmpty();
+}
+
+function checkEmpty() {
+  const store = currentStore();
+  if (store && store.items === 0) {
+    message(`Store ${store.name} is empty: embed images into it with \`mpsclip embed\` first.`, true);
+    return false;
+  }
+  renderOverview();
+  return true;
+}
+
+function wire() {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    searchText();
+  });
+  $("store").addEventListener("change", () => {
+    state.bbox = null;
+    writeUrl();
+    if (checkEmpty() && state.last) state.last();
+  });
+  $("mode").addEventListener("change", rerun);
+  $("more-like-this").addEventListener("click", () => {
+    if (state.selected !== null) searchItem(state.hits[state.selected].id);
+  });
+  $("bbox-clear").addEventListener("click", () => {
+    state.bbox = null;
+    rerun();
+  });
+  $("geojson").addEventListener("click", downloadGeoJSON);
+  $("file").addEventListener("change", (event) => event.target.files[0] && searchFile(event.target.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) searchFile(file);
+  });
+}
+
+async function main() {
+  wire();
+  const wanted = readUrl();
+  if ((await loadStores(wanted)) && $("query").value.trim()) searchText();
+}
+
+main();
