@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench
 
-.PHONY: test demo lint venv clean
+.PHONY: test demo lint venv clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,14 @@ venv: $(VENV)/.installed
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv
+# The browser test drives Debian's chromium (Playwright's own browser download is unreachable here).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "make test: installing Debian's chromium for the browser test (tests/test_serve_browser.py)"; \
+		apt-get update -qq && apt-get install -y -qq chromium; } || { \
+		echo "make test: cannot install chromium (needs root and apt); install it and rerun" >&2; exit 1; }
+
+test: venv chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
