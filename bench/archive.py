@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mpsclip.archive.job import LocalExecutor, list_items, open_job, run_job
 from PIL import Image
 
-from mpsclip.archive.embed import close_job, list_items, open_job, record_shard
 from mpsclip.archive.embedder import Embedder, EmbedSettings
 from mpsclip.archive.perspectives import ZeroShotSettings
 from mpsclip.checkpoints import file_sha256
-from mpsclip.io import atomic_write_text
+from mpsclip.io import atomic_write
 from mpsclip.model import MPSCLIP
 
 
@@ -80,11 +80,8 @@ def pipeline_rate(embedder: Embedder, source: Path, store: Path, checkpoint: Pat
     embedder.embed(items[: embedder.settings.shard_size])  # warm-up: compile, graph capture, worker start-up
     _synchronize(embedder.device)
     start = time.perf_counter()
-    job = open_job(source, store, checkpoint, embedder, items)
-    for shard in job.pending():
-        rows, failed = embedder.embed(job.shard_items(shard))
-        record_shard(job, shard, rows, failed)
-    summary = close_job(job)
+    job = open_job(source, store, checkpoint, None, embedder.settings, embedder.decode, items)
+    summary = run_job(job, LocalExecutor(checkpoint, None, embedder.settings, embedder), progress=False)
     seconds = time.perf_counter() - start
     return {"items": summary.n_embedded, "seconds": round(seconds, 3), "items_per_s": round(len(items) / seconds, 1)}
 
@@ -104,9 +101,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
     parser.add_argument("--images", type=int, default=131_072, help="JPEG tiles to embed (default: 131072)")
     parser.add_argument("--tile", type=int, default=256, help="tile side in px (default: 256)")
     parser.add_argument("--arch", default="ViT-B-32-quickgelu")
@@ -117,8 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode", choices=("auto", "cpu", "device"), default="auto")
     parser.add_argument("--perspectives", default="none,zero-shot", help="comma-separated: none, zero-shot")
     parser.add_argument("--work-dir", type=Path, default=None, help="where tiles and stores go (default: a temp dir)")
-    args = parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    configure(parser)
+    run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
     settings = EmbedSettings(
         batch_size=args.batch, shard_size=args.shard_size, workers=args.workers, device=args.device, decode=args.decode
     )
@@ -150,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     stem = args.out / name.replace(" ", "-").replace("/", "-")
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(f"{stem}-archive.json"), json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    atomic_write_text(Path(f"{stem}-archive.md"), markdown(meta, rows))
+    atomic_write(Path(f"{stem}-archive.json"), json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    atomic_write(Path(f"{stem}-archive.md"), markdown(meta, rows))
     print(markdown(meta, rows))
 
 

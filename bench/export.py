@@ -31,7 +31,7 @@ import torch
 from mpsclip.export.aoti import describe_exit
 from mpsclip.export.manifest import MANIFEST
 
-from mpsclip.io import atomic_write_text
+from mpsclip.io import atomic_write
 from mpsclip.model import MPSCLIP
 
 STDERR_TAIL = 1500
@@ -216,7 +216,7 @@ def _cosines(figures: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", default="ViT-B-32-quickgelu")
     parser.add_argument("--formats", default="aoti,onnx")
@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{fmt} {precision}] {record['exit']} after {record['seconds']} s", flush=True)
                 exports.append(record)
     stem = meta["device"].replace(" ", "-")
-    atomic_write_text(args.out / f"{stem}-export.json", json.dumps({"meta": meta, "exports": exports}, indent=2) + "\n")
+    atomic_write(args.out / f"{stem}-export.json", json.dumps({"meta": meta, "exports": exports}, indent=2) + "\n")
     text = markdown(meta, exports)
-    atomic_write_text(args.out / f"{stem}-export.md", text)
+    atomic_write(args.out / f"{stem}-export.md", text)
     print(text)
 
 

@@ -257,7 +257,7 @@ def markdown(meta: dict, checks: list[dict], adapter: list[dict], towers: list[d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp16")
     parser.add_argument("--search-items", type=int, default=4_000_000)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")

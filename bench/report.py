@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mpsclip.errors import MPSCLIPError
-from mpsclip.io import atomic_write, atomic_write_text
+from mpsclip.io import atomic_write
 
 SCHEMA = "mpsclip-bench/1"
 PLOTS = ("latency.png", "throughput.png", "ratios.png")
@@ -79,7 +79,7 @@ def command_line() -> str:
 
 
 def write_json(out: Path, result: dict[str, Any]) -> Path:
-    return atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    return atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
@@ -198,7 +198,7 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
 
 def write_all(out: Path, result: dict[str, Any]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_json(out, result), atomic_write_text(out / "results.md", markdown(result))]
+    written = [write_json(out, result), atomic_write(out / "results.md", markdown(result))]
     return written + plots(out, result)
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mpsclip.archive.index import IndexSettings, build_index, load_index, recall_at_k
 from mpsclip.archive.search import exact_topk, to_hits
 from mpsclip.archive.store import ShardRows, StoreInfo, open_store, shard_path, write_manifest, write_shard
-from mpsclip.io import atomic_write_text
+from mpsclip.io import atomic_write
 
 K = 10
 
@@ -181,8 +181,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--views", type=int, default=2)
@@ -192,9 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, action="append", default=None, help="extra nprobe values")
     parser.add_argument("--modes", default="fused,max-response")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the store goes (default: a temp dir)")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     import faiss
 
     load_average = [round(x, 2) for x in os.getloadavg()]
@@ -223,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "builds": builds,
     }  # fmt: skip
-    atomic_write_text(args.out / "cpu-search.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out / "cpu-search.md", markdown(result))
+    atomic_write(args.out / "cpu-search.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(args.out / "cpu-search.md", markdown(result))
     print(markdown(result))
     return 0
 

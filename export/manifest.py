@@ -11,7 +11,7 @@ from mpsclip.export.towers import INPUT_NAMES, OUTPUT_NAME, context_length, inpu
 from mpsclip import __version__
 from mpsclip.checkpoints import file_sha256
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD
-from mpsclip.io import atomic_write_text
+from mpsclip.io import atomic_write
 from mpsclip.model import MPSCLIP
 
 MANIFEST = "manifest.json"
@@ -61,4 +61,4 @@ def build_manifest(
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    return atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")

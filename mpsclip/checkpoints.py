@@ -26,7 +26,7 @@ from torch import nn
 
 from mpsclip import __version__
 from mpsclip.errors import MPSCLIPError
-from mpsclip.io import atomic_write, atomic_write_text
+from mpsclip.io import atomic_write
 
 FORMAT = "mpsclip"
 _SHOWN = 5  # offending keys listed in an error message
@@ -72,7 +72,7 @@ def save_checkpoint(module: nn.Module, config: dict[str, Any], family: str, path
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"format": FORMAT, "family": family, "version": __version__, "config": config}
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "family": family}))
-    atomic_write_text(config_path(weights), json.dumps(meta, indent=2) + "\n")
+    atomic_write(config_path(weights), json.dumps(meta, indent=2) + "\n")
     return weights
 
 

@@ -141,7 +141,7 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
     from mpsclip.archive.search import encode_queries, load_search_model, search_store, to_geojson, to_html
     from mpsclip.archive.sources import TileSettings
     from mpsclip.archive.store import open_store
-    from mpsclip.io import atomic_write_text
+    from mpsclip.io import atomic_write
 
     try:
         import rasterio  # noqa: F401
@@ -167,8 +167,8 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
         print(f"  {query!r} (want {ARCHIVE_QUERIES[query]}): {shown}")
     precision = correct / len(queries)
     collection, _ = to_geojson(queries, results)
-    atomic_write_text(archive / "hits.geojson", json.dumps(collection) + "\n")
-    atomic_write_text(archive / "hits.html", to_html(queries, results, store.manifest, "fused"))
+    atomic_write(archive / "hits.geojson", json.dumps(collection) + "\n")
+    atomic_write(archive / "hits.html", to_html(queries, results, store.manifest, "fused"))
     chance = 1 / len(set(ARCHIVE_QUERIES.values()))
     print(f"[archive] precision@1 {precision:.2f} ({correct}/{len(queries)} queries; chance {chance:.2f})")
     zero_shot_step(archive, model_checkpoint, settings, classes)

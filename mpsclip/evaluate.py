@@ -19,7 +19,7 @@ from tqdm import tqdm
 from mpsclip.data.annotations import EvalImage
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import EvalImageDataset
-from mpsclip.io import atomic_write_text
+from mpsclip.io import atomic_write
 from mpsclip.losses import max_view_scores
 from mpsclip.metrics import chance_r_mean, retrieval_metrics
 from mpsclip.model import MPSCLIP
@@ -112,5 +112,5 @@ def write_results(out: Path, results: dict[str, dict[str, float]], n_images: int
     """``<out>.json`` and ``<out>.md``, each written atomically."""
     chance = chance_r_mean(n_images, max(1, round(n_texts / max(1, n_images))))
     payload = {"images": n_images, "texts": n_texts, "chance_r_mean": chance, "modes": results}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown_table(results, chance))
+    atomic_write(out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    atomic_write(out.with_suffix(".md"), markdown_table(results, chance))

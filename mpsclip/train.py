@@ -33,7 +33,7 @@ from mpsclip.data.datasets import TrainDataset
 from mpsclip.errors import MPSCLIPError
 from mpsclip.evaluate import embed_eval_set, score_all_modes
 from mpsclip.factory import load_model
-from mpsclip.io import atomic_write, atomic_write_text
+from mpsclip.io import atomic_write
 from mpsclip.losses import LossConfig
 from mpsclip.model import MPSCLIP, ModelConfig
 from mpsclip.priorclip import PriorCLIP, class_labels_from_filenames
@@ -342,7 +342,7 @@ def _end_epoch(
     atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
     log = out / "log.jsonl"
     previous = log.read_text() if log.exists() else ""
-    atomic_write_text(log, previous + json.dumps(stats) + "\n")
+    atomic_write(log, previous + json.dumps(stats) + "\n")
     line = f"epoch {epoch + 1}: loss {stats['total']:.4f}"
     if "r_mean" in stats:
         line += f", r_mean {stats['r_mean']:.2f} (best {best:.2f})"

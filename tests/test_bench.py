@@ -115,3 +115,12 @@ def test_cli_requires_out_and_checkpoint(ckpt: Path, capsys: pytest.CaptureFixtu
     assert main(["bench", "--checkpoint", str(ckpt)]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
     assert main(["bench", "--engines", "torch,nope", "--out", "x"]) == 2
+
+
+def test_search_subverb_writes_its_results_and_needs_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "search", "--rows", "1500", "--dim", "32", "--queries", "4"]) == 2
+    assert "--out" in capsys.readouterr().err
+    args = ["bench", "search", "--rows", "1500", "--dim", "32", "--queries", "4", "--shard-size", "512"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cpu-search.json").read_text())
+    assert result["settings"]["rows"] == 1500 and result["rows"]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mpsclip.archive.search import MODE_COLUMNS, MODES, check_mode, exact_topk, mode_views, scored_topk
 from mpsclip.archive.store import MANIFEST, StoreInfo, read_shard
 from mpsclip.errors import MPSCLIPError
-from mpsclip.io import atomic_write, atomic_write_text
+from mpsclip.io import atomic_write
 
 INDEX_FILE = "index.faiss"
 INDEX_JSON = "index.json"
@@ -263,5 +263,5 @@ def build_index(
         name: measure_recall(loaded, q, progress=progress) for name, q in query_sets.items()
     }
     record["build_seconds"] = round(time.perf_counter() - start, 2)
-    atomic_write_text(info.path / INDEX_JSON, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write(info.path / INDEX_JSON, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record

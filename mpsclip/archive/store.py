@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mpsclip.errors import MPSCLIPError
-from mpsclip.io import atomic_write, atomic_write_text
+from mpsclip.io import atomic_write
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
@@ -109,7 +109,7 @@ def read_manifest(store: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(store: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_text(store / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write(store / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def read_failures(store: Path) -> list[dict[str, Any]]:
@@ -120,7 +120,7 @@ def read_failures(store: Path) -> list[dict[str, Any]]:
 
 
 def write_failures(store: Path, failures: list[dict[str, Any]]) -> None:
-    atomic_write_text(store / FAILURES, "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+    atomic_write(store / FAILURES, "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
 
 
 def _column(table: pa.Table, name: str, width: int, dtype: type) -> np.ndarray:

@@ -32,6 +32,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 from mpsclip.choices import ENGINES, PRECISIONS
@@ -54,9 +55,10 @@ def _list(kind: type, choices: tuple[str, ...] | None = None):  # noqa: ANN202
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="subverb", metavar="[archive|search]", required=False)
-    for name, module in SUBVERBS.items():
-        p = sub.add_parser(name, help=f"python -m {module} (options after the verb go to it)", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, module in SUBVERBS.items():  # options after the sub-verb go to the module (imported only then)
+        p = sub.add_parser(name, help=f"python -m {module}: see mpsclip bench {name} --help", prefix_chars="+",
+                           add_help=False)  # fmt: skip
+        p.add_argument("rest", nargs="*")
     parser.add_argument("--checkpoint", type=Path, action="append", default=None, metavar="CHECKPOINT",
                         help="checkpoint to benchmark (repeat for several)")  # fmt: skip
     parser.add_argument("--engines", type=_list(str, ENGINES), default=("torch", "optimized", "onnxruntime", "aoti"),
@@ -97,21 +99,22 @@ def _engine_dirs(values: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib
-
     from mpsclip.errors import MPSCLIPError
 
     if args.subverb:
-        return int(importlib.import_module(SUBVERBS[args.subverb]).main(args.rest) or 0)
+        try:
+            return int(importlib.import_module(SUBVERBS[args.subverb]).main(args.rest) or 0)
+        except SystemExit as done:  # the module's own --help and usage errors
+            return done.code if isinstance(done.code, int) else int(done.code is not None)
     if args.out is None:
         raise MPSCLIPError("--out DIR is required: the folder for results.json, results.md and the plots")
     if args.compare:
         from mpsclip.bench.report import compare, read_results
-        from mpsclip.io import atomic_write_text
+        from mpsclip.io import atomic_write
 
         text = compare(read_results(args.compare[0]), read_results(args.compare[1]),
                        (args.compare[0].parent.name or "A", args.compare[1].parent.name or "B"))  # fmt: skip
-        atomic_write_text(Path(args.out) / "compare.md", text)
+        atomic_write(Path(args.out) / "compare.md", text)
         print(text, end="")
         return 0
     if not args.checkpoint:

@@ -86,9 +86,9 @@ def emit(text: str, out: Path | None) -> None:
     if out is None:
         print(text)
         return
-    from mpsclip.io import atomic_write_text
+    from mpsclip.io import atomic_write
 
-    atomic_write_text(out, text if text.endswith("\n") else text + "\n")
+    atomic_write(out, text if text.endswith("\n") else text + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
 
