@@ -6,9 +6,9 @@ import pytest
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 from mpsclip.keywords import evaluate_nouns, extract_nouns_lexicon
-from mpsclip.keywords.io import Outcome, merge_outcomes, read_records
 from mpsclip.keywords.lexicon import parse_vocabulary
 from mpsclip.keywords.llm import DEFAULT_PROMPT, LlmBackend, NounListError, build_prompt, parse_noun_list
+from mpsclip.keywords.records import Outcome, merge_outcomes, read_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsitmd"
 

@@ -95,8 +95,9 @@ def _run_from_image(args: argparse.Namespace) -> int:
     from mpsclip.devices import resolve_device
     from mpsclip.errors import MPSCLIPError
     from mpsclip.factory import load_model
+    from mpsclip.io import atomic_write
     from mpsclip.keywords import evaluate_nouns
-    from mpsclip.keywords.io import write_json_atomic
+    from mpsclip.keywords.records import json_text
     from mpsclip.keywords.zero_shot import image_keywords, list_images, load_rs_vocabulary, reference_nouns_by_image
 
     if args.checkpoint is None:
@@ -110,7 +111,7 @@ def _run_from_image(args: argparse.Namespace) -> int:
         model, images, vocabulary, args.top_k, args.threshold, device=resolve_device(args.device),
         batch_size=args.batch_size,
     )
-    write_json_atomic(args.out, records)
+    atomic_write(args.out, json_text(records))
     found = sum(len(record["nouns"]) for record in records)
     print(f"{len(records)} images, {len(vocabulary)} vocabulary nouns, {found} nouns kept -> {args.out}")
     if args.evaluate:
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_image:
         return _run_from_image(args)
     from mpsclip.keywords import evaluate_nouns
-    from mpsclip.keywords.io import (
+    from mpsclip.keywords.records import (
         captions_of,
         failures_path,
         merge_outcomes,

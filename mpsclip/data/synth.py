@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mpsclip.io import atomic_write
+
 CLASSES = ("airport", "harbor", "farmland", "residential", "industrial", "river", "forest", "parking")
 CAPTIONS_PER_IMAGE = 5
 # Ground cover: tints the unnamed ground of a scene and is named in every caption, so that images of one
@@ -807,19 +809,8 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     strategy = _Z_HUFFMAN_ONLY if array.ndim == 3 else -1
     Image.fromarray(array).save(buffer, format="PNG", compress_level=1, compress_type=strategy)
-    _write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _write_json(path: Path, data: object) -> None:
-    _write_bytes(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write atomically: a temporary file in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")

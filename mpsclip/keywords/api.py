@@ -21,8 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mpsclip.errors import MPSCLIPError
-from mpsclip.keywords.io import Outcome, write_json_atomic
+from mpsclip.io import atomic_write
 from mpsclip.keywords.llm import DEFAULT_PROMPT, NounListError, build_prompt, parse_noun_list
+from mpsclip.keywords.records import Outcome, json_text
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -147,7 +148,7 @@ class ApiBackend:
             except NounListError as err:
                 error = str(err)
                 continue
-            write_json_atomic(cached, {"model": self.config.model, "caption": caption, "nouns": nouns})
+            atomic_write(cached, json_text({"model": self.config.model, "caption": caption, "nouns": nouns}))
             return Outcome(nouns=nouns)
         return Outcome(error=error)
 

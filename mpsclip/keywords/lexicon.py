@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from mpsclip.errors import MPSCLIPError
-from mpsclip.keywords.io import Outcome
+from mpsclip.keywords.records import Outcome
 
 NOUN = "nouns"
 NOUN_OR_VERB = "noun_or_verb"

@@ -12,7 +12,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from mpsclip.errors import MPSCLIPError
-from mpsclip.keywords.io import Outcome
+from mpsclip.keywords.records import Outcome
 
 DEFAULT_PROMPT = (
     "Extract all nouns (objects and places) in the following remote sensing image caption. "

@@ -8,13 +8,12 @@ reader that returns the same shape.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mpsclip.errors import MPSCLIPError
+from mpsclip.io import atomic_write
 
 Record = dict[str, Any]
 
@@ -103,19 +102,9 @@ def merge_outcomes(records: list[Record], outcomes: list[Outcome]) -> tuple[list
     return merged, failures
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write ``data`` as JSON through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, ensure_ascii=False, indent=1)
-            stream.write("\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+def json_text(data: object) -> str:
+    """Records and reports as written: UTF-8 JSON (non-ASCII kept), one-space indent, final newline."""
+    return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
 
 def failures_path(output: Path) -> Path:
@@ -124,9 +113,9 @@ def failures_path(output: Path) -> Path:
 
 def write_outputs(output: Path, records: list[Record], failures: list[Failure]) -> None:
     """Write the records; write ``<output>.failures.json`` when there are failures, else remove a stale one."""
-    write_json_atomic(output, records)
+    atomic_write(output, json_text(records))
     report = failures_path(output)
     if failures:
-        write_json_atomic(report, [vars(failure) for failure in failures])
+        atomic_write(report, json_text([vars(failure) for failure in failures]))
     else:
         report.unlink(missing_ok=True)
