@@ -200,7 +200,7 @@ def skip_reason(kind: str, precision: str, device: torch.device) -> str | None:
 
 @contextlib.contextmanager
 def exported_source(kind: str, checkpoint: Path, settings: GridSettings, precision: str, device: torch.device,
-                    ) -> Iterator[tuple[Path, float | None]]:  # fmt: skip
+                    ) -> Iterator[tuple[Path, float | None]]:
     """The export folder for ``kind``: ``--engine-dir`` when given, else one exported now into a temp folder."""
     if kind in settings.engine_dirs:
         yield Path(settings.engine_dirs[kind]), None
@@ -213,7 +213,7 @@ def exported_source(kind: str, checkpoint: Path, settings: GridSettings, precisi
             checkpoint, EXPORT_FORMAT[kind], Path(tmp) / kind, precision=precision, towers=settings.towers,
             min_batch=1, opt_batch=max(settings.batch_sizes), max_batch=max(settings.batch_sizes), verify=False,
             device=device.type if kind == "aoti" else None,
-        )  # fmt: skip
+        )
         yield folder, time.perf_counter() - start
 
 
@@ -252,7 +252,7 @@ class ModelGrid:
 
 
 def prepare(name: str, checkpoint: Path, model: RetrievalModel, settings: GridSettings, device: torch.device
-            ) -> ModelGrid:  # fmt: skip
+            ) -> ModelGrid:
     """Load every engine of ``settings`` for one checkpoint and check parity (raises on a failed gate)."""
     stack = contextlib.ExitStack()
     records: list[EngineRecord] = []
@@ -324,7 +324,7 @@ def estimate_seconds(grids: list[ModelGrid], settings: GridSettings) -> float:
 
 
 def run_grid(grids: list[ModelGrid], settings: GridSettings, device: torch.device, progress: bool = True
-             ) -> list[Row]:  # fmt: skip
+             ) -> list[Row]:
     """Time every cell; rows carry their ratio to the plain baseline of the same model, tower, batch, precision.
 
     Cells run grouped by (tower, batch, precision), the baseline first, so that each ratio compares timings
@@ -345,7 +345,7 @@ def run_grid(grids: list[ModelGrid], settings: GridSettings, device: torch.devic
                 model_name, cell.name, cell.tower, cell.batch, cell.precision, round(first, 3), round(p50, 3),
                 round(percentile(samples, 90), 3), round(percentile(samples, 99), 3),
                 round(cell.batch / (p50 / 1e3), 1), len(samples),
-            )  # fmt: skip
+            )
         )
     bar.close()
     plain = {(r.model, r.tower, r.batch, r.precision): r.p50_ms for r in rows if r.engine == PLAIN}

@@ -80,7 +80,7 @@ def export_one(checkpoint: Path, out: Path, fmt: str, precision: str, settings: 
     """``mpsclip-export`` one format and precision; the record holds the manifest's verification on success."""
     largest = str(max(settings.batches))
     command = [sys.executable, "-m", "mpsclip.export", str(checkpoint), "--format", fmt, "--precision", precision,
-               "--out", str(out), "--min-batch", "1", "--opt-batch", largest, "--max-batch", largest]  # fmt: skip
+               "--out", str(out), "--min-batch", "1", "--opt-batch", largest, "--max-batch", largest]
     if fmt == "aoti":
         command += ["--device", settings.device]
     record = {"format": fmt, "precision": precision, **run_logged(command, settings.timeout_s)}
@@ -96,12 +96,12 @@ def time_artefacts(folder: Path, settings: Settings) -> list[dict]:
     for tower in json.loads((folder / MANIFEST).read_text())["towers"]:
         command = [sys.executable, "-m", "mpsclip.bench.export", "--time-folder", str(folder), "--tower", tower,
                    "--device", settings.device, "--batches", ",".join(map(str, settings.batches)),
-                   "--warmup", str(settings.warmup), "--repeats", str(settings.repeats)]  # fmt: skip
+                   "--warmup", str(settings.warmup), "--repeats", str(settings.repeats)]
         record = run_logged(command, settings.timeout_s)
         ok = record["ok"]
         timings = json.loads(record["stdout"].strip().splitlines()[-1]) if ok else []
         rows.append({"tower": tower, "exit": record["exit"], "stderr_tail": "" if ok else record["stderr_tail"],
-                     "timings": timings})  # fmt: skip
+                     "timings": timings})
     return rows
 
 
@@ -189,7 +189,7 @@ def markdown(meta: dict, exports: list[dict]) -> str:
              f"({meta['nvcc'] or 'no nvcc'}).", "",
              "| format | precision | export s | result | tower | min cosine (in-process / fresh) | "
              + " | ".join(f"b{b} ms (items/s)" for b in meta["batches"]) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(meta["batches"])]  # fmt: skip
+             "|---|---|---|---|---|---|" + "---|" * len(meta["batches"])]
     for record in exports:
         towers = record.get("timed", []) or [{"tower": "-", "timings": [], "exit": record["exit"]}]
         for row in towers:
@@ -203,7 +203,7 @@ def markdown(meta: dict, exports: list[dict]) -> str:
     failures += [t for r in exports for t in r.get("timed", []) if t["stderr_tail"]]
     for failure in failures:
         lines += ["", f"{failure.get('format', failure.get('tower'))}: {failure['exit']}; stderr ends:", "```",
-                  failure["stderr_tail"].strip(), "```"]  # fmt: skip
+                  failure["stderr_tail"].strip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {"device": device_name(args.device), "target": args.device, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "arch": args.arch, "batches": batches,
-            "warmup": args.warmup, "repeats": args.repeats, **cuda_toolchain()}  # fmt: skip
+            "warmup": args.warmup, "repeats": args.repeats, **cuda_toolchain()}
     settings = Settings(args.device, batches, args.warmup, args.repeats, args.timeout)
     exports = []
     with tempfile.TemporaryDirectory(prefix="mpsclip-export-bench.") as tmp:

@@ -44,7 +44,7 @@ import torch
 
 CHECKS = ("embed", "zero-shot", "search", "maxsim", "optimize", "aoti-cuda", "onnx-fp16")
 PACKAGES = ("open_clip", "ftfy", "wcwidth", "torchvision", "pyarrow", "safetensors", "tqdm", "yaml", "PIL",
-            "onnx", "onnxruntime", "triton", "tensorrt")  # fmt: skip
+            "onnx", "onnxruntime", "triton", "tensorrt")
 STORE_MIN_COSINE = 0.999  # fp16 rows and fp16/bf16 towers against the fp32 CPU reference
 SEARCH_ATOL = 2e-3
 AOTI_TIMEOUT_S = 240
@@ -140,7 +140,7 @@ class Fixture:
 
             folder = self.work / f"export-{fmt}"
             self._cache[fmt] = export(self.checkpoint, fmt, folder, towers=("image",), opt_batch=self.batch,
-                                      max_batch=max(64, self.batch))  # fmt: skip
+                                      max_batch=max(64, self.batch))
         return self._cache[fmt]
 
 
@@ -186,7 +186,7 @@ def check_embed(fx: Fixture, engine: str, decoder: str, source: str) -> dict[str
     engine_dir = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}.get(engine)
     engine_dir = fx.export_dir(engine_dir) if engine_dir else None
     store = fx.store(f"{fx.device.type}-{engine}-{decoder}", source, str(fx.device), runtime=engine,
-                     engine=engine_dir, decode=decoder)  # fmt: skip
+                     engine=engine_dir, decode=decoder)
     return compare_stores(fx.reference(source), store, ("retrieval", "global"))
 
 
@@ -275,7 +275,7 @@ def check_aoti_cuda(fx: Fixture) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-c", code, str(fx.checkpoint), str(out)], capture_output=True,
-                              text=True, timeout=AOTI_TIMEOUT_S)  # fmt: skip
+                              text=True, timeout=AOTI_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"export + load did not finish in {AOTI_TIMEOUT_S} s") from err
     figures: dict[str, Any] = {"exit": describe_exit(done.returncode), "seconds": round(time.perf_counter() - start, 1)}
@@ -311,9 +311,9 @@ def plan(fx: Fixture, selected: tuple[str, ...]) -> list[tuple[str, Callable[[],
             for decoder in ("cpu", "device"):
                 for source in fx.sources:
                     checks.append((f"embed/{engine}/{decoder}/{source}",
-                                   lambda e=engine, d=decoder, s=source: check_embed(fx, e, d, s)))  # fmt: skip
+                                   lambda e=engine, d=decoder, s=source: check_embed(fx, e, d, s)))
     simple = {"zero-shot": check_zero_shot, "maxsim": check_maxsim, "optimize": check_optimize,
-              "aoti-cuda": check_aoti_cuda, "onnx-fp16": check_onnx_fp16}  # fmt: skip
+              "aoti-cuda": check_aoti_cuda, "onnx-fp16": check_onnx_fp16}
     for name in selected:
         if name == "search":
             checks += [(f"search/{mode}", lambda m=mode: check_search(fx, m)) for mode in ("fused", "global")]
@@ -338,7 +338,7 @@ def run_check(name: str, check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-checks.json")
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cuda[:N] or cpu")
     parser.add_argument("--arch", default="MPS-Tiny", help="architecture of the random-weight model")
@@ -384,7 +384,7 @@ def write_report(out: Path, env: dict[str, Any], results: list[dict[str, Any]]) 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gpu-checks.json"
     path.with_suffix(".tmp").write_text(json.dumps({"environment": env, "counts": counts, "checks": results},
-                                                   indent=2, default=str) + "\n")  # fmt: skip
+                                                   indent=2, default=str) + "\n")
     path.with_suffix(".tmp").replace(path)
     return counts
 

@@ -81,7 +81,7 @@ def check_adapter() -> list[dict]:
                 "check": f"adapter D={width} L={tokens} {name}", "rel_err_of_adapter_delta": err,
                 "finite": bool(torch.isfinite(got).all()), "deterministic": bool(torch.equal(got, again)),
                 "ok": bool(err < (3e-2 if dtype == torch.bfloat16 else 1e-2) and torch.isfinite(got).all()),
-            })  # fmt: skip
+            })
     return rows
 
 
@@ -91,7 +91,7 @@ def _compare_topk(got: tuple, want: tuple) -> dict:
     same_finite = torch.equal(torch.isfinite(gs), finite)
     err = (gs[finite] - ws[finite]).abs().max().item() if finite.any() else 0.0
     return {"index_agreement": (gi == wi).float().mean().item(), "max_score_err": err,
-            "nan_free": not bool(torch.isnan(gs).any()), "ok": bool(same_finite and err < 2e-2)}  # fmt: skip
+            "nan_free": not bool(torch.isnan(gs).any()), "ok": bool(same_finite and err < 2e-2)}
 
 
 def check_maxsim() -> list[dict]:
@@ -105,7 +105,7 @@ def check_maxsim() -> list[dict]:
         again = maxsim_topk(q, g, 10, valid)
         row = _compare_topk(got, maxsim_topk_reference(q, g, 10, valid))
         row.update(check=f"maxsim t2i Q=300 N=100003 V=5 k=10 {name}",
-                   deterministic=bool(torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])))  # fmt: skip
+                   deterministic=bool(torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])))
         rows.append(row)
     q = torch.randn(64, 4, 256, device="cuda", generator=gen).half()
     g = torch.randn(5_000, 256, device="cuda", generator=gen).half()
@@ -132,7 +132,7 @@ def bench_adapter(dtype: torch.dtype) -> list[dict]:
                 eager = median_ms(adapter, xs)
                 fused = median_ms(lambda x, a=adapter: g2a_adapter_forward(a, x), xs)
             rows.append({"what": f"adapter ({tower}, L={tokens}, D={width})", "batch": batch,
-                         "eager_ms": eager, "fused_ms": fused, "speedup": eager / fused})  # fmt: skip
+                         "eager_ms": eager, "fused_ms": fused, "speedup": eager / fused})
     return rows
 
 
@@ -177,15 +177,15 @@ def bench_towers(dtype: torch.dtype, precision: str, compile_plain: bool) -> tup
                 checks.append({"check": f"optimize() {tower} batch {batch} cosine vs authors eager",
                                "min_cosine": (got * want).sum(-1).min().item(),
                                "deterministic": bool(torch.equal(got, again)),
-                               "ok": bool((got * want).sum(-1).min() >= 0.999)})  # fmt: skip
+                               "ok": bool((got * want).sum(-1).min() >= 0.999)})
                 for name, fns in variants.items():
                     if name == "plain torch.compile" and batch != 512:
                         continue
                     ms = median_ms(fns[tower], inputs)
                     rows.append({"what": f"{tower} tower, {name}", "batch": batch, "ms": ms,
-                                 "items_per_s": batch / ms * 1e3})  # fmt: skip
+                                 "items_per_s": batch / ms * 1e3})
     checks.append({"check": "optimize() build + graph captures + tower timings (s)",
-                   "seconds": time.perf_counter() - t0, "ok": True})  # fmt: skip
+                   "seconds": time.perf_counter() - t0, "ok": True})
     return rows, checks
 
 
@@ -218,7 +218,7 @@ def bench_search(n_items: int, views: int, dim: int, k: int) -> list[dict]:
             extra = (torch.cuda.max_memory_allocated() - base) / 2**20
             rows.append({"what": f"search N={n_items} V={views} D={dim} k={k}, {name}", "batch": n_queries,
                          "ms": ms, "extra_MiB": extra, "effective_TB_s": gallery_bytes / ms / 1e9,
-                         "index_agreement_with_torch": agree, "deterministic": bool(repeat_same)})  # fmt: skip
+                         "index_agreement_with_torch": agree, "deterministic": bool(repeat_same)})
     return rows
 
 
@@ -238,20 +238,20 @@ def markdown(meta: dict, checks: list[dict], adapter: list[dict], towers: list[d
     lines = [f"# Kernel benchmark: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, dtype {meta['dtype']}; "
              f"median of {REPEATS} CUDA-event timings after {WARMUP} warm-up calls, {ROTATE} rotating inputs.",
-             "", "## Checks", "", "| check | ok | details |", "|---|---|---|"]  # fmt: skip
+             "", "## Checks", "", "| check | ok | details |", "|---|---|---|"]
     for c in checks:
         details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in c.items() if k not in ("check", "ok"))  # fmt: skip
+                            for k, v in c.items() if k not in ("check", "ok"))
         lines.append(f"| {c['check']} | {c['ok']} | {details} |")
     lines += ["", "## Adapter alone", "", "| what | batch | eager ms | fused ms | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['batch']} | {r['eager_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f} |"
-              for r in adapter]  # fmt: skip
+              for r in adapter]
     lines += ["", "## Towers", "", "| what | batch | ms | items/s |", "|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['batch']} | {r['ms']:.3f} | {r['items_per_s']:,.0f} |" for r in towers]
     lines += ["", "## Max-response search", "", "| what | Q | ms | extra MiB | TB/s | agree | deterministic |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['batch']} | {r['ms']:.3f} | {r['extra_MiB']:.1f} | {r['effective_TB_s']:.2f} "
-              f"| {r['index_agreement_with_torch']:.4f} | {r['deterministic']} |" for r in search]  # fmt: skip
+              f"| {r['index_agreement_with_torch']:.4f} | {r['deterministic']} |" for r in search]
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.precision]
     torch.backends.cuda.matmul.allow_tf32 = True
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "dtype": args.precision}  # fmt: skip
+            "cuda": torch.version.cuda, "dtype": args.precision}
     checks: list[dict] = []
     adapter, towers, search = [], [], []
     # Search first: it does not depend on the adapter kernel, and a CUDA fault ends the process's context.

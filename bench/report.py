@@ -115,7 +115,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("note"):
         lines += ["", result["note"]]
     lines += ["", "## Engines", "", "| model | engine | precision | status | build s | parity min cosine |",
-              "|---|---|---|---|---:|---|"]  # fmt: skip
+              "|---|---|---|---|---:|---|"]
     for e in result["engines"]:
         cos = ", ".join(f"{t} {c:.6f}" for t, c in e["parity_min_cosine"].items())
         status = e["status"] if e["reason"] is None else f"{e['status']}: {e['reason']}"
@@ -127,7 +127,7 @@ def markdown(result: dict[str, Any]) -> str:
     for (model, tower), rows in groups.items():
         lines += ["", f"## {model}, {tower} tower", "",
                   "| engine | precision | batch | first call ms | p50 ms | p90 ms | p99 ms | items/s | x plain |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(
                 f"| {r['engine']} | {r['precision']} | {r['batch']} | {r['first_call_ms']:.1f} | {r['p50_ms']:.2f} | "
@@ -162,7 +162,7 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
         return []
     written = []
     for name, key, ylabel, log_y in (("latency.png", "p50_ms", "p50 latency (ms)", True),
-                                     ("throughput.png", "items_per_s", "items / s", False)):  # fmt: skip
+                                     ("throughput.png", "items_per_s", "items / s", False)):
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, (model, tower) in zip(axes[0], panels, strict=True):
             for label, series in _series(rows, model, tower).items():
@@ -184,7 +184,7 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
         for i, (label, values) in enumerate(series.items()):
             by_batch = {r["batch"]: r["ratio_to_plain"] or 0.0 for r in values}
             ax.bar([j + i * width for j in range(len(batches))], [by_batch.get(b, 0.0) for b in batches], width,
-                   label=label)  # fmt: skip
+                   label=label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))], [str(b) for b in batches])
         ax.set_title(f"{model}, {tower}: speed vs plain open_clip")

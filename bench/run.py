@@ -30,7 +30,7 @@ def model_name(checkpoint: Path, arch: str, taken: set[str]) -> str:
 
 
 def bench(checkpoints: list[Path], settings: GridSettings, out: Path, progress: bool = True,
-          note: str | None = None) -> dict[str, Any]:  # fmt: skip
+          note: str | None = None) -> dict[str, Any]:
     """Measure ``settings``' grid for each checkpoint and write results.json, results.md and the plots to ``out``."""
     device = resolve_device(settings.device)
     info = machine(device)
@@ -41,7 +41,7 @@ def bench(checkpoints: list[Path], settings: GridSettings, out: Path, progress: 
             arch = str(model.config_dict()["arch"])
             name = model_name(checkpoint, arch, taken)
             models.append({"name": name, "arch": arch, "family": model.family, "checkpoint": str(checkpoint),
-                           "sha256": file_sha256(checkpoint)})  # fmt: skip
+                           "sha256": file_sha256(checkpoint)})
             print(f"bench: loading and checking engines for {name} ...", file=sys.stderr)
             grids.append(prepare(name, checkpoint, model, settings, device))
         for grid in grids:

@@ -79,7 +79,7 @@ def synthetic_store(
         persp = _unit(glob[:, None, :] + 0.5 * _unit(rng.standard_normal((n, views, dim))))
         valid = np.repeat((np.arange(start, stop) % 2 == 0)[:, None], views, axis=1)
         metas = [json.dumps({"footprint": [i % 360 - 180.0, i % 170 - 85.0, i % 360 - 179.9, i % 170 - 84.9]})
-                 for i in range(start, stop)]  # fmt: skip
+                 for i in range(start, stop)]
         ids = [f"tile_{i:07d}.png" for i in range(start, stop)]
         write_shard(shard_path(path, shard), ShardRows(ids, metas, retrieval, glob, persp, valid), dim, views)
     counts = {"items": rows, "embedded": rows, "failed": 0, "shards": n_shards}
@@ -87,7 +87,7 @@ def synthetic_store(
         path,
         {"complete": True, "counts": counts, "dim": dim, "views": views, "checkpoint": "synthetic",
          "checkpoint_sha256": "synthetic", "arch": None, "precision": "fp16", "seed": seed},
-    )  # fmt: skip
+    )
     return open_store(path)
 
 
@@ -120,7 +120,7 @@ def _row(
     batch_ms = _timed_ms(lambda: to_hits(info, *search(queries)))
     return {"search": name, "mode": mode, "ms_1_query_rows": statistics.median(single_rows),
             "ms_1_query_hits": statistics.median(single_hits), "ms_per_query_batch": batch_ms / len(queries),
-            "queries_timed_alone": len(single_rows)}  # fmt: skip
+            "queries_timed_alone": len(single_rows)}
 
 
 def bench_exact(info: StoreInfo, queries: torch.Tensor, modes: list[str]) -> tuple[list[dict], dict[str, Any]]:
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
                      "queries": args.queries, "seed": args.seed, "k": K},
         "rows": rows,
         "builds": builds,
-    }  # fmt: skip
+    }
     atomic_write(args.out / "cpu-search.json", json.dumps(result, indent=2) + "\n")
     atomic_write(args.out / "cpu-search.md", markdown(result))
     print(markdown(result))

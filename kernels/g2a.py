@@ -66,7 +66,7 @@ class FusedG2Adapter(nn.Module):
             "w_fc2": mat(ga.mlp.fc2.conv.weight[:, :, 0]),
             "gate": vec(torch.sigmoid(adapter.gate.detach().float()).reshape(1)),
             "w_up": mat(adapter.up_proj.weight), "b_up": vec(adapter.up_proj.bias),
-        }  # fmt: skip
+        }
         self.eps = (ga.attn.attn_in_norm.eps, ga.attn.norm.eps)
         for name, tensor in packed.items():
             self.register_buffer(name, tensor.to(adapter.down_proj.weight.device), persistent=False)
@@ -94,7 +94,7 @@ def g2a_forward_packed(p: FusedG2Adapter, x: torch.Tensor) -> torch.Tensor:
         LP=lp, R=_BOTTLENECK, HD=_BOTTLENECK // _HEADS, NH=_HEADS, HID=_HIDDEN, BK=64,
         SCALE=(_BOTTLENECK // _HEADS) ** -0.5,
         num_warps=_NUM_WARPS[lp], num_stages=_NUM_STAGES,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -135,7 +135,7 @@ if triton is not None:
 
     @triton.jit
     def _mha(h, w_qkv, b_qkv, w_o, b_o, tokens,
-             LP: tl.constexpr, R: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, SCALE: tl.constexpr):  # fmt: skip
+             LP: tl.constexpr, R: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, SCALE: tl.constexpr):
         """nn.MultiheadAttention(h, h, h) without masks on ``[LP, R]`` (fp16/bf16 ``h``); fp32 out."""
         key_ok = (tl.arange(0, LP) < tokens)[None, :]
         out = tl.zeros((LP, R), tl.float32) + _row_vec(b_o, 0, R)
@@ -160,7 +160,7 @@ if triton is not None:
         tokens, width, eps1, eps2,
         LP: tl.constexpr, R: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, HID: tl.constexpr,
         BK: tl.constexpr, SCALE: tl.constexpr,
-    ):  # fmt: skip
+    ):
         seq = tl.program_id(0).to(tl.int64)
         rows = tl.arange(0, LP)
         row_ok = rows < tokens

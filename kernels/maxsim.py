@@ -124,7 +124,7 @@ if triton is not None:
         sq_q, sq_v, sg_n, sg_v, sv_q, sv_n,
         NO_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
         BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr,
-    ):  # fmt: skip
+    ):
         pid_q = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_q * BQ + tl.arange(0, BQ)
@@ -229,7 +229,7 @@ def _topk_on_device(
         sq_q, sq_v, sg_n, sg_v, sv_q, sv_n,
         NO_INDEX=_NO_INDEX, HAS_VALID=has_valid, PRECISION="ieee" if queries.dtype == torch.float32 else "tf32",
         BQ=bq, BN=bn, BD=bd, KC=kc, num_warps=8 if bq >= 64 else 4, num_stages=3,
-    )  # fmt: skip
+    )
     indices = out_i.long()
     indices = torch.where(indices == _NO_INDEX, -1, indices)
     return merge_topk(out_s, indices, k)

@@ -45,7 +45,7 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 _PACKED = ("w_down", "b_down", "w_qkv1", "b_qkv1", "w_o1", "b_o1", "w_ap", "b_ap", "ln1_w", "ln1_b", "pe",
            "w_qkv2", "b_qkv2", "w_o2", "b_o2", "ln2_w", "ln2_b", "w_fc1", "w_dw", "b_dw", "w_fc2", "gate",
-           "w_up", "b_up")  # fmt: skip  (FusedG2Adapter's buffers)
+           "w_up", "b_up")  # FusedG2Adapter's buffers
 
 
 @torch.library.custom_op("mpsclip::g2a_fused", mutates_args=())
@@ -145,7 +145,7 @@ class _GraphedEncoder:
     """One CUDA graph per batch size in ``GRAPH_BATCH_SIZES`` around ``fn``, captured on first use."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], pool: tuple,
-                 choose: Callable[[int], Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:  # fmt: skip
+                 choose: Callable[[int], Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
         self.fn = fn
         self.choose = choose or (lambda size: fn)
         self.pool = pool
@@ -188,7 +188,7 @@ class OptimizedCLIP:
     """Inference-only CLIP towers; ``encode_image`` / ``encode_text`` return L2-normalised fp32 embeddings."""
 
     def __init__(self, model: nn.Module, precision: str = "fp16", kernels: bool = True,
-                 cuda_graphs: bool = True, compile: bool | None = None) -> None:  # fmt: skip
+                 cuda_graphs: bool = True, compile: bool | None = None) -> None:
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
         device = next(model.parameters()).device
@@ -252,7 +252,7 @@ class OptimizedCLIP:
 
 
 def optimize(model: nn.Module, precision: str = "fp16", kernels: bool = True, cuda_graphs: bool = True,
-             compile: bool | None = None) -> OptimizedCLIP:  # fmt: skip
+             compile: bool | None = None) -> OptimizedCLIP:
     """Inference wrapper around an open_clip CLIP (with or without attached adapters); see module doc.
 
     ``compile=None`` compiles with Inductor on a GPU (never on the CPU; the first call per batch size then

@@ -17,7 +17,7 @@ from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 
 SETTINGS = GridSettings(engines=("torch", "onnxruntime", "tensorrt"), batch_sizes=(1, 2), device="cpu", repeats=2,
-                        warmup=1)  # fmt: skip
+                        warmup=1)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_results_schema(run: tuple[Path, dict]) -> None:
         assert row["items_per_s"] == pytest.approx(row["batch"] / row["p50_ms"] * 1e3, rel=1e-2, abs=0.06)
         assert row["ratio_to_plain"] == pytest.approx(
             next(p["p50_ms"] for p in written["rows"] if p["engine"] == "plain" and p["tower"] == row["tower"]
-                 and p["batch"] == row["batch"]) / row["p50_ms"], rel=1e-2)  # fmt: skip
+                 and p["batch"] == row["batch"]) / row["p50_ms"], rel=1e-2)
     ok = {e["engine"]: e for e in written["engines"]}
     assert ok["onnxruntime"]["status"] == "ok" and min(ok["onnxruntime"]["parity_min_cosine"].values()) > 0.999
     md = (out / "results.md").read_text()
@@ -98,7 +98,7 @@ def test_compare_two_runs(run: tuple[Path, dict], tmp_path: Path, capsys: pytest
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text(json.dumps(slower))
     assert main(["bench", "--compare", str(out / "results.json"), str(tmp_path / "b" / "results.json"),
-                 "--out", str(tmp_path / "cmp")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert text == capsys.readouterr().out
     row = next(line for line in text.splitlines() if "| onnxruntime | fp32 | 2 |" in line)

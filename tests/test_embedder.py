@@ -50,7 +50,7 @@ def test_jpeg_pixels_match_the_pil_transform(jpegs: Path) -> None:
     # decoders and resize kernels differ by a few grey levels (normalised units: 1/255/0.27 ≈ 0.015 per level)
     assert (ours - reference).abs().mean() < 0.05
     broken = jpeg_pixels([data, torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8)], 224,
-                         torch.device("cpu"))  # fmt: skip
+                         torch.device("cpu"))
     assert isinstance(broken[0], torch.Tensor) and isinstance(broken[1], str)
 
 

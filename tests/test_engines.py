@@ -168,7 +168,7 @@ def test_gpu_check_cpu_smoke(tmp_path, capsys):
     from mpsclip.bench import gpu
 
     argv = ["--out", str(tmp_path), "--device", "cpu", "--checks", "embed,search,maxsim,aoti-cuda",
-            "--engines", "torch,tensorrt", "--sources", "jpeg,wds", "--images", "4", "--batch", "4"]  # fmt: skip
+            "--engines", "torch,tensorrt", "--sources", "jpeg,wds", "--images", "4", "--batch", "4"]
     assert gpu.main(argv) == 0
     report = json.loads((tmp_path / "gpu-checks.json").read_text())
     status = {c["name"]: c["status"] for c in report["checks"]}

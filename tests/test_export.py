@@ -127,7 +127,7 @@ def test_rewritten_fp16_graph_loads_in_onnxruntime_cpu(tmp_path):
 def test_aoti_cpu_package_verified_and_loads_with_torch_only(tiny_model, checkpoint, tmp_path, capsys):
     """Slow (compiles C++ with Inductor, ~20-60 s on 2 cores): one tower, CPU, dynamic batch 1..4."""
     rc = main(["--checkpoint", str(checkpoint), "--format", "aoti", "--device", "cpu", "--towers", "image",
-               "--opt-batch", "2", "--max-batch", "4", "--out", str(tmp_path / "aoti")])  # fmt: skip
+               "--opt-batch", "2", "--max-batch", "4", "--out", str(tmp_path / "aoti")])
     assert rc == 0 and "image (fresh process, torch only): max abs error" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "aoti" / "manifest.json").read_text())
     figures = manifest["verification"]["image"]

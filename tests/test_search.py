@@ -52,7 +52,7 @@ def dyadic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         metas = [json.dumps({"footprint": [float(i), 0.0, i + 0.5, 0.5]} if i % 3 else {}) for i in rows]
         part = slice(start, start + size)
         shard_rows = ShardRows([f"item{i:02d}" for i in rows], metas, retrieval[part], glob[part], persp[part],
-                               valid[part])  # fmt: skip
+                               valid[part])
         write_shard(shard_path(path, shard), shard_rows, DIM, VIEWS)
         start += size
     counts = {"items": n, "embedded": n, "failed": 0, "shards": len(SHARD_SIZES)}

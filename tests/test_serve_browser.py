@@ -80,13 +80,13 @@ def contract_app():  # noqa: ANN201  (FastAPI is imported lazily)
                 "scenes": [scene]},
         "empty": {"name": "empty", "items": 0, "model": {"family": "mpsclip", "arch": "MPS-Tiny"},
                   "checkpoint_sha256": "0" * 64, "settings": {}, "georeferenced": False, "scenes": []},
-    }  # fmt: skip
+    }
     app = FastAPI()
 
     def hit(rank: int, score: float, item: dict) -> dict:
         url = f"/items/geo/{quote(item['id'], safe='')}/thumbnail"
         return {"rank": rank, "score": score, "id": item["id"], "store": "geo", "keywords": item["keywords"],
-                "footprint": item["footprint"], "thumbnail_url": url, "scene": "scene0"}  # fmt: skip
+                "footprint": item["footprint"], "thumbnail_url": url, "scene": "scene0"}
 
     def inside(item: dict, bbox: list[float] | None) -> bool:
         if bbox is None:
@@ -124,7 +124,7 @@ def contract_app():  # noqa: ANN201  (FastAPI is imported lazily)
         ranked = sorted(pool, key=lambda item: -_score(query, item["id"]))[:k]
         hits = [hit(rank, _score(query, item["id"]), item) for rank, item in enumerate(ranked, 1)]
         return {"store": "geo", "mode": body.get("mode", "fused"), "k": k,
-                "took_ms": {"encode": 1.0, "score": 1.0, "total": 2.0}, "hits": hits}  # fmt: skip
+                "took_ms": {"encode": 1.0, "score": 1.0, "total": 2.0}, "hits": hits}
 
     @app.get("/items/{store}/{item_id}/thumbnail")
     def thumbnail(store: str, item_id: str) -> Response:

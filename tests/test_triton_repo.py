@@ -59,7 +59,7 @@ def test_tokenizer_loads_in_bundled_tritonserver(ckpt, tmp_path):
         "--http-address", "127.0.0.1", "--http-port", str(ports[0]), "--grpc-address", "127.0.0.1",
         "--grpc-port", str(ports[1]), "--metrics-address", "127.0.0.1", "--metrics-port", str(ports[2]),
         "--exit-timeout-secs", "5",
-    ]  # fmt: skip
+    ]
     log = (tmp_path / "tritonserver.log").open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

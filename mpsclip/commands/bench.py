@@ -57,10 +57,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="subverb", metavar="[archive|search]", required=False)
     for name, module in SUBVERBS.items():  # options after the sub-verb go to the module (imported only then)
         p = sub.add_parser(name, help=f"python -m {module}: see mpsclip bench {name} --help", prefix_chars="+",
-                           add_help=False)  # fmt: skip
+                           add_help=False)
         p.add_argument("rest", nargs="*")
     parser.add_argument("--checkpoint", type=Path, action="append", default=None, metavar="CHECKPOINT",
-                        help="checkpoint to benchmark (repeat for several)")  # fmt: skip
+                        help="checkpoint to benchmark (repeat for several)")
     parser.add_argument("--engines", type=_list(str, ENGINES), default=("torch", "optimized", "onnxruntime", "aoti"),
                         help=f"comma list of {', '.join(ENGINES)} (default: torch,optimized,onnxruntime,aoti)")
     parser.add_argument("--towers", type=_list(str, ("image", "text")), default=("image", "text"),
@@ -82,7 +82,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_out(parser, "output folder", metavar="DIR")
     add_device(parser, "where engines run")
     add_quiet(parser)
-    # fmt: skip
 
 
 def _engine_dirs(values: list[str]) -> dict[str, str]:
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         from mpsclip.io import atomic_write
 
         text = compare(read_results(args.compare[0]), read_results(args.compare[1]),
-                       (args.compare[0].parent.name or "A", args.compare[1].parent.name or "B"))  # fmt: skip
+                       (args.compare[0].parent.name or "A", args.compare[1].parent.name or "B"))
         atomic_write(Path(args.out) / "compare.md", text)
         print(text, end="")
         return 0
@@ -128,6 +127,6 @@ def run(args: argparse.Namespace) -> int:
         engines=args.engines, towers=args.towers, batch_sizes=args.batch_sizes, precisions=args.precision,
         device=args.device, baseline=None if args.baseline == "none" else "plain", repeats=args.repeats,
         warmup=args.warmup, duration=args.duration, engine_dirs=_engine_dirs(args.engine_dir),
-    )  # fmt: skip
+    )
     bench(args.checkpoint, settings, Path(args.out), progress=not args.quiet, note=args.note)
     return 0
