@@ -29,7 +29,7 @@ chromium:
 
 test: venv chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	MPSCLIP_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q  # the extras are installed: a missing one fails
 
 demo: venv
 	$(BIN)/python -m mpsclip.demo --out demo_out

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from extras import require
+from mpsclip.archive.embed import EmbedSettings, embed_archive
 from PIL import Image
 
-from mpsclip.archive.embed import EmbedSettings, embed_archive
 from mpsclip.archive.embedder import jpeg_pixels
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.store import load_store
@@ -120,7 +121,7 @@ def test_zero_shot_changes_only_the_sub_image_side(jpegs: Path, ckpt: Path, tmp_
 
 
 def test_onnxruntime_runtime_matches_torch(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime")
     from mpsclip.export import export
 
     engine = export(ckpt, "onnx", tmp_path / "engine", towers=("image",), max_batch=8, opt_batch=4)

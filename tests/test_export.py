@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from extras import require
 from mpsclip.export import aoti, export, verify
 from mpsclip.export.__main__ import main
 from mpsclip.export.onnx import mha_fast_path_disabled, transpose_after_matmul
@@ -53,7 +54,7 @@ def test_cli_exports_authors_pth(tiny_model, tmp_path, capsys):
 
 
 def test_triton_repo_configs_parse(checkpoint, tmp_path):
-    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
+    require("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
     from mpsclip.export.triton_repo import parse_config
 
     out = export(checkpoint, "triton-repo", tmp_path / "repo", max_batch=64, opt_batch=16, verify=False)
@@ -95,7 +96,7 @@ def _transpose_matmul_graph(dtype: type) -> onnx.ModelProto:
 
 
 def test_transpose_after_matmul_keeps_values():
-    pytest.importorskip("onnx.reference")
+    require("onnx.reference")
     from onnx.reference import ReferenceEvaluator
 
     model = _transpose_matmul_graph(np.float32)

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from extras import require
 
-rasterio = pytest.importorskip("rasterio")
+rasterio = require("rasterio")
 
 from affine import Affine  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from extras import require
+from mpsclip.archive.embed import EmbedSettings, embed_archive
 from mpsclip.bench.search import synthetic_queries, synthetic_store
 
-from mpsclip.archive.embed import EmbedSettings, embed_archive
 from mpsclip.archive.index import (
     INDEX_JSON,
     IndexSettings,
@@ -25,7 +26,7 @@ from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
-pytest.importorskip("faiss")
+require("faiss")
 DIM = 32
 
 

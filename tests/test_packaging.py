@@ -14,6 +14,9 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+from extras import require
+
 ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL = ("kernels", "export", "serve", "bench")
 # find_spec resolves a subpackage without running it (kernels and export import torch: seconds); bench runs.
@@ -60,3 +63,14 @@ def test_built_wheel_holds_every_package_and_imports_from_itself(tmp_path: Path)
     files = _import_without_site(unpacked, cwd=tmp_path)
     for name in (*TOP_LEVEL, "engines"):
         assert Path(files[name]).is_relative_to(unpacked), files[name]
+
+
+def test_a_missing_extra_skips_on_a_laptop_and_fails_where_extras_are_expected(monkeypatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("MPSCLIP_REQUIRE_EXTRAS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no_such_extra"):
+        require("no_such_extra")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no_such_extra"):
+        require("no_such_extra")
+    assert require("json").dumps([1]) == "[1]"

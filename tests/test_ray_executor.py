@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from mpsclip.archive import ray_embed
+from extras import require
 from mpsclip.archive.embed import EmbedSettings, embed_archive
 from mpsclip.archive.ray_embed import embed_archive_ray
+
+from mpsclip.archive import ray_embed
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
+ray = require("ray")
+require("ray.data")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own
 

@@ -8,7 +8,6 @@ reason; locally it skips with it.
 import hashlib
 import io
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
+from extras import expect, require
 
 STATIC = Path(__file__).parents[1] / "serve" / "static"
 README_SHOT = Path(__file__).parents[1] / "docs" / "serve-page.png"
@@ -32,14 +32,6 @@ CHROMIUM_ARGS = [
 ]
 BOUNDS = [10.0, 45.0, 10.4, 45.4]  # one scene, 4 x 4 tiles of 0.1 degree
 XSS_ID = '<img src=x onerror="window.pwned=1">'
-
-
-def _require(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"browser test cannot run in CI: {reason}")
-    pytest.skip(reason)
 
 
 def _items() -> list[dict]:
@@ -156,7 +148,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    pytest.importorskip("fastapi")
+    require("fastapi")
     import uvicorn
 
     port = _free_port()
@@ -175,11 +167,11 @@ def server_url() -> Iterator[str]:
 @pytest.fixture
 def page(monkeypatch):  # noqa: ANN201
     executable = shutil.which("chromium")
-    _require(executable is not None, "Debian's `chromium` is not installed (`make test` installs it with apt-get)")
+    expect(executable is not None, "Debian's `chromium` is not installed (`make test` installs it with apt-get)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _require(False, "the `playwright` Python package is not installed (it is in the dev extra)")
+        expect(False, "the `playwright` Python package is not installed (it is in the dev extra)")
     # A per-test TMPDIR for Chromium's profile and sockets; short, because a unix socket path has ~108 bytes.
     browser_tmp = tempfile.mkdtemp(prefix="mpsclip-pw-")
     monkeypatch.setenv("TMPDIR", browser_tmp)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
-import pytest
+from extras import require
 from mpsclip.export import export
 
 import mpsclip.backbone  # noqa: F401  (registers the tiny arch with open_clip)
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def test_tokenizer_and_ensemble_configs_parse(ckpt, tmp_path):
-    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
+    require("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
     from mpsclip.export.triton_repo import parse_config
 
     out = export(ckpt, "triton-repo", tmp_path / "repo", towers=("text",), max_batch=8, opt_batch=4, verify=False)
@@ -38,8 +38,8 @@ def test_tokenizer_and_ensemble_configs_parse(ckpt, tmp_path):
 
 
 def test_tokenizer_loads_in_bundled_tritonserver(ckpt, tmp_path):
-    pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton ships the Triton server binary")
-    httpclient = pytest.importorskip("tritonclient.http")
+    pytriton = require("pytriton", reason="nvidia-pytriton ships the Triton server binary")
+    httpclient = require("tritonclient.http")
     from pytriton.utils.distribution import get_libs_path
 
     root = Path(pytriton.__file__).parent / "tritonserver"
