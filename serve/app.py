@@ -1,0 +1,300 @@
+"""The HTTP API: FastAPI app over a :class:`~serve.catalog.Catalog`; queries are encoded through a
+:class:`~serve.batching.Batcher` (or one at a time without batching) and scored against in-memory stores."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import torch
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from mpsclip.serve import metrics
+from mpsclip.serve.batching import Batcher, Overloaded
+from mpsclip.serve.catalog import Catalog, Store
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field, model_validator
+
+from mpsclip.archive.search import footprint
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+RETRY_AFTER_S = "1"
+Mode = Literal["fused", "global", "max-response"]
+
+
+class SearchRequest(BaseModel):
+    text: str | None = Field(None, min_length=1, max_length=1000)
+    image: str | None = Field(None, description="base64 PNG/JPEG/TIFF")
+    item_id: str | None = None
+    embedding: list[float] | None = None
+    k: int = Field(10, ge=1, le=1000)
+    mode: Mode = "fused"
+    bbox: list[float] | None = Field(None, min_length=4, max_length=4, description="[west, south, east, north]")
+    store: str | None = None
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        given = [n for n in ("text", "image", "item_id", "embedding") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, item_id, embedding (got {', '.join(given) or 'none'})")
+        if self.bbox is not None and (self.bbox[0] > self.bbox[2] or self.bbox[1] > self.bbox[3]):
+            raise ValueError("bbox: expected [west, south, east, north] with west <= east and south <= north")
+        return self
+
+
+class BatchRequest(BaseModel):
+    queries: list[SearchRequest] = Field(..., min_length=1, max_length=64)
+
+
+def polygon(meta: dict[str, Any]) -> dict[str, Any] | None:
+    fp = footprint(meta)
+    if fp is None:
+        return None
+    w, s, e, n = fp
+    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+
+
+def thumbnail_url(store: str, item_id: str) -> str:
+    return f"/items/{quote(store)}/{quote(item_id)}/thumbnail"
+
+
+def bad(detail: str, status: int = 422) -> HTTPException:
+    return HTTPException(status, detail)
+
+
+def decode_image(data: bytes, field: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise bad(f"{field}: not a readable image ({type(err).__name__})") from err
+
+
+class Encoder:
+    """Turns query requests into embeddings with each store's model (called in a worker thread)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    @torch.no_grad()
+    def __call__(self, jobs: list[tuple[Store, str, Any]]) -> list[torch.Tensor]:
+        out = [torch.empty(0)] * len(jobs)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, (store, kind, _) in enumerate(jobs):
+            groups.setdefault((store.name, kind), []).append(i)
+        metrics.BATCH.observe(len(jobs))
+        for (_, kind), positions in groups.items():  # each tower runs once per (store, kind) in the batch
+            model = jobs[positions[0]][0].model
+            device = next(model.parameters()).device
+            if kind == "text":
+                tokens = model.tokenize([jobs[i][2] for i in positions]).to(device)
+                emb = model.encode_text(tokens).float().cpu()
+            else:
+                from mpsclip.data.transforms import eval_transform
+
+                transform = eval_transform(model.image_size)
+                pixels = torch.stack([transform(jobs[i][2]) for i in positions]).to(device)
+                emb = model.encode_image(pixels).float().cpu()
+            for row, i in enumerate(positions):
+                out[i] = emb[row]
+        return out
+
+
+def create_app(catalog: Catalog, batching: bool = True, max_batch: int = 32, max_queue: int = 256) -> FastAPI:
+    encoder = Encoder(catalog)
+    batcher = Batcher(encoder, max_batch=max_batch if batching else 1, max_wait_s=0.004, max_queue=max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="mpsclip serve", description="Text and image search over mpsclip embedding stores.", lifespan=lifespan
+    )
+    app.state.catalog, app.state.batcher = catalog, batcher
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(endpoint, str(response.status_code)).observe(time.perf_counter() - start)
+        return response
+
+    def get_store(name: str | None) -> Store:
+        try:
+            return catalog.get(name)
+        except KeyError as err:
+            raise bad(str(err.args[0]), 404) from err
+
+    async def query_vector(req: SearchRequest, store: Store, image: Image.Image | None) -> torch.Tensor:
+        if req.embedding is not None:
+            vec = torch.tensor(req.embedding, dtype=torch.float32)
+            if vec.shape[0] != store.info.dim or not torch.isfinite(vec).all():
+                raise bad(f"embedding: expected {store.info.dim} finite numbers, got {vec.shape[0]}")
+            norm = vec.norm()
+            if norm == 0:
+                raise bad("embedding: the zero vector cannot be searched with")
+            return vec / norm
+        if req.item_id is not None:
+            row = store.row_of.get(req.item_id)
+            if row is None:
+                raise bad(f"item_id: no item {req.item_id!r} in store {store.name!r}", 404)
+            return torch.from_numpy(store.columns["global"][row]).float()
+        if store.model is None:
+            raise bad("text/image queries need the store's model, which this server did not load", 503)
+        if req.text is not None:
+            job: tuple[Store, str, Any] = (store, "text", req.text)
+        else:
+            job = (store, "image", image)
+        metrics.QUEUE.set(batcher.depth)
+        try:
+            return await batcher.submit(job)
+        except Overloaded as err:
+            metrics.ERRORS.labels("overloaded").inc()
+            raise HTTPException(503, "server overloaded: retry later", headers={"Retry-After": RETRY_AFTER_S}) from err
+
+    async def search(req: SearchRequest, image: Image.Image | None = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        store = get_store(req.store)
+        if req.image is not None and image is None:
+            try:
+                data = base64.b64decode(req.image, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise bad("image: not valid base64") from err
+            if len(data) > MAX_UPLOAD_BYTES:
+                raise bad(f"image: larger than {MAX_UPLOAD_BYTES} bytes", 413)
+            image = decode_image(data, "image")
+        vec = await query_vector(req, store, image)
+        encoded = time.perf_counter()
+        bbox = tuple(req.bbox) if req.bbox is not None else None
+        scores, rows = store.topk(vec[None], req.k, req.mode, bbox)
+        scored = time.perf_counter()
+        metrics.STAGES.labels("encode").observe(encoded - start)
+        metrics.STAGES.labels("score").observe(scored - encoded)
+        hits = []
+        for score, row in zip(scores[0].tolist(), rows[0].tolist(), strict=True):
+            if row < 0:
+                break
+            item_id, meta = store.ids[row], store.metas[row]
+            hits.append({
+                "rank": len(hits) + 1, "score": float(score), "id": item_id, "store": store.name,
+                "keywords": list(meta.get("keywords") or []), "footprint": polygon(meta),
+                "thumbnail_url": thumbnail_url(store.name, item_id), "scene": meta.get("scene"),
+            })
+        total = time.perf_counter() - start
+        took = {"encode": 1000 * (encoded - start), "score": 1000 * (scored - encoded), "total": 1000 * total}
+        return {"store": store.name, "mode": req.mode, "k": req.k, "took_ms": took, "hits": hits}
+
+    @app.post("/search")
+    async def post_search(req: SearchRequest) -> dict[str, Any]:
+        return await search(req)
+
+    @app.post("/search/batch")
+    async def post_batch(req: BatchRequest) -> dict[str, Any]:
+        return {"results": [await search(q) for q in req.queries]}
+
+    @app.post("/search/upload")
+    async def post_upload(
+        file: UploadFile = File(...), k: int = Form(10, ge=1, le=1000), mode: Mode = Form("fused"),
+        bbox: str | None = Form(None), store: str | None = Form(None),
+    ) -> dict[str, Any]:
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise bad(f"file: larger than {MAX_UPLOAD_BYTES} bytes", 413)
+        box = None
+        if bbox:
+            try:
+                box = [float(v) for v in bbox.split(",")]
+            except ValueError as err:
+                raise bad("bbox: expected W,S,E,N numbers") from err
+            if len(box) != 4 or box[0] > box[2] or box[1] > box[3]:
+                raise bad("bbox: expected W,S,E,N with W <= E and S <= N")
+        req = SearchRequest(image="", k=k, mode=mode, bbox=box, store=store)
+        return await search(req, decode_image(data, "file"))
+
+    @app.get("/stores")
+    async def get_stores() -> dict[str, Any]:
+        out = []
+        for s in catalog.stores.values():
+            m = s.info.manifest
+            out.append({
+                "name": s.name, "items": len(s.ids),
+                "model": {"family": m.get("family", "mpsclip"), "arch": m.get("arch")},
+                "checkpoint_sha256": m.get("checkpoint_sha256"), "settings": m.get("settings", {}),
+                "georeferenced": any(polygon(meta) is not None for meta in s.metas[:1000]), "scenes": [],
+            })
+        return {"stores": out}
+
+    @app.get("/items/{store}/{item_id:path}/thumbnail")
+    async def get_thumbnail(store: str, item_id: str) -> Response:
+        from mpsclip.archive.items import READ_ERRORS, item_from_meta
+        from mpsclip.archive.readers import open_item
+
+        s = get_store(store)
+        row = s.row_of.get(item_id)
+        if row is None:
+            raise bad(f"item_id: no item {item_id!r} in store {s.name!r}", 404)
+        start = time.perf_counter()
+        try:
+            image = open_item(item_from_meta(item_id, s.metas[row], s.info.manifest))
+        except READ_ERRORS as err:
+            raise bad(f"item {item_id!r}: its source cannot be read ({type(err).__name__})", 404) from err
+        image = image.convert("RGB")
+        image.thumbnail((256, 256))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        metrics.STAGES.labels("render").observe(time.perf_counter() - start)
+        return Response(buffer.getvalue(), media_type="image/jpeg")
+
+    @app.get("/items/{store}/{item_id:path}")
+    async def get_item(store: str, item_id: str) -> dict[str, Any]:
+        s = get_store(store)
+        row = s.row_of.get(item_id)
+        if row is None:
+            raise bad(f"item_id: no item {item_id!r} in store {s.name!r}", 404)
+        meta = s.metas[row]
+        return {"id": item_id, "store": s.name, "meta": meta, "keywords": list(meta.get("keywords") or []),
+                "footprint": polygon(meta), "thumbnail_url": thumbnail_url(s.name, item_id)}
+
+    @app.post("/admin/reload")
+    async def post_reload() -> dict[str, Any]:
+        catalog.reload()
+        return {"stores": {n: len(s.ids) for n, s in catalog.stores.items()}}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = bool(catalog.stores)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        metrics.QUEUE.set(batcher.depth)
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+    if (STATIC / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(STATIC / "index.html")
+
+    return app
+
