@@ -28,9 +28,14 @@ class Store:
     columns: dict[str, np.ndarray]
     row_of: dict[str, int] = field(default_factory=dict)
     model: Any = None
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def views(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return mode_views(self.columns, mode)
+        """The mode's views as fp32, converted once (CPU fp16 matrix products are many times slower)."""
+        if mode not in self.cache:
+            views, valid = mode_views(self.columns, mode)
+            self.cache[mode] = views.float(), valid
+        return self.cache[mode]
 
     def topk(
         self, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None
@@ -48,6 +53,10 @@ class Store:
         if len(rows) == 0:
             empty = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
             return torch.full((queries.shape[0], k), float("-inf")), empty
+        if views.shape[1] == 1 and valid is None:  # fused/global: one matrix product
+            scores = queries.float() @ views[:, 0].T
+            top_s, top_i = torch.topk(scores, min(k, len(rows)), dim=1)
+            return top_s, rows[top_i]
         return scored_topk(queries.float(), views, valid, rows, min(k, len(rows)))
 
 
