@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mpsclip.archive.job import LocalExecutor, list_items, open_job, run_job
 from PIL import Image
 
 from mpsclip.archive.embedder import Embedder, EmbedSettings
+from mpsclip.archive.job import LocalExecutor, list_items, open_job, run_job
 from mpsclip.archive.perspectives import ZeroShotSettings
 from mpsclip.checkpoints import file_sha256
 from mpsclip.io import atomic_write

@@ -119,7 +119,7 @@ class Fixture:
 
     def store(self, name: str, source: str, device: str, **settings: Any) -> Path:
         """The store of ``source`` embedded with ``settings`` (made once per name)."""
-        from mpsclip.archive.embed import embed_archive
+        from mpsclip.archive.job import embed_archive
         from mpsclip.archive.embedder import EmbedSettings
 
         key = f"{name}-{source}"

@@ -31,7 +31,7 @@ from mpsclip.metrics import chance_r_mean
 from mpsclip.train import TrainConfig, train
 
 if TYPE_CHECKING:
-    from mpsclip.archive.embed import EmbedSettings
+    from mpsclip.archive.job import EmbedSettings
 
 # archive step: 4 mosaics of 4 x 4 tiles of 224 px (two test images of every class each), 10 m pixels, EPSG:32633
 MOSAICS, GRID, TILE_PX, PIXEL_M = 4, 4, 224, 10.0
@@ -137,9 +137,9 @@ def write_mosaics(scenes: Path, layout: list[list[tuple[Path, str]]]) -> dict[st
 
 def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | None:
     """Mosaics of the test images -> tiles -> store -> class queries; prints and returns precision@1."""
-    from mpsclip.archive.embed import EmbedSettings, embed_archive
+    from mpsclip.archive.items import TileSettings
+    from mpsclip.archive.job import EmbedSettings, embed_archive
     from mpsclip.archive.search import encode_queries, load_search_model, search_store, to_geojson, to_html
-    from mpsclip.archive.sources import TileSettings
     from mpsclip.archive.store import open_store
     from mpsclip.io import atomic_write
 
@@ -182,7 +182,7 @@ def zero_shot_step(archive: Path, model_checkpoint: Path, settings: EmbedSetting
     in max-response mode."""
     import dataclasses
 
-    from mpsclip.archive.embed import embed_archive
+    from mpsclip.archive.job import embed_archive
     from mpsclip.archive.search import encode_queries, load_search_model, search_store
     from mpsclip.archive.store import open_store, read_ids_metas
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import randomize_adapters
 
-from mpsclip.archive.embed import EmbedSettings, embed_archive
+from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import load_store
 from mpsclip.cli import main
@@ -56,7 +56,7 @@ def test_embed_store_layout(store: Path) -> None:
         "shard-00002.parquet",
     ]
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["precision"] == "fp16" and manifest["family"] == "MPSCLIP"
+    assert manifest["complete"] and manifest["precision"] == "fp16" and manifest["family"] == "mpsclip"
     assert manifest["counts"] == {"items": 6, "embedded": 6, "failed": 0, "shards": 3}
     data = load_store(store)
     assert data.retrieval.dtype == torch.float16 and data.retrieval.shape == (6, manifest["dim"])

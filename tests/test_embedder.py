@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from extras import require
-from mpsclip.archive.embed import EmbedSettings, embed_archive
 from PIL import Image
 
 from mpsclip.archive.embedder import jpeg_pixels
+from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.store import load_store
 from mpsclip.cli import main

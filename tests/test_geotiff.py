@@ -19,10 +19,11 @@ from affine import Affine  # noqa: E402
 from PIL import Image  # noqa: E402
 from rasterio.warp import transform as warp_points  # noqa: E402
 
-from mpsclip.archive import embed as embed_mod  # noqa: E402
 from mpsclip.archive import geotiff  # noqa: E402
+from mpsclip.archive import job as job_mod  # noqa: E402
 from mpsclip.archive.geotiff import Cut, read_tile, scan_scene, scene_windows, valid_pixels, window_offsets  # noqa: E402
-from mpsclip.archive.sources import READ_ERRORS, Item, TileSettings, iter_items  # noqa: E402
+from mpsclip.archive.items import READ_ERRORS, Item, TileSettings  # noqa: E402
+from mpsclip.archive.sources import iter_items  # noqa: E402
 from mpsclip.archive.store import load_store  # noqa: E402
 from mpsclip.cli import main  # noqa: E402
 from mpsclip.commands import embed as embed_cmd  # noqa: E402
@@ -82,10 +83,10 @@ def test_utm_tiles_and_footprints(tmp_path: Path) -> None:
         "scene.tif/r000032_c000032",
         "scene.tif/r000032_c000064",
     ]
-    assert items[0].meta == {}
+    assert items[0].meta == {"kind": "file", "path": "plain.tif"} and items[4].kind == "geotiff-window"
     tile = items[4].meta
     assert tile["window"] == [32, 32, 32, 32] and tile["crs"] == "EPSG:32633" and tile["stretch"] is None
-    assert tile["scene"] == str((tmp_path / "scene.tif").resolve()) and tile["bands"] == [1, 2, 3]
+    assert tile["scene"] == "scene.tif" and tile["kind"] == "geotiff-window" and tile["bands"] == [1, 2, 3]
     # by hand: columns 32..64 -> x 500320..500640; rows 32..64 -> y 4999680..4999360
     lons, lats = warp_points("EPSG:32633", "EPSG:4326", [500320, 500640, 500320, 500640], [4999360] * 2 + [4999680] * 2)
     assert tile["footprint"] == pytest.approx([min(lons), min(lats), max(lons), max(lats)], abs=1e-6)
@@ -192,7 +193,7 @@ def test_resolution_flag() -> None:
     embed_cmd.configure(parser)
     args = parser.parse_args(["src", "--out", "o", "--checkpoint", "c", "--tile-size", "224", "--resolution", "10"])
     assert embed_cmd.tile_settings(args) == TileSettings(224, 224, None, 10.0)
-    assert embed_mod._tiles_identity(TileSettings(224, 224, None, 10.0)) == {
+    assert job_mod._tiles_identity(TileSettings(224, 224, None, 10.0)) == {
         "tile_size": 224,
         "stride": 224,
         "bands": None,
@@ -245,9 +246,9 @@ def test_embed_tiles_cli_and_broken_window(
     def with_broken(source: Path, tiles: TileSettings) -> Iterator[Item]:
         items = list(iter_items(source, tiles))
         yield from items
-        yield Item("a.tif/broken", items[0].path, {**items[0].meta, "window": [90, 0, 32, 32]})
+        yield Item("a.tif/broken", items[0].path, {**items[0].meta, "window": [90, 0, 32, 32]}, "geotiff-window")
 
-    monkeypatch.setattr(embed_mod, "iter_items", with_broken)
+    monkeypatch.setattr(job_mod, "iter_items", with_broken)
     assert main([*base, "--out", str(tmp_path / "b"), "--tile-size", "32"]) == 0
     failures = [json.loads(line) for line in (tmp_path / "b" / "failures.jsonl").read_text().splitlines()]
     assert [f["id"] for f in failures] == ["a.tif/broken"] and "outside" in failures[0]["error"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from extras import require
-from mpsclip.archive.embed import EmbedSettings, embed_archive
 from mpsclip.bench.search import synthetic_queries, synthetic_store
 
 from mpsclip.archive.index import (
@@ -19,6 +18,7 @@ from mpsclip.archive.index import (
     load_index,
     recall_at_k,
 )
+from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import MODES, exact_topk
 from mpsclip.archive.store import open_store, write_manifest
 from mpsclip.cli import main

@@ -1,17 +1,21 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from extras import require
-from mpsclip.archive.embed import EmbedSettings, embed_archive
-from mpsclip.archive.ray_embed import embed_archive_ray
 
-from mpsclip.archive import ray_embed
+from mpsclip.archive import job as job_mod
+from mpsclip.archive import ray_executor
+from mpsclip.archive.embedder import Embedder
+from mpsclip.archive.job import EmbedSettings, embed_archive
+from mpsclip.archive.ray_executor import embed_archive_ray
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
@@ -76,16 +80,21 @@ def test_killed_ray_run_resumes(
     """Single process writes shard 0; Ray resumes, writes shard 1 and is killed; single process finishes."""
     store = tmp_path / "s"
     _single_process(images, store, ckpt, stop_after_shards=1)
-    record = ray_embed.record_shard
+    record = job_mod.record_shard
 
     def record_then_die(job: object, shard: int, *args: object) -> None:
         record(job, shard, *args)
         if shard == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ray_embed, "record_shard", record_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        embed_archive_ray(images, store, ckpt, settings=SMALL, num_actors=1, progress=False)
+    def no_model_on_the_driver(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Ray driver loaded a model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(job_mod, "record_shard", record_then_die)
+        patch.setattr(Embedder, "load", no_model_on_the_driver)  # the actors' processes keep the real one
+        with pytest.raises(KeyboardInterrupt):
+            embed_archive_ray(images, store, ckpt, settings=SMALL, num_actors=1, progress=False)
     assert sorted(p.name for p in store.glob("shard-*")) == ["shard-00000.parquet", "shard-00001.parquet"]
     assert not json.loads((store / "manifest.json").read_text())["complete"]
     _single_process(images, store, ckpt)
@@ -119,3 +128,30 @@ def test_missing_ray_is_explained(images: Path, ckpt: Path, tmp_path: Path, monk
     with pytest.raises(MPSCLIPError, match=r"pip install 'mpsclip\[ray\]'"):
         embed_archive_ray(images, tmp_path / "s", ckpt, settings=SMALL, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_done_store_does_not_start_ray(
+    images: Path, ckpt: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "s"
+    store.mkdir()
+    for name, data in _files(reference).items():
+        (store / name).write_bytes(data)
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for a finished store")
+
+    monkeypatch.setattr(ray_executor, "_connect", no_ray)
+    monkeypatch.setattr(Embedder, "load", no_ray)
+    summary = embed_archive_ray(images, store, ckpt, settings=SMALL, progress=False)
+    assert summary.complete and summary.n_resumed_shards == 3 and _files(store) == _files(reference)
+
+
+def test_unreachable_ray_address_fails_fast(images: Path, ckpt: Path, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    started = time.perf_counter()
+    with pytest.raises(MPSCLIPError, match=f"--ray-address {address}: nothing answers there"):
+        ray_executor._connect(ray, address)
+    assert time.perf_counter() - started < 15

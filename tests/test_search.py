@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import randomize_adapters
 
-from mpsclip.archive import embed as embed_mod
-from mpsclip.archive.embed import EmbedSettings, embed_archive
+from mpsclip.archive import job as job_mod
+from mpsclip.archive.items import Item
+from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import (
     MODES,
     encode_images,
@@ -19,7 +20,7 @@ from mpsclip.archive.search import (
     load_search_model,
     search_store,
 )
-from mpsclip.archive.sources import Item, iter_items
+from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import ShardRows, load_store, open_store, shard_path, write_manifest, write_shard
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
@@ -202,10 +203,10 @@ def test_search_cli_geojson_and_html(
 ) -> None:
     def with_footprints(source: Path) -> Iterator[Item]:
         for n, item in enumerate(iter_items(source)):
-            meta = {"footprint": [float(n), 0.0, n + 0.5, 0.5]} if n < 4 else {}
-            yield Item(item.id, item.path, meta)
+            meta = {**item.meta, "footprint": [float(n), 0.0, n + 0.5, 0.5]} if n < 4 else item.meta
+            yield Item(item.id, item.path, meta, item.kind)
 
-    monkeypatch.setattr(embed_mod, "iter_items", with_footprints)
+    monkeypatch.setattr(job_mod, "iter_items", with_footprints)
     embed_archive(synth / "images", tmp_path / "s", ckpt, settings=SMALL, progress=False)
     assert main(["search", str(tmp_path / "s"), "an airport", "-k", "6", "--format", "geojson"]) == 0
     captured = capsys.readouterr()

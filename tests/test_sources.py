@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mpsclip.archive.embed import EmbedSettings, embed_archive
-from mpsclip.archive.sources import READ_ERRORS, Item, iter_items, open_item
+from mpsclip.archive.items import READ_ERRORS, Item, item_from_meta
+from mpsclip.archive.job import EmbedSettings, embed_archive
+from mpsclip.archive.readers import open_item
+from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import load_store
 from mpsclip.archive.webdataset import expand_braces, split_key
 from mpsclip.errors import MPSCLIPError
@@ -66,10 +68,11 @@ def test_tar_samples(tmp_path: Path) -> None:
     items = list(iter_items(shard))
     assert [i.id for i in items] == ["s.tar/0002.png", "s.tar/b/0001.jpg"]
     meta = items[0].meta
-    assert meta["tar"] == str(shard.resolve()) and meta["member"] == "0002.png" and items[0].path == shard
+    assert meta["tar"] == "s.tar" and meta["kind"] == "tar-member" and items[0].kind == "tar-member"
+    assert meta["member"] == "0002.png" and items[0].path == shard
     assert shard.read_bytes()[meta["offset"] : meta["offset"] + meta["size"]] == png((40, 50, 60))
-    # the meta alone is enough to read the pixels again (search re-opens hits this way)
-    again = open_item(Item(items[0].id, tmp_path / "elsewhere", meta))
+    # the meta and the source root are enough to read the pixels again (search re-opens hits this way)
+    again = open_item(item_from_meta(items[0].id, meta, tmp_path))
     assert again.size == (24, 24) and again.getpixel((0, 0)) == (40, 50, 60)
     assert open_item(items[1]).size == (32, 32)
 
@@ -127,4 +130,48 @@ def test_embed_tar_with_corrupt_member(tiny_model: MPSCLIP, tmp_path: Path) -> N
     assert [(f["id"], f["path"]) for f in failures] == [("shard.tar/0002x.jpg", str(shard))]
     data = load_store(tmp_path / "store")
     assert data.ids == [f"shard.tar/{n:04d}.jpg" for n in range(5)]
-    assert all(open_item(Item(i, tmp_path, m)).size == (32, 32) for i, m in zip(data.ids, data.metas, strict=True))
+    assert data.manifest["source_root"] == str(tmp_path)
+    assert all(
+        open_item(item_from_meta(i, m, data.manifest)).size == (32, 32)
+        for i, m in zip(data.ids, data.metas, strict=True)
+    )
+
+
+def test_readers_open_each_kind_from_meta_paths_relative_to_the_source_root(tmp_path: Path) -> None:
+    """A folder with an image file and a shard in a subfolder: every item records its kind and a meta path
+    relative to the root; the readers open each kind; the meta resolves below a moved root too."""
+    root = tmp_path / "archive"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(png((1, 2, 3)))
+    write_tar(root / "sub" / "s.tar", [("0001.png", png((4, 5, 6)))])
+    items = list(iter_items(root))
+    assert [(i.id, i.kind) for i in items] == [("a.png", "file"), ("sub/s.tar/0001.png", "tar-member")]
+    assert items[0].meta == {"kind": "file", "path": "a.png"} and items[1].meta["tar"] == "sub/s.tar"
+    assert [open_item(i).getpixel((0, 0)) for i in items] == [(1, 2, 3), (4, 5, 6)]
+    moved = tmp_path / "elsewhere"
+    root.rename(moved)
+    again = [item_from_meta(i.id, i.meta, {"source_root": str(moved)}) for i in items]
+    assert [i.kind for i in again] == ["file", "tar-member"]
+    assert [open_item(i).getpixel((0, 0)) for i in again] == [(1, 2, 3), (4, 5, 6)]
+    with pytest.raises(MPSCLIPError, match="no item kind"):
+        item_from_meta("x", {"footprint": [0, 0, 1, 1]}, moved)
+    with pytest.raises(MPSCLIPError, match="kind 'zip'"):
+        Item("x", moved, {}, "zip")  # type: ignore[arg-type]
+
+
+def test_moved_store_still_finds_its_images(tiny_model: MPSCLIP, tmp_path: Path) -> None:
+    """The manifest records ``source_root``; a store moved to another folder resolves every row through it."""
+    (tmp_path / "src").mkdir()
+    for n in range(3):
+        (tmp_path / "src" / f"{n}.jpg").write_bytes(jpeg(n))
+    settings = EmbedSettings(batch_size=2, shard_size=2, workers=0, device="cpu")
+    summary = embed_archive(
+        tmp_path / "src", tmp_path / "store", tiny_model.save(tmp_path / "m"), settings=settings, progress=False
+    )
+    assert summary.complete
+    (tmp_path / "store").rename(tmp_path / "moved")
+    data = load_store(tmp_path / "moved")
+    assert data.manifest["source_root"] == str(tmp_path / "src")
+    assert [m["path"] for m in data.metas] == ["0.jpg", "1.jpg", "2.jpg"]
+    opened = [open_item(item_from_meta(i, m, data.manifest)) for i, m in zip(data.ids, data.metas, strict=True)]
+    assert [im.size for im in opened] == [(32, 32)] * 3

@@ -27,9 +27,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from mpsclip.archive import webdataset
+from mpsclip.archive.items import READ_ERRORS, Item, TileSettings, is_image_file
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
-from mpsclip.archive.sources import READ_ERRORS, Item, TileSettings, is_image_file, open_item, open_rgb
+from mpsclip.archive.readers import jpeg_bytes, open_item, open_rgb
 from mpsclip.archive.store import ShardRows
 from mpsclip.checkpoints import file_sha256
 from mpsclip.choices import RUNTIMES
@@ -42,7 +42,6 @@ from mpsclip.family import RetrievalModel
 
 PERSPECTIVES = ("none", "zero-shot", "from-dir")
 DECODERS = ("auto", "cpu", "device")
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class _ItemDataset(Dataset[_Loaded]):
         item = self.items[index]
         jpeg = None
         try:
-            data = jpeg_file(item) if self.raw_jpeg else None
+            data = jpeg_bytes(item) if self.raw_jpeg else None
             if data is not None:
                 jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 image = torch.empty(0)
@@ -147,17 +146,6 @@ class _ItemDataset(Dataset[_Loaded]):
             except READ_ERRORS:
                 continue
         return images
-
-
-def jpeg_file(item: Item) -> bytes | None:
-    """The undecoded bytes of a JPEG item (a whole file or a tar member); None for other items."""
-    meta = item.meta
-    name = meta["member"] if "tar" in meta else item.path.name
-    if "window" in meta or Path(name).suffix.lower() not in JPEG_SUFFIXES:
-        return None
-    if "tar" in meta:
-        return webdataset.read_member(meta["tar"], meta["offset"], meta["size"])
-    return item.path.read_bytes()
 
 
 def _split_loaded(loaded: list[_Loaded]) -> tuple[list[_Loaded], list[_Loaded]]:

@@ -13,10 +13,11 @@ percentiles of valid pixels (sampled on a grid of about :data:`SAMPLE_PIXELS`) a
 to 8 bits when it is read. A strip that cannot be read keeps its windows: reading those tiles fails, which skips
 them and lists them in ``failures.jsonl`` (:func:`read_tile` raises OSError).
 
-Each tile is an :class:`Item` with id ``<scene id>/r<row_off>_c<col_off>`` (zero-padded) and meta ``scene``
-(absolute path), ``window`` ``[col_off, row_off, width, height]`` in scene pixels, ``crs`` (e.g. ``EPSG:32633``),
-``footprint`` ``[minx, miny, maxx, maxy]`` in EPSG:4326, ``bands`` (1-based), ``stretch`` (``[[lo, hi], ...]``
-per band, or None for 8-bit data) and, with ``resolution``, ``out_size`` ``[width, height]`` in output pixels.
+Each tile is an :class:`Item` of kind ``geotiff-window`` with id ``<scene id>/r<row_off>_c<col_off>`` (zero-padded)
+and meta ``kind``, ``scene`` (relative to the source root), ``window`` ``[col_off, row_off, width, height]`` in
+scene pixels, ``crs`` (e.g. ``EPSG:32633``), ``footprint`` ``[minx, miny, maxx, maxy]`` in EPSG:4326, ``bands``
+(1-based), ``stretch`` (``[[lo, hi], ...]`` per band, or None for 8-bit data) and, with ``resolution``,
+``out_size`` ``[width, height]`` in output pixels.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from mpsclip.archive.sources import Item, TileSettings
+from mpsclip.archive.items import Item, TileSettings, relative_to_root
 from mpsclip.errors import MPSCLIPError
 
 PERCENTILES = (2.0, 98.0)
@@ -195,15 +196,16 @@ def out_size(window: Window, cut: Cut, tile_size: int, sx: float, sy: float) -> 
     return [width, height]
 
 
-def scene_tiles(path: Path, scene_id: str, settings: TileSettings) -> list[Item]:
-    """The tiles of one scene that hold data (see the module's docstring); raises MPSCLIPError if unreadable."""
+def scene_tiles(path: Path, scene_id: str, settings: TileSettings, root: Path) -> list[Item]:
+    """The tiles of one scene that hold data (see the module's docstring), meta ``scene`` relative to ``root``;
+    raises MPSCLIPError if unreadable."""
     try:
-        return _scene_tiles(path, scene_id, settings)
+        return _scene_tiles(path, scene_id, settings, root)
     except RasterioError as err:
         raise MPSCLIPError(f"{path}: cannot read the scene ({err}); fix or remove the file") from err
 
 
-def _scene_tiles(path: Path, scene_id: str, settings: TileSettings) -> list[Item]:
+def _scene_tiles(path: Path, scene_id: str, settings: TileSettings, root: Path) -> list[Item]:
     with rasterio.open(path) as src:
         bands = choose_bands(src.count, settings.bands, path)
         cut, sx, sy = scene_cut(src.crs, src.res, settings, path)
@@ -211,7 +213,9 @@ def _scene_tiles(path: Path, scene_id: str, settings: TileSettings) -> list[Item
         windows = scene_windows(src.width, src.height, cut)
         scan = scan_scene(src, bands, windows, sample=not eight_bit)
         stretch = None if eight_bit else stretch_limits(scan.samples, len(bands))
-        base = {"scene": str(path.resolve()), "crs": src.crs.to_string(), "bands": list(bands), "stretch": stretch}
+        scene = relative_to_root(path, root)
+        base = {"kind": "geotiff-window", "scene": scene, "crs": src.crs.to_string(), "bands": list(bands)}
+        base["stretch"] = stretch
         items = []
         for w in windows:
             if not scan.holds_data(w):
@@ -225,7 +229,7 @@ def _scene_tiles(path: Path, scene_id: str, settings: TileSettings) -> list[Item
             if settings.resolution is not None:
                 meta["out_size"] = out_size(w, cut, settings.tile_size, sx, sy)
             tile_id = f"{scene_id}/r{int(w.row_off):06d}_c{int(w.col_off):06d}"
-            items.append(Item(id=tile_id, path=path, meta=meta))
+            items.append(Item(tile_id, path, meta, "geotiff-window"))
         return items
 
 

@@ -1,19 +1,22 @@
-"""Embed an archive on Ray Data: the same store as :func:`mpsclip.archive.embed.embed_archive`, across GPUs and nodes.
+"""The Ray executor: embed a job's shards on a Ray Data actor pool, across GPUs and nodes; the same store as
+:func:`mpsclip.archive.job.embed_archive`.
 
-The driver lists the source and opens the job (it loads the model once, on its CPU, for the manifest's
-identity and sizes), then turns the pending shards into a Ray Dataset (one row per shard: its index and its items as
-JSON). An actor pool (``map_batches`` with :class:`_ShardWorker`, one GPU per actor when the cluster has GPUs)
-reads and embeds each shard with the same :class:`~mpsclip.archive.embedder.Embedder` as the single-process
-loop; Ray schedules the actors and restarts them when they die. The driver receives the shards in order and
-writes each with :func:`~mpsclip.archive.embed.record_shard`, so the store is byte-identical to a
-single-process run and a killed run resumes the same way. Image paths must be readable on every node
-(a shared filesystem). Ray is imported here only: ``import mpsclip`` never needs it.
+The driver lists the source and opens the job (:func:`~mpsclip.archive.job.open_job`: the store's identity comes
+from the checkpoint's JSON config and hash, no model is loaded on the driver), then turns the pending shards into a
+Ray Dataset (one row per shard: its index and its items as JSON). An actor pool (``map_batches`` with
+:class:`_ShardWorker`, one GPU per actor when the cluster has GPUs) reads and embeds each shard with the same
+:class:`~mpsclip.archive.embedder.Embedder` as the local executor; Ray schedules the actors and restarts them when
+they die. :func:`~mpsclip.archive.job.run_job` receives the shards in order and records them, so the store is
+byte-identical to a local run and a killed run resumes the same way. When every shard is already done, Ray is not
+started. Image paths must be readable on every node (a shared filesystem). Ray is imported here only:
+``import mpsclip`` never needs it.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,16 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mpsclip.archive.embed import EmbedSummary, Job, close_job, list_items, open_job, record_shard
 from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
-from mpsclip.archive.sources import Item
-from mpsclip.archive.store import ShardRows
+from mpsclip.archive.items import Item
+from mpsclip.archive.job import EmbedSummary, Job, LocalExecutor, ShardResult, list_items, open_job, run_job
+from mpsclip.archive.store import count_complete_shards, read_manifest
 from mpsclip.checkpoints import resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
-__all__ = ["embed_archive_ray"]
+__all__ = ["RayExecutor", "embed_archive_ray"]
+
+CONNECT_TIMEOUT_S = 5.0
+"""How long to wait for a ``--ray-address`` cluster to answer before giving up."""
 
 
 def _import_ray() -> Any:
@@ -42,8 +47,25 @@ def _import_ray() -> Any:
     return ray
 
 
+def _probe(address: str) -> None:
+    """Fail within :data:`CONNECT_TIMEOUT_S` when nothing listens at a ``host:port`` (or ``ray://host:port``)
+    address, rather than letting ``ray.init`` wait for minutes; other addresses (``auto``) are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise MPSCLIPError(
+            f"--ray-address {address}: nothing answers there within {CONNECT_TIMEOUT_S:g} s ({err}); start a cluster "
+            "with 'ray start --head' and pass its address, or drop --ray-address to run on a local Ray instance"
+        ) from err
+
+
 def _connect(ray: Any, address: str | None) -> None:
     """Start a local Ray instance (``address`` None) or join the cluster at ``address``."""
+    if address is not None:
+        _probe(address)
     try:
         ray.init(address=address, include_dashboard=False)
     except ConnectionError as err:
@@ -55,11 +77,11 @@ def _connect(ray: Any, address: str | None) -> None:
 
 def _pack(items: list[Item]) -> str:
     """A shard's items as JSON, so that a Ray Dataset row carries plain data."""
-    return json.dumps([{"id": it.id, "path": str(it.path), "meta": it.meta} for it in items])
+    return json.dumps([{"id": it.id, "path": str(it.path), "meta": it.meta, "kind": it.kind} for it in items])
 
 
 def _unpack(text: str) -> list[Item]:
-    return [Item(d["id"], Path(d["path"]), d["meta"]) for d in json.loads(text)]
+    return [Item(d["id"], Path(d["path"]), d["meta"], d["kind"]) for d in json.loads(text)]
 
 
 class _ShardWorker:
@@ -105,40 +127,45 @@ def _plan_actors(ray: Any, settings: EmbedSettings, num_actors: int | None, gpus
     return _Actors(num_actors, cpus, gpus, replace(settings, device="cuda" if gpus > 0 else "cpu"))
 
 
-def _driver_settings(actors: _Actors) -> EmbedSettings:
-    """Settings for the driver's model, loaded only for the manifest: the actors' identity (decode included) on
-    the driver's CPU, or its GPU for TensorRT engines, which need one."""
-    settings = actors.settings
-    decode = resolve_decode(settings.decode, torch.device(settings.device))
-    if settings.runtime != "tensorrt":
-        return replace(settings, device="cpu", decode=decode)
-    if not torch.cuda.is_available():
-        raise MPSCLIPError(
-            "--ray --engine tensorrt: the driver needs a GPU too (to check the engine); "
-            "run it on a GPU node, or use --engine onnxruntime or torch"
+class RayExecutor:
+    """Embeds shards on a Ray Data actor pool (see the module's docstring); the cluster must be connected."""
+
+    def __init__(self, ray: Any, checkpoint: Path, arch: str | None, actors: _Actors) -> None:
+        self.ray, self.checkpoint, self.arch, self.actors = ray, checkpoint, arch, actors
+
+    def embed_shards(self, job: Job, shards: list[int]) -> Iterator[ShardResult]:
+        """Embed ``shards`` in a Ray actor pool; yields ``(shard, rows, failed)`` in shard order."""
+        ray, actors = self.ray, self.actors
+        rows = [{"shard": shard, "items": _pack(job.shard_items(shard))} for shard in shards]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
+        ds.context.enable_progress_bars = False  # the driver shows one bar over items
+        ds = ds.map_batches(
+            _ShardWorker,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(actors.count, len(rows))),
+            fn_constructor_kwargs={"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings},
+            num_cpus=actors.cpus,
+            num_gpus=actors.gpus,
         )
-    return replace(settings, decode=decode)
+        for row in ds.iter_rows():
+            shard_rows, failed = pickle.loads(row["result"])
+            yield int(row["shard"]), shard_rows, failed
 
 
-def _embedded_shards(
-    ray: Any, job: Job, shards: list[int], checkpoint: Path, arch: str | None, actors: _Actors
-) -> Iterator[tuple[int, ShardRows, list[tuple[Item, str]]]]:
-    """Embed ``shards`` in a Ray actor pool; yields ``(shard, rows, failed)`` in shard order."""
-    rows = [{"shard": shard, "items": _pack(job.shard_items(shard))} for shard in shards]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
-    ds.context.enable_progress_bars = False  # the driver shows one bar over items
-    ds = ds.map_batches(
-        _ShardWorker,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(actors.count, len(rows))),
-        fn_constructor_kwargs={"checkpoint": checkpoint, "arch": arch, "settings": actors.settings},
-        num_cpus=actors.cpus,
-        num_gpus=actors.gpus,
-    )
-    for row in ds.iter_rows():
-        shard_rows, failed = pickle.loads(row["result"])
-        yield int(row["shard"]), shard_rows, failed
+def _all_done(store: Path, n_items: int, settings: EmbedSettings) -> bool:
+    n_shards = (n_items + settings.shard_size - 1) // settings.shard_size
+    return read_manifest(store) is not None and count_complete_shards(store) >= n_shards
+
+
+def _decode_without_cluster(store: Path, settings: EmbedSettings) -> str:
+    """The decoding a finished store is checked against without asking a cluster: ``--decode auto`` resolves on
+    the actors' device, so it accepts the store's own."""
+    if settings.decode != "auto":
+        return settings.decode
+    if settings.device == "cpu":
+        return "cpu"
+    return str((read_manifest(store) or {}).get("decode", "cpu"))
 
 
 def embed_archive_ray(
@@ -155,9 +182,10 @@ def embed_archive_ray(
     """Embed ``source`` into ``store`` (resuming a partial store) with a Ray Data actor pool.
 
     Uses the Ray instance this process is already connected to, else ``ray.init(address)``: None starts a
-    local instance (shut down at the end), ``"auto"`` joins a running cluster. ``num_actors`` defaults to one
-    actor per GPU (``gpus_per_actor``, default 1 when the cluster has GPUs), else to the CPUs divided by each
-    actor's share (1 + ``settings.workers``)."""
+    local instance (shut down at the end), ``"auto"`` joins a running cluster; an address where nothing answers
+    fails within :data:`CONNECT_TIMEOUT_S`. ``num_actors`` defaults to one actor per GPU (``gpus_per_actor``,
+    default 1 when the cluster has GPUs), else to the CPUs divided by each actor's share (1 +
+    ``settings.workers``). A store whose shards are all done is closed without starting Ray."""
     ray = _import_ray()
     if num_actors is not None and num_actors < 1:
         raise MPSCLIPError(f"--ray-actors must be 1 or more, got {num_actors}")
@@ -166,25 +194,17 @@ def embed_archive_ray(
     source, store = Path(source), Path(store)
     items = list_items(source, settings)
     ckpt = resolve_checkpoint(checkpoint)
+    if _all_done(store, len(items), settings):
+        job = open_job(source, store, ckpt, arch, settings, _decode_without_cluster(store, settings), items)
+        return run_job(job, LocalExecutor(ckpt, arch, settings), progress)  # nothing left to embed
     started = not ray.is_initialized()
     if started:
         _connect(ray, address)
     try:
         actors = _plan_actors(ray, settings, num_actors, gpus_per_actor)
-        job = open_job(source, store, ckpt, Embedder.load(ckpt, arch, _driver_settings(actors)), items)
-        shards = list(job.pending())
-        with tqdm(
-            total=len(items),
-            initial=min(job.resumed * settings.shard_size, len(items)),
-            unit="img",
-            desc="embedding (ray)",
-            disable=not progress,
-            dynamic_ncols=True,
-        ) as bar:
-            for shard, rows, failed in _embedded_shards(ray, job, shards, ckpt, arch, actors) if shards else ():
-                record_shard(job, shard, rows, failed)
-                bar.update(len(job.shard_items(shard)))
+        decode = resolve_decode(actors.settings.decode, torch.device(actors.settings.device))
+        job = open_job(source, store, ckpt, arch, settings, decode, items)
+        return run_job(job, RayExecutor(ray, ckpt, arch, actors), progress)
     finally:
         if started:
             ray.shutdown()
-    return close_job(job)

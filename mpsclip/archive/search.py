@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mpsclip.archive.sources import READ_ERRORS, Item, open_item, open_rgb
+from mpsclip.archive.items import READ_ERRORS, Item, item_from_meta
+from mpsclip.archive.readers import open_item, open_rgb
 from mpsclip.archive.store import StoreInfo, read_ids_metas, read_shard
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
@@ -299,12 +300,8 @@ _HTML_STYLE = (
 
 
 def hit_item(manifest: dict[str, Any], hit: Hit) -> Item:
-    """Where a hit's pixels are: its GeoTIFF scene (meta ``scene``) or its file below the store's source."""
-    if "scene" in hit.meta:
-        return Item(hit.id, Path(hit.meta["scene"]), hit.meta)
-    source = Path(manifest["source"])
-    base = source if source.is_dir() else source.parent
-    return Item(hit.id, Path(hit.id) if Path(hit.id).is_absolute() else base / hit.id, hit.meta)
+    """Where a hit's pixels are: its meta's file below the store's ``source_root``."""
+    return item_from_meta(hit.id, hit.meta, manifest)
 
 
 def thumbnail_data_uri(image: Image.Image, size: int = THUMBNAIL_PX) -> str:

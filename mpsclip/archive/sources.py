@@ -9,67 +9,41 @@
 * a WebDataset ``.tar`` shard, or a brace pattern of shards such as ``shards-{0000..0009}.tar`` (see
   :mod:`mpsclip.archive.webdataset`; quote a pattern so that the shell leaves it alone): one item per sample
   with an image member, id ``<shard>/<member name>`` (``<shard>``: the shard's path relative to the folder or to
-  the pattern's leading folder, its file name when SOURCE is one shard) and meta ``tar`` (absolute path),
-  ``member``, ``offset`` and ``size``, enough to read the image again with one seek.
+  the pattern's leading folder, its file name when SOURCE is one shard) and meta ``tar``, ``member``,
+  ``offset`` and ``size``, enough to read the image again with one seek.
 
 With ``tiles`` (``--tile-size``), each georeferenced ``.tif``/``.tiff`` file is replaced by its tiles (see
 :mod:`mpsclip.archive.geotiff`, which needs rasterio; meta ``scene``, ``window``, ``crs``, ``footprint``, ...);
 other files and tar samples stay whole images.
 
 Items come in a deterministic order (sorted by id) so that shard ``i`` of a store always holds the same items.
-``Item.meta`` is a plain JSON-able dict from which :func:`open_item` reads the pixels again.
+``Item.meta`` is a plain JSON-able dict (with the item's ``kind``) whose paths are relative to
+:func:`source_root`, from which :func:`mpsclip.archive.items.item_from_meta` and
+:func:`mpsclip.archive.readers.open_item` read the pixels again. This module only lists.
 """
 
 from __future__ import annotations
 
-import io
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from mpsclip.archive import webdataset
+from mpsclip.archive.items import IMAGE_EXTENSIONS, Item, TileSettings, is_image_file, relative_to_root
 from mpsclip.errors import MPSCLIPError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".lst")
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-"""What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image of an archive: ``id`` is its path relative to the source (``/`` separators; a tar sample's is
-    ``<shard>/<member>``, a GeoTIFF tile's ``<scene>/r<row>_c<col>``)."""
-
-    id: str
-    path: Path
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TileSettings:
-    """How to cut georeferenced scenes: square tiles of ``tile_size`` px every ``stride`` px, 1-based ``bands``
-    (None: 1,2,3, or 1 for single-band scenes); with ``resolution``, a pixel covers that many metres (the scene
-    is resampled) instead of one scene pixel."""
-
-    tile_size: int
-    stride: int
-    bands: tuple[int, ...] | None = None
-    resolution: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.tile_size < 1 or self.stride < 1:
-            raise MPSCLIPError(f"--tile-size and --stride must be 1 or more, got {self.tile_size}, {self.stride}")
-        if self.resolution is not None and not self.resolution > 0:
-            raise MPSCLIPError(f"--resolution must be a number of metres above 0, got {self.resolution}")
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+def source_root(source: str | Path) -> Path:
+    """The absolute folder every meta path of ``source``'s items is relative to: the folder itself, the folder of
+    a list file or shard, or the leading folder of a pattern of shards."""
+    pattern, path = str(source), Path(source)
+    if "{" in pattern and not path.exists():
+        return Path(os.path.abspath(webdataset.pattern_shards(pattern)[0]))
+    return Path(os.path.abspath(path if path.is_dir() else path.parent))
 
 
 def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterator[Item]:
@@ -78,13 +52,14 @@ def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterato
     pattern, source = str(source), Path(source)
     if "{" in pattern and not source.exists():
         base, shards = webdataset.pattern_shards(pattern)
-        items = _shards_items([(shard, shard.relative_to(base).as_posix()) for shard in shards])
+        root = source_root(pattern)
+        items = _shards_items([(shard, shard.relative_to(base).as_posix()) for shard in shards], root)
     elif source.is_dir():
-        items = _folder_items(source)
+        items = _folder_items(source, source_root(source))
     elif source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
-        items = _list_items(source)
+        items = _list_items(source, source_root(source))
     elif source.is_file() and source.suffix.lower() == webdataset.SHARD_SUFFIX:
-        items = _shards_items([(source, source.name)])
+        items = _shards_items([(source, source.name)], source_root(source))
     elif not source.exists():
         raise MPSCLIPError(
             f"{source}: no such folder or file; pass a folder of images, a .txt list of paths or .tar shards"
@@ -95,11 +70,11 @@ def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterato
             "pass a folder of images, a list file or WebDataset shards"
         )
     if tiles is not None:
-        items = _tiled(items, tiles)
+        items = _tiled(items, tiles, source_root(pattern))
     return iter(sorted(items, key=lambda item: item.id))
 
 
-def _tiled(items: list[Item], tiles: TileSettings) -> list[Item]:
+def _tiled(items: list[Item], tiles: TileSettings, root: Path) -> list[Item]:
     try:
         from mpsclip.archive import geotiff
     except ImportError as err:
@@ -107,37 +82,42 @@ def _tiled(items: list[Item], tiles: TileSettings) -> list[Item]:
     out: list[Item] = []
     for item in tqdm(items, desc="listing scenes", unit="file", leave=False, disable=None):
         if item.path.suffix.lower() in (".tif", ".tiff") and geotiff.is_georeferenced(item.path):
-            out.extend(geotiff.scene_tiles(item.path, item.id, tiles))
+            out.extend(geotiff.scene_tiles(item.path, item.id, tiles, root))
         else:
             out.append(item)
     return out
 
 
-def _folder_items(root: Path) -> list[Item]:
+def _file_item(item_id: str, path: Path, root: Path) -> Item:
+    return Item(item_id, path, {"kind": "file", "path": relative_to_root(path, root)}, "file")
+
+
+def _folder_items(folder: Path, root: Path) -> list[Item]:
     items, shards = [], []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         if is_image_file(path):
-            items.append(Item(id=rel.as_posix(), path=path))
+            items.append(_file_item(rel.as_posix(), path, root))
         elif path.suffix.lower() == webdataset.SHARD_SUFFIX:
             shards.append((path, rel.as_posix()))
-    return items + _shards_items(shards)
+    return items + _shards_items(shards, root)
 
 
-def _shards_items(shards: list[tuple[Path, str]]) -> list[Item]:
+def _shards_items(shards: list[tuple[Path, str]], root: Path) -> list[Item]:
     """One item per image sample of each ``(shard, shard id)``, read from the headers only."""
     items = []
     for shard, shard_id in tqdm(shards, desc="listing shards", unit="shard", leave=False, disable=None):
-        tar = str(shard.resolve())
+        tar = relative_to_root(shard, root)
         for member in webdataset.image_members(shard):
-            meta = {"tar": tar, "member": member.name, "offset": member.offset, "size": member.size}
-            items.append(Item(id=f"{shard_id}/{member.name}", path=shard, meta=meta))
+            meta = {"kind": "tar-member", "tar": tar, "member": member.name}
+            meta |= {"offset": member.offset, "size": member.size}
+            items.append(Item(f"{shard_id}/{member.name}", shard, meta, "tar-member"))
     return items
 
 
-def _list_items(list_file: Path) -> list[Item]:
+def _list_items(list_file: Path, root: Path) -> list[Item]:
     items: dict[str, Item] = {}
     for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
         entry = line.strip()
@@ -152,24 +132,5 @@ def _list_items(list_file: Path) -> list[Item]:
         if entry in items:
             raise MPSCLIPError(f"{where}: {entry!r} is listed twice; remove the duplicate line")
         path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
-        items[entry] = Item(id=Path(entry).as_posix(), path=path)
+        items[entry] = _file_item(Path(entry).as_posix(), path, root)
     return list(items.values())
-
-
-def open_rgb(path: Path | IO[bytes]) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
-def open_item(item: Item) -> Image.Image:
-    """An item's RGB pixels: a tar member (meta ``tar``), a GeoTIFF tile's window (meta ``window``) or the whole
-    image file; a broken one raises one of :data:`READ_ERRORS`."""
-    meta = item.meta
-    if "tar" in meta:
-        data = webdataset.read_member(meta["tar"], meta["offset"], meta["size"])
-        return open_rgb(io.BytesIO(data))
-    if "window" in meta:
-        from mpsclip.archive.geotiff import read_tile
-
-        return read_tile(item.path, meta)
-    return open_rgb(item.path)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpsclip.archive.sources import TileSettings
+from mpsclip.archive.items import TileSettings
 from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
 from mpsclip.commands._args import DeprecatedOption, add_checkpoint, add_device, add_out, add_quiet, warn_deprecated
 from mpsclip.errors import MPSCLIPError
@@ -156,7 +156,7 @@ def tile_settings(args: argparse.Namespace) -> TileSettings | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpsclip.archive.embed import EmbedSettings, embed_archive
+    from mpsclip.archive.job import EmbedSettings, embed_archive
     from mpsclip.archive.perspectives import ZeroShotSettings
 
     if args.workers < 0:
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     if args.ray:
-        from mpsclip.archive.ray_embed import embed_archive_ray
+        from mpsclip.archive.ray_executor import embed_archive_ray
 
         summary = embed_archive_ray(
             args.source,

@@ -1,0 +1,103 @@
+"""Archive items: what one image of an archive is, how georeferenced scenes are cut, and what reading one raises.
+
+An :class:`Item` has an explicit ``kind``:
+
+* ``file``: a whole image file (meta ``path``);
+* ``tar-member``: the image member of a WebDataset sample (meta ``tar``, ``member``, ``offset``, ``size``);
+* ``geotiff-window``: a tile of a georeferenced scene (meta ``scene``, ``window``, ...; see
+  :mod:`mpsclip.archive.geotiff`).
+
+Every path in an item's meta (``path``, ``tar``, ``scene``) is relative to the SOURCE root recorded in the store's
+manifest as ``source_root`` (an absolute path outside the root stays absolute), so a store moved to another folder
+or machine still finds its images: :func:`resolve_source_path` joins them again, :func:`item_from_meta` rebuilds
+the item of a stored row. Reading pixels is :mod:`mpsclip.archive.readers`' job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from PIL import Image
+
+from mpsclip.errors import MPSCLIPError
+
+ItemKind = Literal["file", "tar-member", "geotiff-window"]
+ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
+PATH_KEYS: dict[str, str] = {"file": "path", "tar-member": "tar", "geotiff-window": "scene"}
+"""The meta key holding each kind's file (relative to the source root)."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of an archive: ``id`` is its path relative to the source (``/`` separators; a tar sample's is
+    ``<shard>/<member>``, a GeoTIFF tile's ``<scene>/r<row>_c<col>``), ``path`` the file holding its bytes (the
+    image, the shard or the scene), ``kind`` how to read them and ``meta`` the JSON-able record kept in the store."""
+
+    id: str
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: ItemKind = "file"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ITEM_KINDS:
+            raise MPSCLIPError(f"item {self.id}: kind {self.kind!r} is not one of {', '.join(ITEM_KINDS)}")
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How to cut georeferenced scenes: square tiles of ``tile_size`` px every ``stride`` px, 1-based ``bands``
+    (None: 1,2,3, or 1 for single-band scenes); with ``resolution``, a pixel covers that many metres (the scene
+    is resampled) instead of one scene pixel."""
+
+    tile_size: int
+    stride: int
+    bands: tuple[int, ...] | None = None
+    resolution: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1 or self.stride < 1:
+            raise MPSCLIPError(f"--tile-size and --stride must be 1 or more, got {self.tile_size}, {self.stride}")
+        if self.resolution is not None and not self.resolution > 0:
+            raise MPSCLIPError(f"--resolution must be a number of metres above 0, got {self.resolution}")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    """``path`` as meta records it: relative to ``root`` (``/`` separators), or absolute when outside it."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(root).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def resolve_source_path(info_or_root: Any, relative: str | Path) -> Path:
+    """The file a meta path names: ``relative`` joined to the source root, given as a path, a store manifest
+    (dict with ``source_root``) or a :class:`~mpsclip.archive.store.StoreInfo`; an absolute path stays as is."""
+    root = info_or_root
+    if hasattr(root, "manifest"):
+        root = root.manifest
+    if isinstance(root, dict):
+        if "source_root" not in root:
+            raise MPSCLIPError(
+                "the store's manifest has no source_root (made before stores recorded it); embed the source again"
+            )
+        root = root["source_root"]
+    return Path(root) / relative
+
+
+def item_from_meta(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Item:
+    """The item of a stored row (``id`` and parsed ``meta``), its file found below the source root."""
+    kind = meta.get("kind")
+    if kind not in PATH_KEYS:
+        raise MPSCLIPError(f"item {item_id}: its meta has no item kind ({kind!r}); embed the source again")
+    return Item(item_id, resolve_source_path(info_or_root, meta[PATH_KEYS[kind]]), meta, kind)
