@@ -1,8 +1,8 @@
 """The per-shard embedding pipeline: items → pixels (and sub-images) → towers → one shard's fp16 rows.
 
 :class:`Embedder` holds the model on its device and turns a list of items into :class:`ShardRows` plus the
-items that could not be read. The single-process loop (:mod:`mpsclip.archive.embed`) and the Ray Data
-variant both call it, so a shard's content does not depend on which of them ran.
+items that could not be read. The local and the Ray executors of :mod:`mpsclip.archive.job` both call it, so a
+shard's content does not depend on which of them ran.
 
 Reading runs in DataLoader worker processes, batches ahead of the towers, into pinned memory on a GPU. With
 ``decode="device"`` (the default on a GPU) JPEG files are only read there and decoded on the embedding device
