@@ -119,8 +119,8 @@ class Fixture:
 
     def store(self, name: str, source: str, device: str, **settings: Any) -> Path:
         """The store of ``source`` embedded with ``settings`` (made once per name)."""
-        from mpsclip.archive.job import embed_archive
         from mpsclip.archive.embedder import EmbedSettings
+        from mpsclip.archive.job import embed_archive
 
         key = f"{name}-{source}"
         if key not in self._cache:
