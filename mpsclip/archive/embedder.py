@@ -64,7 +64,7 @@ class EmbedSettings:
         if self.perspectives not in PERSPECTIVES:
             raise MPSCLIPError(f"perspectives must be one of {', '.join(PERSPECTIVES)}, got {self.perspectives!r}")
         if self.runtime not in RUNTIMES:
-            raise MPSCLIPError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+            raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.decode not in DECODERS:
             raise MPSCLIPError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
         if self.perspectives == "zero-shot":
