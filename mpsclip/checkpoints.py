@@ -57,6 +57,11 @@ class Checkpoint:
             raise MPSCLIPError(f"{config_path(self.path)}: has no 'config' object; save the model again")
         return self.meta["config"]
 
+    def check_arch(self, saved: str, asked: str | None) -> None:
+        """Refuse a request for another architecture than the one this file was saved for."""
+        if asked is not None and asked != saved:
+            raise MPSCLIPError(f"{self.path}: saved for arch {saved!r}, but {asked!r} was asked for")
+
 
 def config_path(weights: Path) -> Path:
     return weights.with_suffix(".json")

@@ -237,8 +237,7 @@ def build(checkpoint: Checkpoint, arch: str | None = None) -> MPSCLIP:
             config = ModelConfig.from_dict(checkpoint.config)
         except (KeyError, TypeError) as err:
             raise MPSCLIPError(f"{checkpoint.path.with_suffix('.json')}: not an mpsclip config ({err})") from err
-        if arch is not None and arch != config.arch:
-            raise MPSCLIPError(f"{checkpoint.path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
+        checkpoint.check_arch(config.arch, arch)
     else:
         config = ModelConfig(arch=arch or ModelConfig.arch)
     model = MPSCLIP(config=config)

@@ -278,8 +278,7 @@ def build(checkpoint: Checkpoint, arch: str | None = None, belief_weighting: str
             config = PriorCLIPConfig.from_dict(checkpoint.config)
         except (KeyError, TypeError) as err:
             raise MPSCLIPError(f"{checkpoint.path.with_suffix('.json')}: not a PriorCLIP config ({err})") from err
-        if arch is not None and arch != config.arch:
-            raise MPSCLIPError(f"{checkpoint.path}: saved for arch {config.arch!r}, but {arch!r} was asked for")
+        checkpoint.check_arch(config.arch, arch)
         if belief_weighting is not None:
             config.belief_weighting = belief_weighting
         model = PriorCLIP(**config.to_dict())
