@@ -114,17 +114,8 @@ def open_index(args: argparse.Namespace, info: StoreInfo) -> StoreIndex | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mpsclip.archive.search import (
-        encode_images,
-        encode_queries,
-        exact_topk,
-        format_table,
-        load_search_model,
-        to_geojson,
-        to_hits,
-        to_html,
-        to_json,
-    )
+    from mpsclip.archive.render import format_table, to_geojson, to_html, to_json
+    from mpsclip.archive.search import encode_images, encode_queries, exact_topk, load_search_model, to_hits
     from mpsclip.archive.store import open_store
     from mpsclip.devices import resolve_device
 
