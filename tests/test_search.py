@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_adapters
+from PIL import Image
 
 from mpsclip.archive import job as job_mod
 from mpsclip.archive.items import Item
 from mpsclip.archive.job import EmbedSettings, embed_archive
+from mpsclip.archive.render import to_html
 from mpsclip.archive.search import (
     MODES,
+    Hit,
     encode_images,
     encode_queries,
     exact_topk,
@@ -221,3 +225,17 @@ def test_search_cli_geojson_and_html(
     sheet = tmp_path / "hits.html"
     assert main(["search", str(tmp_path / "s"), "x", "-k", "2", "--format", "html", "--out", str(sheet)]) == 0
     assert sheet.read_text().count('<img src="data:image/png;base64,') == 2
+
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def test_html_escapes_ids_keywords_and_queries(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "a.png")
+    meta = {"kind": "file", "path": "a.png", "keywords": [SCRIPT, "harbour & <b>boats</b>"]}
+    hits = [Hit(rank=1, score=0.5, id=SCRIPT, meta=meta)]
+    sheet = to_html([SCRIPT], [hits], {"source_root": str(tmp_path)}, "fused")
+    assert "<script" not in sheet and "<b>" not in sheet
+    assert sheet.count(html.escape(SCRIPT)) == 3  # the query, the id and the keyword
+    assert "harbour &amp; &lt;b&gt;boats&lt;/b&gt;" in sheet
+    assert sheet.count('<img src="data:image/png;base64,') == 1

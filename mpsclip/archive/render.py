@@ -1,7 +1,8 @@
 """Search results as text: a table, JSON, GeoJSON and a self-contained HTML contact sheet.
 
 Every renderer takes the query labels and their hits (:class:`~mpsclip.archive.search.Hit`, best first) and returns
-what is written; only :func:`to_html` opens the items' pixels, below the store's source root.
+what is written; only :func:`to_html` opens the items' pixels, below the store's source root. Text in the HTML
+(queries, ids, keywords) is escaped with :func:`html.escape`.
 """
 
 from __future__ import annotations
@@ -84,17 +85,26 @@ def thumbnail_data_uri(image: Image.Image, size: int = THUMBNAIL_PX) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _caption(hit: Hit) -> str:
+    """Rank, score, id and (zero-shot) keywords; every piece of text from the store is escaped."""
+    caption = f"#{hit.rank} &middot; {hit.score:.4f}<br>{html.escape(hit.id)}"
+    keywords = hit.meta.get("keywords")
+    if isinstance(keywords, list) and keywords:
+        caption += f"<br><i>{html.escape(', '.join(str(k) for k in keywords))}</i>"
+    return caption
+
+
 def _figure(manifest: dict[str, Any], hit: Hit) -> str:
     try:
         picture = f'<img src="{thumbnail_data_uri(open_item(hit_item(manifest, hit)))}" alt="">'
     except READ_ERRORS:
         picture = '<div class="missing">image unavailable</div>'
-    caption = f"#{hit.rank} &middot; {hit.score:.4f}<br>{html.escape(hit.id)}"
-    return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
+    return f"<figure>{picture}<figcaption>{_caption(hit)}</figcaption></figure>"
 
 
 def to_html(queries: list[str], results: list[list[Hit]], manifest: dict[str, Any], mode: str) -> str:
-    """A self-contained contact sheet: per query, its hits' thumbnails (inline PNG) with rank, score and id."""
+    """A self-contained contact sheet: per query, its hits' thumbnails (inline PNG) with rank, score, id and
+    keywords (all text escaped)."""
     sections = []
     for query, hits in zip(queries, results, strict=True):
         figures = "".join(_figure(manifest, hit) for hit in hits) or "<p>(no results)</p>"
