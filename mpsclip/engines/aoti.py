@@ -7,10 +7,11 @@ outputs are torch tensors on that device. Loading a CUDA package crashed torch 2
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
-from mpsclip.engines.base import check_input, no_autocast, precision_dtype
+from mpsclip.engines.base import ExportedEngine, Tower, no_autocast
 from mpsclip.engines.manifest import ExportedTowers
 from mpsclip.errors import MPSCLIPError
 
@@ -26,34 +27,24 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-class AotiEngine:
+class AotiEngine(ExportedEngine):
     kind = "aoti"
+    availability = staticmethod(availability)
 
-    def __init__(self, export: ExportedTowers, device: torch.device) -> None:
-        reason = availability(device)
-        if reason is not None:
-            raise MPSCLIPError(f"aoti engine on {device}: {reason}")
+    def check_export(self, export: ExportedTowers, device: torch.device) -> None:
         compiled_for = export.device or "cpu"
         if compiled_for != device.type:
             raise MPSCLIPError(
                 f"{export.folder}: AOTInductor package compiled for {compiled_for}, asked to run on {device}; "
                 f"use --device {compiled_for} or export again with --device {device.type}"
             )
-        self.device = device
-        self.precision = export.precision
-        self.dtype = precision_dtype(export.precision)
-        self.batch_sizes = export.batch_sizes
-        self.towers = frozenset(export.files)
-        self.name = f"aoti {export.folder.name} ({self.precision}, {device})"
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            self.runners = {t: torch._inductor.aoti_load_package(str(p)) for t, p in export.files.items()}
 
-    def _run(self, tower: str, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), no_autocast(self.device):
-            return self.runners[tower](x).float()
+    def load_tower(self, path: Path) -> Tower:
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            runner = torch._inductor.aoti_load_package(str(path))
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run("image", check_input(self, "image", pixels).float())
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), no_autocast(self.device):
+                return runner(x).float()
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run("text", check_input(self, "text", tokens).long())
+        return run

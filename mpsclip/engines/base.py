@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from mpsclip.engines.manifest import ExportedTowers
 from mpsclip.errors import MPSCLIPError
 
 TOWERS = frozenset({"image", "text"})
@@ -59,3 +62,43 @@ def check_input(engine: Engine, tower: str, x: torch.Tensor) -> torch.Tensor:
 def no_autocast(device: torch.device) -> torch.autocast:
     """A context that switches off any surrounding ``torch.autocast`` for ``device``'s type."""
     return torch.autocast(device.type, enabled=False)
+
+
+Tower = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExportedEngine:
+    """An ``mpsclip export`` folder run by one runtime. A subclass names its :attr:`kind`, says why it cannot
+    run (:meth:`availability`) and loads one tower file into a callable (:meth:`load_tower`); the checks and
+    the two ``encode_*`` calls are the same for every runtime."""
+
+    kind: str
+
+    def __init__(self, export: ExportedTowers, device: torch.device) -> None:
+        reason = self.availability(device)
+        if reason is not None:
+            raise MPSCLIPError(f"{self.kind} engine on {device}: {reason}")
+        self.check_export(export, device)
+        self.device = device
+        self.precision = export.precision
+        self.dtype = precision_dtype(export.precision)
+        self.batch_sizes = export.batch_sizes
+        self.towers = frozenset(export.files)
+        self.name = f"{self.kind} {export.folder.name} ({self.precision}, {device})"
+        self.runners = {tower: self.load_tower(path) for tower, path in export.files.items()}
+
+    @staticmethod
+    def availability(device: torch.device) -> str | None:
+        raise NotImplementedError
+
+    def check_export(self, export: ExportedTowers, device: torch.device) -> None:
+        """Raise when ``export`` cannot run on ``device`` (beyond :meth:`availability`)."""
+
+    def load_tower(self, path: Path) -> Tower:
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.runners["image"](check_input(self, "image", pixels).float())
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.runners["text"](check_input(self, "text", tokens).long())

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpsclip.engines.base import check_input, precision_dtype
-from mpsclip.engines.manifest import ExportedTowers
-from mpsclip.errors import MPSCLIPError
+from mpsclip.engines.base import ExportedEngine, Tower
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
@@ -66,23 +64,9 @@ class _Session:
         return out
 
 
-class OrtEngine:
+class OrtEngine(ExportedEngine):
     kind = "onnxruntime"
+    availability = staticmethod(availability)
 
-    def __init__(self, export: ExportedTowers, device: torch.device) -> None:
-        reason = availability(device)
-        if reason is not None:
-            raise MPSCLIPError(f"onnxruntime engine on {device}: {reason}")
-        self.device = device
-        self.precision = export.precision
-        self.dtype = precision_dtype(export.precision)
-        self.batch_sizes = export.batch_sizes
-        self.towers = frozenset(export.files)
-        self.name = f"onnxruntime {export.folder.name} ({self.precision}, {device})"
-        self.sessions = {tower: _Session(path, device) for tower, path in export.files.items()}
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.sessions["image"](check_input(self, "image", pixels).float())
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.sessions["text"](check_input(self, "text", tokens).long())
+    def load_tower(self, path: Path) -> Tower:
+        return _Session(path, self.device)

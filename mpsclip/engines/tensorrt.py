@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from mpsclip.engines.base import check_input, precision_dtype
-from mpsclip.engines.manifest import ExportedTowers
+from mpsclip.engines.base import ExportedEngine, Tower
 from mpsclip.errors import MPSCLIPError
 
 
@@ -56,23 +55,9 @@ class _Plan:
         return out
 
 
-class TrtEngine:
+class TrtEngine(ExportedEngine):
     kind = "tensorrt"
+    availability = staticmethod(availability)
 
-    def __init__(self, export: ExportedTowers, device: torch.device) -> None:
-        reason = availability(device)
-        if reason is not None:
-            raise MPSCLIPError(f"tensorrt engine on {device}: {reason}")
-        self.device = device
-        self.precision = export.precision
-        self.dtype = precision_dtype(export.precision)
-        self.batch_sizes = export.batch_sizes
-        self.towers = frozenset(export.files)
-        self.name = f"tensorrt {export.folder.name} ({self.precision}, {device})"
-        self.plans = {tower: _Plan(path, device) for tower, path in export.files.items()}
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.plans["image"](check_input(self, "image", pixels).float())
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.plans["text"](check_input(self, "text", tokens).long())
+    def load_tower(self, path: Path) -> Tower:
+        return _Plan(path, self.device)
