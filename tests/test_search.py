@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import randomize_adapters
 from PIL import Image
 
 from mpsclip.archive import job as job_mod
-from mpsclip.archive.items import Item
+from mpsclip.archive.items import Item, item_from_meta
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.render import to_html
 from mpsclip.archive.search import (
@@ -239,3 +240,27 @@ def test_html_escapes_ids_keywords_and_queries(tmp_path: Path) -> None:
     assert sheet.count(html.escape(SCRIPT)) == 3  # the query, the id and the keyword
     assert "harbour &amp; &lt;b&gt;boats&lt;/b&gt;" in sheet
     assert sheet.count('<img src="data:image/png;base64,') == 1
+
+
+def test_moved_source_is_found_with_source_root(
+    synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(synth / "images", tmp_path / "src")
+    embed_archive(tmp_path / "src", tmp_path / "s", ckpt, settings=SMALL, progress=False)
+    (tmp_path / "src").rename(tmp_path / "elsewhere")
+    args = ["search", str(tmp_path / "s"), "an airport", "-k", "2", "--format", "html", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"source folder {tmp_path / 'src'} does not exist here" in err and "--source-root DIR" in err
+    assert main([*args, "--source-root", str(tmp_path / "nowhere")]) == 2
+    assert f"--source-root {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    assert main([*args, "--source-root", str(tmp_path / "elsewhere")]) == 0
+    assert capsys.readouterr().out.count('<img src="data:image/png;base64,') == 2
+    assert main(["search", str(tmp_path / "s"), "an airport", "--quiet"]) == 0  # scoring needs no source
+    assert "rank" in capsys.readouterr().out
+
+    info = open_store(tmp_path / "s", source_root=tmp_path / "elsewhere")
+    assert info.manifest["source_root"] == str(tmp_path / "elsewhere")
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["source_root"] == str(tmp_path / "src")
+    for hit in search_store(info, torch.zeros(1, info.dim), 6)[0]:
+        assert item_from_meta(hit.id, hit.meta, info.manifest).path == tmp_path / "elsewhere" / hit.id

@@ -1,8 +1,9 @@
 """Search results as text: a table, JSON, GeoJSON and a self-contained HTML contact sheet.
 
 Every renderer takes the query labels and their hits (:class:`~mpsclip.archive.search.Hit`, best first) and returns
-what is written; only :func:`to_html` opens the items' pixels, below the store's source root. Text in the HTML
-(queries, ids, keywords) is escaped with :func:`html.escape`.
+what is written; only :func:`to_html` opens the items' pixels, below the store's source root (which must exist:
+``--source-root`` relocates it, see :func:`mpsclip.archive.store.relocate_source`). Text in the HTML (queries, ids,
+keywords) is escaped with :func:`html.escape`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 from mpsclip.archive.items import READ_ERRORS, Item, item_from_meta
 from mpsclip.archive.readers import open_item
 from mpsclip.archive.search import Hit, footprint
+from mpsclip.archive.store import checked_source_root
 
 THUMBNAIL_PX = 160
 _HTML_STYLE = (
@@ -104,7 +106,10 @@ def _figure(manifest: dict[str, Any], hit: Hit) -> str:
 
 def to_html(queries: list[str], results: list[list[Hit]], manifest: dict[str, Any], mode: str) -> str:
     """A self-contained contact sheet: per query, its hits' thumbnails (inline PNG) with rank, score, id and
-    keywords (all text escaped)."""
+    keywords (all text escaped). Raises :class:`~mpsclip.errors.MPSCLIPError` naming ``--source-root`` when the
+    store's source folder is not here; a single unreadable item shows as 'image unavailable'."""
+    if any(results):
+        checked_source_root(manifest)
     sections = []
     for query, hits in zip(queries, results, strict=True):
         figures = "".join(_figure(manifest, hit) for hit in hits) or "<p>(no results)</p>"

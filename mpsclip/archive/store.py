@@ -1,16 +1,20 @@
 """The embedding store: a folder of Parquet shards plus ``manifest.json`` and ``failures.jsonl``.
 
-Each shard ``shard-NNNNN.parquet`` has the columns ``id`` (string), ``meta`` (JSON string), ``retrieval`` and
-``global`` (``dim`` fp16 numbers as one fixed-size binary value per row), ``perspectives`` (``views × dim``
-fp16, flattened, the same way) and ``valid`` (``views`` bools). Stores written with fixed-size lists of fp16
-(before binary rows) read the same. Every file is written to a temporary file and renamed, so it appears only
-when complete.
+Each shard ``shard-NNNNN.parquet`` is a GeoParquet 1.1 file with the columns ``id`` (string), the common meta
+keys ``kind``, ``source_path``, ``scene``, ``crs``, ``window``, ``keywords`` (:mod:`mpsclip.archive.meta_columns`),
+``meta`` (JSON string of the other keys), ``geometry`` (WKB footprint, EPSG:4326 lon/lat, null without one) and
+its ``bbox`` covering struct (:mod:`mpsclip.archive.geoparquet`), ``retrieval`` and ``global`` (``dim`` fp16
+numbers as one fixed-size binary value per row), ``perspectives`` (``views × dim`` fp16, flattened, the same way)
+and ``valid`` (``views`` bools), in row groups of :data:`~mpsclip.archive.geoparquet.ROW_GROUP_ROWS` rows in
+item order. Readers give back each item's whole meta. Shards written before the GeoParquet columns (the whole
+meta in ``meta``) and with fixed-size lists of fp16 (before binary rows) read the same. Every file is written to
+a temporary file and renamed, so it appears only when complete.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mpsclip.archive.geoparquet import (
+    BBOX,
+    BBOX_FIELDS,
+    GEOMETRY,
+    ROW_GROUP_ROWS,
+    BBox,
+    footprint_intersects,
+    geo_metadata,
+    geometry_column,
+    row_groups_in_bbox,
+    rows_in_box,
+    valid_footprint,
+)
+from mpsclip.archive.meta_columns import STATISTICS, lifted_arrays, merged_metas, meta_columns_of, split_meta
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 
@@ -69,19 +87,29 @@ def _fp16_rows(values: np.ndarray) -> pa.FixedSizeBinaryArray:
 
 
 def write_shard(path: Path, rows: ShardRows, dim: int, views: int) -> None:
-    """Write one shard atomically (an empty shard keeps its schema)."""
+    """Write one shard atomically as GeoParquet (an empty shard keeps its schema); row-group statistics are
+    written for ``id``, the string meta columns and ``bbox``, not for the embeddings."""
     n = len(rows.ids)
+    split = [split_meta(json.loads(m)) for m in rows.metas]
+    footprints = [fp for _, fp, _ in split]
+    geometry, bbox = geometry_column(footprints)
     table = pa.table(
         {
             "id": pa.array(rows.ids, type=pa.string()),
-            "meta": pa.array(rows.metas, type=pa.string()),
+            **lifted_arrays([lifted for lifted, _, _ in split]),
+            "meta": pa.array([json.dumps(rest, sort_keys=True) for _, _, rest in split], type=pa.string()),
+            GEOMETRY: geometry,
+            BBOX: bbox,
             "retrieval": _fp16_rows(rows.retrieval.reshape(n, dim)),
             "global": _fp16_rows(rows.glob.reshape(n, dim)),
             "perspectives": _fp16_rows(rows.perspectives.reshape(n, views * dim)),
             "valid": _fixed_list(rows.valid.astype(bool).reshape(n, views), views),
         }
+    ).replace_schema_metadata({"geo": json.dumps(geo_metadata(footprints))})
+    statistics = ["id", *STATISTICS, *(f"{BBOX}.{name}" for name in BBOX_FIELDS)]
+    atomic_write(
+        path, lambda tmp: pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, write_statistics=statistics)
     )
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def count_complete_shards(store: Path) -> int:
@@ -159,8 +187,9 @@ class StoreInfo:
         return [sum(self.shard_rows[:i]) for i in range(len(self.shard_rows))]
 
 
-def open_store(store: str | Path) -> StoreInfo:
-    """Check that ``store`` is complete and count its rows; raises :class:`MPSCLIPError` if missing or unfinished."""
+def open_store(store: str | Path, source_root: str | Path | None = None) -> StoreInfo:
+    """Check that ``store`` is complete and count its rows; raises :class:`MPSCLIPError` if missing or unfinished.
+    ``source_root`` relocates the store's SOURCE (:func:`relocate_source`)."""
     store = Path(store)
     manifest = read_manifest(store)
     if manifest is None:
@@ -173,16 +202,90 @@ def open_store(store: str | Path) -> StoreInfo:
     rows = tuple(pq.read_metadata(shard_path(store, i)).num_rows for i in range(n_shards))
     if sum(rows) == 0:
         raise MPSCLIPError(f"{store}: the store holds no embeddings")
-    return StoreInfo(store, manifest, rows)
+    info = StoreInfo(store, manifest, rows)
+    return info if source_root is None else relocate_source(info, source_root)
+
+
+def relocate_source(info: StoreInfo, source_root: str | Path) -> StoreInfo:
+    """``info`` read where its SOURCE now lies at ``source_root`` (``--source-root``): the store or its images moved
+    to another folder or machine. Item paths in meta are relative to it; nothing on disk changes."""
+    root = Path(source_root).expanduser()
+    if not root.is_dir():
+        raise MPSCLIPError(
+            f"--source-root {source_root}: no such folder; give the folder the store was embedded from "
+            f"(recorded as {info.manifest.get('source_root')}) as it is named here"
+        )
+    return replace(info, manifest={**info.manifest, "source_root": str(root.absolute())})
+
+
+def checked_source_root(manifest: dict[str, Any]) -> Path:
+    """The store's source folder, where its items' files are; raises :class:`MPSCLIPError` naming
+    ``--source-root`` when it does not exist here."""
+    recorded = manifest.get("source_root")
+    if recorded is None:
+        raise MPSCLIPError(
+            "the store's manifest has no source_root (made before stores recorded it); embed the source again"
+        )
+    if not Path(recorded).is_dir():
+        raise MPSCLIPError(
+            f"the store's source folder {recorded} does not exist here (the store or its images moved?); "
+            "pass --source-root DIR, the folder that holds the embedded source now"
+        )
+    return Path(recorded)
+
+
+def _stored_columns(columns: list[str], names: list[str]) -> list[str]:
+    """The stored columns that give ``columns`` of a shard whose columns are ``names`` (``meta``: the item's
+    whole meta, from ``meta`` and the lifted columns)."""
+    stored = [c for c in columns if c != "meta"]
+    return stored + (meta_columns_of(names) if "meta" in columns else [])
 
 
 def read_shard(info: StoreInfo, shard: int, columns: list[str]) -> dict[str, np.ndarray]:
-    """Only ``columns`` of one shard: ``id``/``meta`` as object arrays of str, embeddings as
-    ``retrieval``/``global`` [n, D], ``perspectives`` [n, K, D] (fp16) and ``valid`` [n, K] (bool)."""
-    table = pq.read_table(shard_path(info.path, shard), columns=columns)
+    """Only ``columns`` of one shard: ``id`` as an object array of str, ``meta`` of each item's whole meta as
+    JSON (str), embeddings as ``retrieval``/``global`` [n, D], ``perspectives`` [n, K, D] (fp16) and ``valid``
+    [n, K] (bool)."""
+    path = shard_path(info.path, shard)
+    table = pq.read_table(path, columns=_stored_columns(columns, pq.read_schema(path).names))
+    return _decode(info, table, columns)
+
+
+def read_shard_in_bbox(
+    info: StoreInfo, shard: int, columns: list[str], box: BBox
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(positions in the shard, columns)`` of the shard's items whose footprint meets ``box`` (west, south,
+    east, north; west <= east), as :func:`read_shard` gives them. Only the row groups whose ``bbox`` statistics
+    may meet the box are read; a shard written before GeoParquet columns is read whole and filtered on its JSON."""
+    file = pq.ParquetFile(shard_path(info.path, shard))
+    names = file.schema_arrow.names
+    if BBOX not in names:
+        cols = read_shard(info, shard, list(dict.fromkeys([*columns, "meta"])))
+        footprints = [valid_footprint(json.loads(m).get("footprint")) for m in cols["meta"]]
+        keep = np.array([i for i, fp in enumerate(footprints) if fp and footprint_intersects(fp, box)], np.int64)
+        return keep, {c: cols[c][keep] for c in columns}
+    groups = row_groups_in_bbox(file.metadata, box)
+    stored = list(dict.fromkeys([*_stored_columns(columns, names), BBOX, GEOMETRY]))
+    starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)])
+    table = file.read_row_groups(groups, columns=stored) if groups else file.schema_arrow.empty_table()
+    positions = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups] or [np.zeros(0, np.int64)])
+    keep = rows_in_box(table, box)
+    return positions[keep].astype(np.int64), _decode(info, table.take(pa.array(keep, pa.int64())), columns)
+
+
+def store_rows_in_bbox(info: StoreInfo, box: BBox) -> np.ndarray:
+    """Store rows (ascending) of the items whose footprint meets ``box``; reads only the ``bbox``/``geometry``
+    columns of the row groups whose statistics may meet it (what a bbox filter over a whole store calls)."""
+    offsets = info.offsets()
+    parts = [read_shard_in_bbox(info, s, [], box)[0] + offsets[s] for s in range(len(offsets))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _decode(info: StoreInfo, table: pa.Table, columns: list[str]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in columns:
-        if name in ("id", "meta"):
+        if name == "meta":
+            out[name] = np.array([json.dumps(m, sort_keys=True) for m in merged_metas(table)], dtype=object)
+        elif name == "id":
             out[name] = np.array(table.column(name).to_pylist(), dtype=object)
         elif name == "valid":
             out[name] = _column(table, name, info.views, np.bool_)
@@ -201,11 +304,11 @@ def read_ids_metas(info: StoreInfo, rows: list[int]) -> dict[int, tuple[str, dic
         by_shard.setdefault(int(np.searchsorted(offsets, row, side="right")) - 1, []).append(row)
     found = {}
     for shard, wanted in by_shard.items():
-        table = pq.read_table(shard_path(info.path, shard), columns=["id", "meta"])
+        path = shard_path(info.path, shard)
+        table = pq.read_table(path, columns=_stored_columns(["id", "meta"], pq.read_schema(path).names))
         taken = table.take(pa.array([row - offsets[shard] for row in wanted]))
-        ids, metas = taken.column("id").to_pylist(), taken.column("meta").to_pylist()
-        for row, item_id, meta in zip(wanted, ids, metas, strict=True):
-            found[row] = (item_id, json.loads(meta))
+        for row, item_id, meta in zip(wanted, taken.column("id").to_pylist(), merged_metas(taken), strict=True):
+            found[row] = (item_id, meta)
     return found
 
 
@@ -213,11 +316,13 @@ def load_store(store: str | Path) -> StoreData:
     """Read a complete store into memory; raises :class:`MPSCLIPError` if it is missing or unfinished."""
     info = open_store(store)
     dim, views = info.dim, info.views
-    table = pa.concat_tables([pq.read_table(shard_path(info.path, i)) for i in range(len(info.shard_rows))])
+    shards = [pq.read_table(shard_path(info.path, i)) for i in range(len(info.shard_rows))]
+    embeddings = ["id", "retrieval", "global", "perspectives", "valid"]
+    table = pa.concat_tables([shard.select(embeddings) for shard in shards])  # old and new shards may mix
     return StoreData(
         manifest=info.manifest,
         ids=table.column("id").to_pylist(),
-        metas=[json.loads(m) for m in table.column("meta").to_pylist()],
+        metas=[meta for shard in shards for meta in merged_metas(shard)],
         retrieval=torch.from_numpy(_column(table, "retrieval", dim, np.float16)),
         glob=torch.from_numpy(_column(table, "global", dim, np.float16)),
         perspectives=torch.from_numpy(_column(table, "perspectives", views * dim, np.float16)).view(-1, views, dim),

@@ -10,7 +10,9 @@ If the store has an index made by 'mpsclip index', it is used: the index's top -
 10 x -k) are scored exactly in the chosen mode; --exact searches exhaustively instead. --bbox always searches
 exhaustively (among the items whose footprint intersects it).
 --format geojson writes the hits that have a 'footprint' ([minx, miny, maxx, maxy], EPSG:4326) as polygons;
---format html writes a contact sheet of the hits' thumbnails (inline PNG) with rank, score and id.
+--format html writes a contact sheet of the hits' thumbnails (inline PNG) with rank, score, id and keywords,
+read from the embedded SOURCE folder; --source-root DIR says where that folder is now when the store or its
+images moved to another folder or machine (item paths are stored relative to it).
 --out FILE writes the output atomically to FILE instead of stdout.
 
 example:
@@ -20,6 +22,7 @@ example:
   mpsclip search tiles.store "an airport" --bbox 5.9,45.8,10.5,47.8 --format geojson > hits.geojson
   mpsclip search tiles.store "a marina" --bbox -78.9,23.5,-77.7,25.5 --format geojson --out hits.geojson
   mpsclip search tiles.store "ships in a harbor" -k 24 --format html --out hits.html
+  mpsclip search /mnt/copy/tiles.store "ships" --format html --source-root /mnt/copy/tiles --out hits.html
   mpsclip search big.store "a stadium" --candidates 500 --nprobe 64      # with an index from 'mpsclip index'
 """
 
@@ -55,6 +58,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_checkpoint(parser, "model (default: the store's)")
     parser.add_argument(
         "--image", type=Path, action="append", default=[], metavar="PATH", help="an image query (repeatable)"
+    )
+    parser.add_argument(
+        "--source-root", type=Path, default=None, metavar="DIR",
+        help="where the embedded SOURCE folder is now, if the store or its images moved (for --format html)",
     )
     add_device(parser)
     parser.add_argument("--exact", action="store_true", help="exhaustive search even if the store has an index")
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     labels = texts + [str(path) for path in args.image]
     if args.k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {args.k}")
-    info = open_store(args.store)
+    info = open_store(args.store, source_root=args.source_root)
     index = open_index(args, info)
     model = load_search_model(info.manifest, args.checkpoint, resolve_device(args.device))
     queries = torch.cat([encode_queries(model, texts), encode_images(model, args.image)])
