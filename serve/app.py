@@ -8,25 +8,33 @@ import binascii
 import contextlib
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from mpsclip.serve import metrics
-from mpsclip.serve.batching import Batcher, Overloaded
+from mpsclip.serve.auth import ApiKeyMiddleware, check_api_key
+from mpsclip.serve.batching import Overloaded
 from mpsclip.serve.catalog import Catalog, Store
+from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder
+from mpsclip.serve.limits import BodyLimitMiddleware
+from mpsclip.serve.quicklook import SceneCatalog, render_quicklook, scene_json
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 
 from mpsclip.archive.search import footprint
+from mpsclip.errors import MPSCLIPError
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+MAX_BODY_BYTES = 12 * 1024 * 1024  # an 8 MiB image in base64 JSON, with room to spare
 RETRY_AFTER_S = "1"
 Mode = Literal["fused", "global", "max-response"]
 
@@ -80,50 +88,34 @@ def decode_image(data: bytes, field: str) -> Image.Image:
         raise bad(f"{field}: not a readable image ({type(err).__name__})") from err
 
 
-class Encoder:
-    """Turns query requests into embeddings with each store's model (called in a worker thread)."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-
-    @torch.no_grad()
-    def __call__(self, jobs: list[tuple[Store, str, Any]]) -> list[torch.Tensor]:
-        out = [torch.empty(0)] * len(jobs)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, (store, kind, _) in enumerate(jobs):
-            groups.setdefault((store.name, kind), []).append(i)
-        metrics.BATCH.observe(len(jobs))
-        for (_, kind), positions in groups.items():  # each tower runs once per (store, kind) in the batch
-            model = jobs[positions[0]][0].model
-            device = next(model.parameters()).device
-            if kind == "text":
-                tokens = model.tokenize([jobs[i][2] for i in positions]).to(device)
-                emb = model.encode_text(tokens).float().cpu()
-            else:
-                from mpsclip.data.transforms import eval_transform
-
-                transform = eval_transform(model.image_size)
-                pixels = torch.stack([transform(jobs[i][2]) for i in positions]).to(device)
-                emb = model.encode_image(pixels).float().cpu()
-            for row, i in enumerate(positions):
-                out[i] = emb[row]
-        return out
-
-
-def create_app(catalog: Catalog, batching: bool = True, max_batch: int = 32, max_queue: int = 256) -> FastAPI:
-    encoder = Encoder(catalog)
-    batcher = Batcher(encoder, max_batch=max_batch if batching else 1, max_wait_s=0.004, max_queue=max_queue)
+def create_app(
+    catalog: Catalog, batching: bool = True, max_batch: int = 32, max_queue: int = 256, *,
+    api_key: str | None = None, cors: Sequence[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
+    encoder: QueryEncoder | None = None,
+) -> FastAPI:
+    """The API over ``catalog``. ``api_key`` protects every path but health checks and the page's files
+    (:mod:`~mpsclip.serve.auth`); ``cors`` lists the origins allowed to call it from other pages (none: CORS off);
+    request bodies over ``max_body_bytes`` get 413. ``encoder`` turns text/image queries into embeddings
+    (:mod:`~mpsclip.serve.encoders`: the Triton towers, or by default the towers in this process)."""
+    if encoder is None:  # the towers in this process (mpsclip serve --no-triton)
+        encoder = InProcessEncoder(batching=batching, max_batch=max_batch, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        await encoder.start()
         yield
-        await batcher.stop()
+        await encoder.stop()
 
     app = FastAPI(
         title="mpsclip serve", description="Text and image search over mpsclip embedding stores.", lifespan=lifespan
     )
-    app.state.catalog, app.state.batcher = catalog, batcher
+    app.state.catalog, app.state.encoder = catalog, encoder
+    if max_body_bytes < 1:
+        raise MPSCLIPError(f"--max-body-mib: the body limit must be above 0, got {max_body_bytes} bytes")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=check_api_key(api_key))
+    scenes = SceneCatalog()
 
     @app.middleware("http")
     async def _timed(request: Request, call_next: Any) -> Response:
@@ -156,13 +148,11 @@ def create_app(catalog: Catalog, batching: bool = True, max_batch: int = 32, max
             return torch.from_numpy(store.columns["global"][row]).float()
         if store.model is None:
             raise bad("text/image queries need the store's model, which this server did not load", 503)
-        if req.text is not None:
-            job: tuple[Store, str, Any] = (store, "text", req.text)
-        else:
-            job = (store, "image", image)
-        metrics.QUEUE.set(batcher.depth)
+        metrics.QUEUE.set(encoder.depth)
         try:
-            return await batcher.submit(job)
+            if req.text is not None:
+                return await encoder.encode(store, "text", req.text)
+            return await encoder.encode(store, "image", image)
         except Overloaded as err:
             metrics.ERRORS.labels("overloaded").inc()
             raise HTTPException(503, "server overloaded: retry later", headers={"Retry-After": RETRY_AFTER_S}) from err
@@ -231,13 +221,31 @@ def create_app(catalog: Catalog, batching: bool = True, max_batch: int = 32, max
         out = []
         for s in catalog.stores.values():
             m = s.info.manifest
+            listed = await run_in_threadpool(scenes.scenes, s)
             out.append({
                 "name": s.name, "items": len(s.ids),
                 "model": {"family": m.get("family", "mpsclip"), "arch": m.get("arch")},
                 "checkpoint_sha256": m.get("checkpoint_sha256"), "settings": m.get("settings", {}),
-                "georeferenced": any(polygon(meta) is not None for meta in s.metas[:1000]), "scenes": [],
+                "georeferenced": any(polygon(meta) is not None for meta in s.metas[:1000]),
+                "scenes": [scene_json(s.name, scene) for scene in listed],
             })
         return {"stores": out}
+
+    @app.get("/scenes/{store}/{scene}/quicklook", responses={200: {"content": {"image/png": {}}}})
+    def get_quicklook(store: str, scene: int) -> Response:
+        """A low-resolution PNG of scene number ``scene`` (see ``GET /stores``), rendered from its GeoTIFF."""
+        s = get_store(store)
+        try:
+            found = scenes.scene(s, scene)
+        except KeyError as err:
+            raise bad(str(err.args[0]), 404) from err
+        start = time.perf_counter()
+        try:
+            png = render_quicklook(found)
+        except MPSCLIPError as err:
+            raise bad(str(err), 404) from err
+        metrics.STAGES.labels("render").observe(time.perf_counter() - start)
+        return Response(png, media_type="image/png")
 
     @app.get("/items/{store}/{item_id:path}/thumbnail")
     async def get_thumbnail(store: str, item_id: str) -> Response:
@@ -286,7 +294,7 @@ def create_app(catalog: Catalog, batching: bool = True, max_batch: int = 32, max
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
-        metrics.QUEUE.set(batcher.depth)
+        metrics.QUEUE.set(encoder.depth)
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     if (STATIC / "index.html").is_file():
@@ -296,5 +304,10 @@ def create_app(catalog: Catalog, batching: bool = True, max_batch: int = 32, max
         async def index() -> FileResponse:
             return FileResponse(STATIC / "index.html")
 
+    if cors:  # added last, so outermost: preflights and 401s get CORS headers too
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
     return app
 

@@ -61,3 +61,16 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate(out, n_train=0, n_test=6, seed=0, image_size=64, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete store of the six ``synth`` scenes (3 rows a shard, sub-image perspectives) for serve tests."""
+    from mpsclip.archive.job import EmbedSettings, embed_archive
+
+    settings = EmbedSettings(
+        perspectives="from-dir", sub_root=synth / "subimages", batch_size=3, shard_size=3, device="cpu"
+    )
+    out = tmp_path_factory.mktemp("stores") / "s"
+    embed_archive(synth / "images", out, ckpt, settings=settings, progress=False)
+    return out

@@ -10,19 +10,14 @@ from fastapi.testclient import TestClient
 from mpsclip.serve.app import MAX_UPLOAD_BYTES, create_app
 from mpsclip.serve.catalog import Catalog, store_names
 
-from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
 from mpsclip.archive.store import open_store
+from mpsclip.errors import MPSCLIPError
 
 
 @pytest.fixture(scope="module")
-def store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    settings = EmbedSettings(
-        perspectives="from-dir", sub_root=synth / "subimages", batch_size=3, shard_size=3, device="cpu"
-    )
-    out = tmp_path_factory.mktemp("stores") / "s"
-    embed_archive(synth / "images", out, ckpt, settings=settings, progress=False)
-    return out
+def store(serve_store: Path) -> Path:
+    return serve_store
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +96,13 @@ def test_overload_answers_503_then_recovers(store: Path) -> None:
     gate = threading.Event()
     catalog = Catalog([store], lambda info: load_search_model(info.manifest, None))
     app = create_app(catalog, max_batch=1, max_queue=1)
-    encoder = app.state.batcher.fn
+    encoder = app.state.encoder.batcher.fn
 
     def slow(jobs):
         gate.wait(5)
         return encoder(jobs)
 
-    app.state.batcher.fn = slow
+    app.state.encoder.batcher.fn = slow
     with TestClient(app) as c, ThreadPoolExecutor(6) as pool:
         pending = [pool.submit(c.post, "/search", json={"text": f"q{i}"}) for i in range(6)]
         threading.Timer(1.0, gate.set).start()
@@ -116,3 +111,136 @@ def test_overload_answers_503_then_recovers(store: Path) -> None:
         assert 503 in codes and 200 in codes
         assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
         assert c.post("/search", json={"text": "again"}).status_code == 200
+
+
+KEY = "s3cret-Key_1"
+
+
+@pytest.fixture(scope="module")
+def locked(store: Path):
+    catalog = Catalog([store], lambda info: load_search_model(info.manifest, None))
+    with TestClient(create_app(catalog, api_key=KEY)) as c:
+        yield c
+
+
+def test_api_key_guards_every_path_but_health_and_page(locked: TestClient) -> None:
+    for path in ["/healthz", "/readyz", "/", "/static/app.js"]:
+        assert locked.get(path).status_code == 200, path
+    first = locked.post("/search", json={"text": "a", "k": 1}, headers={"X-API-Key": KEY}).json()["hits"][0]["id"]
+    for method, path in [("GET", "/stores"), ("GET", f"/items/s/{first}"), ("GET", f"/items/s/{first}/thumbnail"),
+                         ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/search"),
+                         ("POST", "/search/batch"), ("POST", "/search/upload"), ("POST", "/admin/reload"),
+                         ("GET", "/no/such/path")]:
+        for headers in [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}]:
+            r = locked.request(method, path, headers=headers, json={"text": "a"})
+            assert r.status_code == 401, (method, path, headers)
+            assert r.headers["www-authenticate"] == "Bearer" and "X-API-Key" in r.json()["detail"]
+    assert locked.get("/stores", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert locked.get("/stores", headers={"X-API-Key": KEY}).status_code == 200
+    assert locked.post("/search", json={"text": "a"}, headers={"authorization": f"bearer {KEY}"}).status_code == 200
+
+
+def test_page_logs_in_once_with_a_session_cookie(store: Path) -> None:
+    from urllib.parse import quote as q
+
+    catalog = Catalog([store], lambda info: load_search_model(info.manifest, None))
+    with TestClient(create_app(catalog, api_key=KEY), follow_redirects=False) as c:
+        assert c.get("/?key=wrong&q=x").status_code == 401 and not c.cookies
+        login = c.get(f"/?q=an+airport&key={q(KEY)}&k=3")
+        assert login.status_code == 303 and login.headers["location"] == "/?q=an+airport&k=3"
+        cookie = login.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+        assert c.get("/stores").status_code == 200  # the cookie alone, as the page's fetch and <img> send it
+        hit = c.post("/search", json={"text": "a", "k": 1}).json()["hits"][0]
+        assert c.get(hit["thumbnail_url"]).status_code == 200
+        own = {"Origin": "http://testserver"}
+        assert c.post("/search", json={"text": "a"}, headers=own).status_code == 200
+        forged = c.post("/search", json={"text": "a"}, headers={"Origin": "http://localhost:3000"})
+        assert forged.status_code == 401  # cookie-only requests that change state come from the page's origin
+        assert c.get("/stores", headers={"Origin": "http://localhost:3000"}).status_code == 200
+
+
+def test_bind_warning_and_key_from_environment(store: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import uvicorn
+    from mpsclip.serve.auth import bind_warning, same_key
+
+    from mpsclip.cli import main
+
+    assert bind_warning("127.0.0.1", None) is None and bind_warning("0.0.0.0", "k") is None
+    assert "--api-key" in bind_warning("0.0.0.0", None)
+    assert same_key(KEY, KEY) and not same_key("s3cret", KEY) and not same_key(None, KEY)
+    assert not same_key("ключ", KEY)  # any text a client sends compares without error
+    for unusable in ["", "two words", "ключ"]:
+        with pytest.raises(MPSCLIPError, match="printable ASCII"):
+            create_app(Catalog([store]), api_key=unusable)
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append((app, kw)))
+    assert main(["serve", str(store), "--host", "0.0.0.0", "--device", "cpu"]) == 0
+    assert "reachable from other machines, with no access control" in capsys.readouterr().err
+    monkeypatch.setenv("MPSCLIP_API_KEY", KEY)
+    assert main(["serve", str(store), "--host", "0.0.0.0", "--device", "cpu"]) == 0
+    assert "access control" not in capsys.readouterr().err
+    with TestClient(started[-1][0]) as c:
+        assert c.get("/stores").status_code == 401 and c.get("/stores", headers={"X-API-Key": KEY}).status_code == 200
+    assert started[-1][1]["host"] == "0.0.0.0"
+
+
+def test_cors_off_unless_asked(store: Path, client: TestClient) -> None:
+    preflight = {"Origin": "https://maps.example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type,x-api-key"}
+    assert "access-control-allow-origin" not in client.options("/search", headers=preflight).headers
+    assert "access-control-allow-origin" not in client.get("/stores", headers={"Origin": preflight["Origin"]}).headers
+    catalog = Catalog([store], lambda info: load_search_model(info.manifest, None))
+    with TestClient(create_app(catalog, api_key=KEY, cors=["https://maps.example.org"])) as c:
+        ok = c.options("/search", headers=preflight)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://maps.example.org"
+        denied = c.get("/stores", headers={"Origin": preflight["Origin"]})  # a 401 the page can read
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == preflight["Origin"]
+        other = c.options("/search", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_body_limit_refuses_before_reading_it_all(store: Path) -> None:
+    catalog = Catalog([store], lambda info: load_search_model(info.manifest, None))
+    with TestClient(create_app(catalog, max_body_bytes=4096)) as c:
+        assert c.post("/search", json={"text": "x" * 100}).status_code == 200
+        big = c.post("/search", json={"text": "x" * 5000})
+        assert big.status_code == 413 and "request body" in big.json()["detail"]
+        upload = c.post("/search/upload", files={"file": ("q.png", b"0" * 5000)})
+        assert upload.status_code == 413
+
+
+def test_body_limit_stops_reading_streams_and_bad_lengths() -> None:
+    """ASGI-level (the test client reads a streamed body whole before the app sees it): a chunked body is read
+    only until it passes the limit; an oversized or malformed Content-Length is refused before any byte."""
+    import asyncio
+
+    from mpsclip.serve.limits import BodyLimitMiddleware
+
+    reached: list[bytes] = []
+
+    async def app(scope, receive, send):
+        reached.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(headers: list, chunks: list[bytes]) -> tuple[int, int]:
+        sent, read = [], []
+
+        async def receive():
+            read.append(1)
+            if len(read) > len(chunks):
+                raise AssertionError("read past the end of the body")
+            return {"type": "http.request", "body": chunks[len(read) - 1], "more_body": len(read) < len(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/search", "headers": headers}
+        asyncio.run(BodyLimitMiddleware(app, 4096)(scope, receive, send))
+        return sent[0]["status"], len(read)
+
+    assert call([], [b"x" * 1024] * 100) == (413, 5)  # stopped at the 5th KiB of 100
+    assert call([(b"content-length", b"1000000000")], [b"x"]) == (413, 0)
+    assert call([(b"content-length", b"12abc")], [b"x"]) == (400, 0)
+    assert call([], [b"ab", b"cd", b""]) == (200, 3) and reached == [b"abcd"]  # one message for the app
