@@ -1,0 +1,158 @@
+"""How the API turns a text or image query into an embedding: a :class:`QueryEncoder`, of which there are two.
+
+* :class:`InProcessEncoder` (``mpsclip serve --no-triton``): the towers run in the API's process behind our bounded
+  batcher (:class:`~mpsclip.serve.batching.Batcher`: one consumer, deadline-closed batches, model in a thread).
+* :class:`TritonEncoder` (``--triton``): each query is one gRPC request to the towers on the Triton Inference
+  Server (:mod:`mpsclip.serve.triton`), whose dynamic batcher merges concurrent requests.
+
+Both raise :class:`~mpsclip.serve.batching.Overloaded` when ``max_queue`` queries already wait (the API answers 503
+with Retry-After), and an HTTP 503 naming the cause when the towers cannot answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from fastapi import HTTPException
+from mpsclip.serve import metrics
+from mpsclip.serve.batching import Batcher, Overloaded
+from mpsclip.serve.catalog import Store
+from mpsclip.serve.towers import Tower, TowerSet
+from PIL import Image
+
+from mpsclip.errors import MPSCLIPError
+
+Kind = Literal["text", "image"]
+Query = str | Image.Image
+LOG = logging.getLogger(__name__)
+
+
+class QueryEncoder(Protocol):
+    """What :func:`mpsclip.serve.app.create_app` needs from an encoder (started and stopped by the app's lifespan)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    @property
+    def depth(self) -> int:
+        """Queries waiting for the towers."""
+        ...
+
+    async def encode(self, store: Store, kind: Kind, query: Query) -> torch.Tensor:
+        """The L2-normalised embedding ``[D]`` (float32, CPU) of one query with ``store``'s checkpoint."""
+        ...
+
+
+def tower_for(towers: TowerSet, store: Store) -> Tower:
+    """``store``'s tower, or a 503 naming why there is none."""
+    try:
+        return towers.get(store)
+    except MPSCLIPError as err:
+        raise HTTPException(503, str(err)) from err
+
+
+class InProcessEncoder:
+    """The towers in this process behind :class:`Batcher` (``batching=False``: one query per tower call)."""
+
+    def __init__(
+        self,
+        towers: TowerSet | None = None,
+        *,
+        batching: bool = True,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        max_wait_s: float = 0.004,
+    ) -> None:
+        self.towers = towers or TowerSet()  # default: each store's model, eager
+        self.batcher = Batcher(self.encode_batch, max_batch if batching else 1, max_wait_s, max_queue)
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    @property
+    def depth(self) -> int:
+        return self.batcher.depth
+
+    async def encode(self, store: Store, kind: Kind, query: Query) -> torch.Tensor:
+        return await self.batcher.submit((tower_for(self.towers, store), kind, query))
+
+    @staticmethod
+    def encode_batch(jobs: list[tuple[Tower, Kind, Query]]) -> list[torch.Tensor]:
+        """One tower call per (checkpoint, kind) among ``jobs`` (run in the batcher's worker thread)."""
+        metrics.BATCH.observe(len(jobs))
+        out = [torch.empty(0)] * len(jobs)
+        groups: dict[tuple[str, Kind], list[int]] = {}
+        for i, (tower, kind, _) in enumerate(jobs):
+            groups.setdefault((tower.key, kind), []).append(i)
+        for (_, kind), positions in groups.items():
+            tower = jobs[positions[0]][0]
+            queries = [jobs[i][2] for i in positions]
+            if kind == "text":
+                emb = tower.encode_text(tower.tokens(queries))  # type: ignore[arg-type]
+            else:
+                emb = tower.encode_image(tower.pixels(queries))  # type: ignore[arg-type]
+            for row, i in enumerate(positions):
+                out[i] = emb[row]
+        return out
+
+
+class TritonEncoder:
+    """Queries as single-row gRPC requests to the Triton towers at ``url`` (``127.0.0.1:PORT``).
+
+    Tokenising and image preprocessing happen here, as any Triton client does them; ``model_names`` maps a
+    checkpoint sha256 to its ``(text model, image model)`` names on the server."""
+
+    def __init__(
+        self, towers: TowerSet, url: str, model_names: dict[str, tuple[str, str]], *, max_queue: int = 256
+    ) -> None:
+        self.towers, self.url, self.model_names, self.max_queue = towers, url, model_names, max_queue
+        self.in_flight = 0
+        self._client: object | None = None
+
+    async def start(self) -> None:
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        self._client = InferenceServerClient(self.url)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.close()  # type: ignore[attr-defined]
+            self._client = None
+
+    @property
+    def depth(self) -> int:
+        return self.in_flight
+
+    async def encode(self, store: Store, kind: Kind, query: Query) -> torch.Tensor:
+        from tritonclient.grpc import InferInput
+        from tritonclient.utils import InferenceServerException
+
+        tower = tower_for(self.towers, store)
+        if self._client is None:
+            raise HTTPException(503, "the Triton encoder is not started (the app's lifespan starts it)")
+        if self.in_flight >= self.max_queue:
+            raise Overloaded
+        text_model, image_model = self.model_names[tower.key]
+        if kind == "text":
+            model, name, array = text_model, "tokens", tower.tokens([query]).numpy()  # type: ignore[list-item]
+        else:
+            model, name, array = image_model, "pixels", tower.pixels([query]).numpy()  # type: ignore[list-item]
+        request = InferInput(name, list(array.shape), "INT64" if kind == "text" else "FP32")
+        request.set_data_from_numpy(array)
+        self.in_flight += 1
+        try:
+            result = await self._client.infer(model, [request])  # type: ignore[attr-defined]
+        except InferenceServerException as err:
+            LOG.warning("Triton model %s failed: %s", model, err)
+            metrics.ERRORS.labels("triton").inc()
+            raise HTTPException(503, f"the Triton towers did not answer ({model}: {err.message()})") from err
+        finally:
+            self.in_flight -= 1
+        return torch.from_numpy(np.array(result.as_numpy("embedding")[0], dtype=np.float32))
