@@ -9,8 +9,6 @@ one shard's columns are in memory at a time; ids and metas are read for the fina
 
 from __future__ import annotations
 
-import json
-import math
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +21,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mpsclip.archive.geoparquet import footprint_intersects, valid_footprint
 from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
-from mpsclip.archive.store import StoreInfo, read_ids_metas, read_shard
+from mpsclip.archive.store import StoreInfo, read_ids_metas, read_shard, read_shard_in_bbox
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
@@ -115,23 +114,14 @@ def parse_bbox(text: str) -> BBox:
 
 
 def footprint(meta: dict[str, Any]) -> BBox | None:
-    """The item's ``[minx, miny, maxx, maxy]`` footprint (EPSG:4326), or None if it has no usable one."""
-    fp = meta.get("footprint")
-    if not isinstance(fp, list | tuple) or len(fp) != 4:
-        return None
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in fp):
-        return None
-    return float(fp[0]), float(fp[1]), float(fp[2]), float(fp[3])
+    """The item's ``[west, south, east, north]`` footprint (EPSG:4326; west > east across the antimeridian), or
+    None if it has no usable one."""
+    return valid_footprint(meta.get("footprint"))
 
 
-def intersects(a: BBox, b: BBox) -> bool:
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
-
-
-def rows_in_bbox(metas: np.ndarray, bbox: BBox) -> np.ndarray:
-    """Positions of the JSON ``metas`` whose footprint intersects ``bbox`` (items without one are left out)."""
-    keep = [i for i, m in enumerate(metas) if (fp := footprint(json.loads(m))) is not None and intersects(fp, bbox)]
-    return np.array(keep, dtype=np.int64)
+def intersects(fp: BBox, bbox: BBox) -> bool:
+    """Whether a footprint (possibly crossing the antimeridian) meets a ``bbox`` with west <= east."""
+    return footprint_intersects(fp, bbox)
 
 
 def check_mode(mode: str) -> None:
@@ -184,18 +174,14 @@ def exact_topk(
     if k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {k}")
     check_mode(mode)
-    columns = MODE_COLUMNS[mode] + (["meta"] if bbox is not None else [])
+    columns = MODE_COLUMNS[mode]
     queries = queries.float()
     device, n_queries = queries.device, queries.shape[0]
     best_s = torch.full((n_queries, 0), float("-inf"), device=device)
     best_i = torch.full((n_queries, 0), -1, dtype=torch.int64, device=device)
-    for offset, cols in _prefetched(info, columns, progress):
+    for offset, (positions, cols) in _prefetched(info, columns, bbox, progress):
         views, valid = mode_views(cols, mode)
-        rows = torch.arange(offset, offset + len(views))
-        if bbox is not None:
-            keep = torch.from_numpy(rows_in_bbox(cols["meta"], bbox))
-            views, rows = views[keep], rows[keep]
-            valid = valid[keep] if valid is not None else None
+        rows = torch.arange(offset, offset + len(views)) if positions is None else torch.from_numpy(positions) + offset
         if len(rows) == 0:
             continue
         s, i = scored_topk(queries, views, valid, rows, k)
@@ -204,16 +190,31 @@ def exact_topk(
     return best_s.cpu(), best_i.cpu()
 
 
-def _prefetched(info: StoreInfo, columns: list[str], progress: bool) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """``(first row, columns)`` of every shard in order, decoding the next shards in threads meanwhile."""
+ShardPart = tuple[np.ndarray | None, dict[str, np.ndarray]]
+"""The positions in its shard of the rows read (None: all of them) and their columns."""
+
+
+def _read_part(info: StoreInfo, shard: int, columns: list[str], bbox: BBox | None) -> ShardPart:
+    """A shard's ``columns``; with ``bbox``, of its items whose footprint meets it (the box pushed down to the
+    Parquet reader: row groups outside it are not decoded)."""
+    if bbox is None:
+        return None, read_shard(info, shard, columns)
+    return read_shard_in_bbox(info, shard, columns, bbox)
+
+
+def _prefetched(
+    info: StoreInfo, columns: list[str], bbox: BBox | None, progress: bool
+) -> Iterator[tuple[int, ShardPart]]:
+    """``(first row, part)`` of every shard in order, decoding the next shards in threads meanwhile."""
     offsets = info.offsets()
     with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
-        pending = deque(pool.submit(read_shard, info, s, columns) for s in range(min(READ_AHEAD, len(offsets))))
+        ahead = range(min(READ_AHEAD, len(offsets)))
+        pending = deque(pool.submit(_read_part, info, s, columns, bbox) for s in ahead)
         for shard in tqdm(range(len(offsets)), desc="search", unit="shard", disable=not progress):
-            cols = pending.popleft().result()
+            part = pending.popleft().result()
             if shard + READ_AHEAD < len(offsets):
-                pending.append(pool.submit(read_shard, info, shard + READ_AHEAD, columns))
-            yield offsets[shard], cols
+                pending.append(pool.submit(_read_part, info, shard + READ_AHEAD, columns, bbox))
+            yield offsets[shard], part
 
 
 def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:

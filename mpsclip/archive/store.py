@@ -266,7 +266,7 @@ def read_shard_in_bbox(
     groups = row_groups_in_bbox(file.metadata, box)
     stored = list(dict.fromkeys([*_stored_columns(columns, names), BBOX, GEOMETRY]))
     starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)])
-    table = file.read_row_groups(groups, columns=stored) if groups else file.schema_arrow.empty_table()
+    table = file.read_row_groups(groups, columns=stored)
     positions = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups] or [np.zeros(0, np.int64)])
     keep = rows_in_box(table, box)
     return positions[keep].astype(np.int64), _decode(info, table.take(pa.array(keep, pa.int64())), columns)
