@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from mpsclip.archive.geoparquet import geojson_geometry
 from mpsclip.archive.items import READ_ERRORS, Item, item_from_meta
 from mpsclip.archive.readers import open_item
 from mpsclip.archive.search import Hit, footprint
@@ -53,7 +54,9 @@ def to_json(queries: list[str], results: list[list[Hit]], mode: str, k: int) -> 
 
 
 def to_geojson(queries: list[str], results: list[list[Hit]]) -> tuple[dict[str, Any], int]:
-    """A FeatureCollection of the hits with a footprint, and the number of hits skipped for having none."""
+    """An RFC 7946 FeatureCollection of the hits with a footprint (lon/lat, counter-clockwise rings, a footprint
+    crossing the antimeridian split into a MultiPolygon, no ``crs`` member), and the number of hits skipped for
+    having none."""
     features, skipped = [], 0
     for query, hits in zip(queries, results, strict=True):
         for hit in hits:
@@ -61,12 +64,10 @@ def to_geojson(queries: list[str], results: list[list[Hit]]) -> tuple[dict[str, 
             if fp is None:
                 skipped += 1
                 continue
-            minx, miny, maxx, maxy = fp
-            ring = [[minx, miny], [maxx, miny], [maxx, maxy], [minx, maxy], [minx, miny]]
             features.append(
                 {
                     "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "geometry": geojson_geometry(fp),
                     "properties": {"query": query, "rank": hit.rank, "score": hit.score, "id": hit.id},
                 }
             )
