@@ -83,6 +83,20 @@ def test_projected_uint16_scene_is_bounded_warped_and_stretched(tmp_path: Path) 
     assert (row[:, 0] == row[:, 1]).all() and (row[:, 1] == row[:, 2]).all()  # one band shown as grey
 
 
+def test_quicklook_reads_the_overviews(tmp_path: Path) -> None:
+    """The base pixels are changed after the overviews were built: the quicklook shows the overview's."""
+    path = georef.write_scene(tmp_path / "o.tif", np.full((3, 1024, 1024), 100, dtype=np.uint8), "EPSG:4326",
+                              Affine(1e-5, 0.0, 10.0, 0.0, -1e-5, 0.01))
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([2, 4], rasterio.enums.Resampling.average)
+        dst.write(np.full((3, 1024, 1024), 200, dtype=np.uint8))
+    tiles = [item.meta for item in iter_items(tmp_path, TileSettings(512, 512))]
+    (scene,) = list_scenes(tiles, {"source_root": str(tmp_path)})
+    assert max(scene.size) == quicklook.MAX_SIDE
+    pixels = png(render_quicklook(scene))
+    assert (pixels[8:-8, 8:-8, :3] == 100).all()
+
+
 def test_cache_follows_the_file_and_errors_name_the_scene(tmp_path: Path) -> None:
     path = halves(tmp_path / "h.tif")
     tiles = metas(tmp_path)

@@ -1,26 +1,41 @@
-"""The search page in a real headless Chromium (Debian's ``chromium``) driven by Playwright for Python.
+"""The search page in a real headless Chromium (Debian's ``chromium``, driven by Playwright for Python) against
+the real ``mpsclip serve`` (a subprocess, towers in-process) on a tiny georeferenced store built here.
 
-The page is served from ``serve/static`` by a small app implementing the ``mpsclip serve`` JSON contract over a
-fixed, georeferenced 16-item dataset. In CI (``CI=true``) a missing browser or Playwright fails the test with the
-reason; locally it skips with it.
+Under ``make test`` / CI a missing browser or Playwright fails the test with the reason; elsewhere it skips.
+Screenshots go to the test's tmp folder (``screenshots/``); ``MPSCLIP_README_SHOT=1`` also copies the last one
+to ``docs/serve-page.png``, the README's illustration.
 """
 
-import hashlib
-import io
+from __future__ import annotations
+
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
-import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from extras import expect, require
 
-STATIC = Path(__file__).parents[1] / "serve" / "static"
+require("rasterio")
+require("fastapi")
+
+import georef  # noqa: E402
+
+from mpsclip.archive.items import TileSettings  # noqa: E402
+from mpsclip.archive.job import EmbedSettings, embed_archive  # noqa: E402
+from mpsclip.archive.search import encode_queries, load_search_model, search_store  # noqa: E402
+from mpsclip.archive.store import open_store  # noqa: E402
+
 README_SHOT = Path(__file__).parents[1] / "docs" / "serve-page.png"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -30,114 +45,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-BOUNDS = [10.0, 45.0, 10.4, 45.4]  # one scene, 4 x 4 tiles of 0.1 degree
-XSS_ID = '<img src=x onerror="window.pwned=1">'
-
-
-def _items() -> list[dict]:
-    items = []
-    for row in range(4):
-        for col in range(4):
-            w, n = BOUNDS[0] + 0.1 * col, BOUNDS[3] - 0.1 * row
-            ring = [[w, n - 0.1], [w + 0.1, n - 0.1], [w + 0.1, n], [w, n], [w, n - 0.1]]
-            name = XSS_ID if (row, col) == (3, 3) else f"tile_{row}_{col}"
-            keywords = ["<b>harbour</b>"] if (row, col) == (3, 3) else [["forest", "harbour"][(row + col) % 2]]
-            items.append({"id": name, "keywords": keywords, "footprint": {"type": "Polygon", "coordinates": [ring]}})
-    return items
-
-
-def _score(query: str, item_id: str) -> float:
-    digest = hashlib.sha256(f"{query}|{item_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32
-
-
-def _png(color: tuple[int, int, int], size: int) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def contract_app():  # noqa: ANN201  (FastAPI is imported lazily)
-    """A stand-in for ``mpsclip serve``'s app: the same JSON contract over :func:`_items`."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse, Response
-
-    items = {item["id"]: item for item in _items()}
-    scene = {"index": 0, "name": "scene0", "bounds": BOUNDS, "quicklook_url": "/scenes/geo/0/quicklook"}
-    stores = {
-        "geo": {"name": "geo", "items": len(items), "model": {"family": "mpsclip", "arch": "MPS-Tiny"},
-                "checkpoint_sha256": "0" * 64, "settings": {}, "georeferenced": True,
-                "scenes": [scene]},
-        "empty": {"name": "empty", "items": 0, "model": {"family": "mpsclip", "arch": "MPS-Tiny"},
-                  "checkpoint_sha256": "0" * 64, "settings": {}, "georeferenced": False, "scenes": []},
-    }
-    app = FastAPI()
-
-    def hit(rank: int, score: float, item: dict) -> dict:
-        url = f"/items/geo/{quote(item['id'], safe='')}/thumbnail"
-        return {"rank": rank, "score": score, "id": item["id"], "store": "geo", "keywords": item["keywords"],
-                "footprint": item["footprint"], "thumbnail_url": url, "scene": "scene0"}
-
-    def inside(item: dict, bbox: list[float] | None) -> bool:
-        if bbox is None:
-            return True
-        ring = item["footprint"]["coordinates"][0]
-        lons, lats = [p[0] for p in ring], [p[1] for p in ring]
-        return min(lons) < bbox[2] and max(lons) > bbox[0] and min(lats) < bbox[3] and max(lats) > bbox[1]
-
-    @app.get("/")
-    def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/static/{name}")
-    def static(name: str) -> FileResponse:
-        if name not in {"app.js", "style.css", "index.html"}:
-            raise HTTPException(404, "no such file")
-        return FileResponse(STATIC / name)
-
-    @app.get("/stores")
-    def list_stores() -> dict:
-        return {"stores": list(stores.values())}
-
-    @app.post("/search")
-    async def search(request: Request) -> dict:
-        body = await request.json()
-        k = body.get("k", 10)
-        if not isinstance(k, int) or not 1 <= k <= 1000:
-            raise HTTPException(422, f"k: must be an integer in 1..1000, got {k!r}")
-        if body.get("store", "geo") not in stores:
-            raise HTTPException(404, f"store: unknown store {body['store']!r}")
-        if "item_id" in body and body["item_id"] not in items:
-            raise HTTPException(404, f"item_id: unknown item {body['item_id']!r}")
-        query = body.get("text") or f"like:{body.get('item_id')}"
-        pool = [item for item in items.values() if inside(item, body.get("bbox"))]
-        ranked = sorted(pool, key=lambda item: -_score(query, item["id"]))[:k]
-        hits = [hit(rank, _score(query, item["id"]), item) for rank, item in enumerate(ranked, 1)]
-        return {"store": "geo", "mode": body.get("mode", "fused"), "k": k,
-                "took_ms": {"encode": 1.0, "score": 1.0, "total": 2.0}, "hits": hits}
-
-    @app.get("/items/{store}/{item_id}/thumbnail")
-    def thumbnail(store: str, item_id: str) -> Response:
-        if item_id not in items:
-            raise HTTPException(404, "unknown item")
-        shade = int(_score("thumb", item_id) * 200) + 30
-        return Response(_png((40, shade, 255 - shade), 64), media_type="image/png")
-
-    @app.get("/items/{store}/{item_id}")
-    def item(store: str, item_id: str) -> dict:
-        if item_id not in items:
-            raise HTTPException(404, f"id: unknown item {item_id!r}")
-        found = items[item_id]
-        meta = {"caption": f"<i>caption of</i> {item_id}"}
-        return {**found, "store": store, "meta": meta, "thumbnail_url": hit(1, 0.0, found)["thumbnail_url"]}
-
-    @app.get("/scenes/{store}/{index}/quicklook")
-    def quicklook(store: str, index: int) -> Response:
-        return Response(_png((70, 110, 80), 256), media_type="image/png")
-
-    return app
+QUERY = "a harbour with a pier"
+START_TIMEOUT_S = 180  # importing torch and loading the model on a loaded 2-core CI machine
 
 
 def _free_port() -> int:
@@ -146,117 +55,236 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    require("fastapi")
-    import uvicorn
+def _serve_flags() -> list[str]:
+    """``--no-triton`` where ``mpsclip serve`` has it: the towers run in this test's subprocess."""
+    out = subprocess.run([sys.executable, "-m", "mpsclip", "serve", "--help"], capture_output=True, text=True)
+    return ["--no-triton"] if "--no-triton" in out.stdout else []
 
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def geo_store(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two scenes of :mod:`georef` cut into 32 px tiles (15 items) and embedded with the tiny model."""
+    root = georef.two_scenes(tmp_path_factory.mktemp("scenes") / "src")
+    store = tmp_path_factory.mktemp("stores") / "geo"
+    settings = EmbedSettings(tiles=TileSettings(32, 32), batch_size=8, device="cpu")
+    embed_archive(root, store, ckpt, settings=settings, progress=False)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server_url(geo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mpsclip serve STORE`` in a subprocess on a free loopback port; stopped with SIGTERM afterwards."""
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(contract_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "MPSCLIP_API_KEY"}
+    command = [sys.executable, "-m", "mpsclip", "serve", str(geo_store), "--port", str(port), "--device", "cpu",
+               *_serve_flags()]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"mpsclip serve exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"mpsclip serve not ready in {START_TIMEOUT_S} s:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"mpsclip serve did not stop within 30 s of SIGTERM:\n{log.read_text()}") from None
+    assert code == 0, f"mpsclip serve ended with {code} after SIGTERM:\n{log.read_text()}"
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "something still listens on the server's port"
 
 
 @pytest.fixture
-def page(monkeypatch):  # noqa: ANN201
+def page(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201  (a Playwright Page)
     executable = shutil.which("chromium")
     expect(executable is not None, "Debian's `chromium` is not installed (`make test` installs it with apt-get)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         expect(False, "the `playwright` Python package is not installed (it is in the dev extra)")
-    # A per-test TMPDIR for Chromium's profile and sockets; short, because a unix socket path has ~108 bytes.
+    # Each run its own TMPDIR for Chromium's profile and sockets; short, because a unix socket path has ~108 bytes.
     browser_tmp = tempfile.mkdtemp(prefix="mpsclip-pw-")
     monkeypatch.setenv("TMPDIR", browser_tmp)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1200, "height": 800}, accept_downloads=True)
-        tab = context.new_page()
-        errors: list[str] = []
-        tab.on("pageerror", lambda err: errors.append(str(err)))
-        tab.set_default_timeout(10_000)
-        yield tab
-        browser.close()
-    shutil.rmtree(browser_tmp, ignore_errors=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            tab = context.new_page()
+            errors: list[str] = []
+            tab.on("pageerror", lambda err: errors.append(str(err)))
+            tab.set_default_timeout(20_000)
+            yield tab
+            browser.close()
+    finally:
+        shutil.rmtree(browser_tmp, ignore_errors=True)
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def _query(url: str) -> dict[str, str]:
+def url_state(url: str) -> dict[str, str]:
     return {key: values[0] for key, values in parse_qs(urlparse(url).query).items()}
 
 
-def test_search_details_more_like_this_bbox_and_url_state(page, server_url, tmp_path):
-    shots = tmp_path / "screenshots"
-    page.goto(server_url + "/")
-    page.wait_for_selector("#store option", state="attached")
-    page.fill("#k", "16")
-    page.fill("#query", "a harbour with boats")
-    page.press("#query", "Enter")
-    page.wait_for_selector(".hit")
-    assert page.locator(".hit").count() == 16
-    assert page.locator("#scenes polygon.footprint").count() == 16
-    # Data is text, never markup: the hostile id and keyword show literally and nothing ran.
-    assert page.locator(".hit .id", has_text=XSS_ID).count() == 1
-    assert page.locator(".hit .keywords", has_text="<b>harbour</b>").count() == 1
-    assert page.evaluate("window.pwned") is None
-    page.screenshot(path=str(shots / "1-results.png"))
+def shown(page) -> list[tuple[str, float]]:  # noqa: ANN001
+    """(id, score) of each result card, in order (the score as the page prints it, 4 decimals)."""
+    ids = page.locator(".hit .id").all_inner_texts()
+    scores = [float(text.split("·")[1]) for text in page.locator(".hit .score").all_inner_texts()]
+    return list(zip(ids, scores, strict=True))
 
-    first = page.locator(".hit .id").first.inner_text()
+
+def assert_same_hits(page, hits: list[dict]) -> None:  # noqa: ANN001
+    got = shown(page)
+    assert [item_id for item_id, _ in got] == [h["id"] for h in hits]
+    assert [score for _, score in got] == pytest.approx([h["score"] for h in hits], abs=6e-5)
+
+
+def wait_for_search(page, text: str) -> None:  # noqa: ANN001
+    """Wait until the status line reports a finished search mentioning ``text``."""
+    page.wait_for_function(
+        "t => { const m = document.getElementById('message').textContent; return m.includes(t) && "
+        "(m.includes(' results ') || m.startsWith('No results') || m.startsWith('Search failed')); }",
+        arg=text,
+    )
+
+
+def intersects(footprint: dict, bbox: list[float]) -> bool:
+    ring = footprint["coordinates"][0]
+    lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+    return min(lons) <= bbox[2] and bbox[0] <= max(lons) and min(lats) <= bbox[3] and bbox[1] <= max(lats)
+
+
+def drag(page, selector: str, start: tuple[float, float], end: tuple[float, float]) -> None:  # noqa: ANN001
+    """Press at ``start`` and release at ``end``, given as fractions of the element's box."""
+    target = page.locator(selector)
+    target.scroll_into_view_if_needed()
+    box = target.bounding_box()
+
+    def at(fraction: tuple[float, float]) -> tuple[float, float]:
+        return box["x"] + box["width"] * fraction[0], box["y"] + box["height"] * fraction[1]
+
+    page.mouse.move(*at(start))
+    page.mouse.down()
+    page.mouse.move(*at(((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)), steps=4)
+    page.mouse.move(*at(end), steps=4)
+    page.mouse.up()
+
+
+def test_search_more_like_this_bbox_geojson_and_reload(page, server_url: str, geo_store: Path, tmp_path: Path):  # noqa: ANN001
+    import shapely.geometry
+
+    shots = tmp_path / "screenshots"
+    stores = json.load(urllib.request.urlopen(server_url + "/stores", timeout=30))["stores"]
+    (store,) = stores
+    scenes = {scene["name"]: scene for scene in store["scenes"]}
+    assert set(scenes) == {"harbour.tif", f"{georef.HOSTILE}.tif"}
+
+    page.goto(server_url + "/")
+    page.wait_for_selector(".scene img")  # before any search: every scene's quicklook
+    assert page.locator(".scene").count() == 2
+    # Names are text, never markup: the hostile scene name shows literally and nothing ran.
+    assert page.locator(".scene .name", has_text=f"{georef.HOSTILE}.tif").count() == 1
+    assert page.locator("img[src='x']").count() == 0
+    page.fill("#k", "8")
+    page.fill("#query", QUERY)
+    page.press("#query", "Enter")
+    wait_for_search(page, QUERY)
+    api = post(server_url + "/search", {"text": QUERY, "k": 8, "mode": "fused"})["hits"]
+    assert len(api) == 8
+    assert_same_hits(page, api)  # the page shows the API's top-k...
+    info = open_store(geo_store)  # ...which is 'mpsclip search' on the store
+    want = search_store(info, encode_queries(load_search_model(info.manifest, None), [QUERY]), 8, "fused")[0]
+    assert [h["id"] for h in api] == [h.id for h in want]
+    assert [h["score"] for h in api] == pytest.approx([h.score for h in want], abs=1e-3)
+    assert page.locator("#scenes polygon.footprint").count() == 8
+    assert page.evaluate("window.pwned") is None
+    page.screenshot(path=str(shots / "1-results.png"), full_page=True)
+
+    first = api[0]["id"]
     page.locator(".hit").first.click()
     page.wait_for_selector("#details:not([hidden]) dd")
     assert page.locator("#details-id").inner_text() == first
-    assert "caption of" in page.locator("#details-meta").inner_text()
-    page.screenshot(path=str(shots / "2-details.png"))
+    assert "geotiff-window" in page.locator("#details-meta").inner_text()
+    assert page.locator("polygon.footprint.selected").count() == 1
+    page.screenshot(path=str(shots / "2-details.png"), full_page=True)
 
     page.click("#more-like-this")
-    page.wait_for_function("document.getElementById('message').textContent.includes('like')")
-    assert page.locator(".hit").count() == 16
+    wait_for_search(page, f"like {first}")
+    assert_same_hits(page, post(server_url + "/search", {"item_id": first, "k": 8, "mode": "fused"})["hits"])
+    assert url_state(page.url)["like"] == first
 
-    box = page.locator("#scenes svg").bounding_box()  # drag over the scene's top-left quarter: 2 x 2 tiles
-    page.mouse.move(box["x"] + box["width"] * 0.02, box["y"] + box["height"] * 0.02)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3, steps=5)
-    page.mouse.move(box["x"] + box["width"] * 0.48, box["y"] + box["height"] * 0.48, steps=5)
-    page.mouse.up()
-    page.wait_for_function("document.querySelectorAll('.hit').length === 4")
-    ids = sorted(page.locator(".hit .id").all_inner_texts())
-    assert ids == ["tile_0_0", "tile_0_1", "tile_1_0", "tile_1_1"]
-    west, south, east, north = map(float, _query(page.url)["bbox"].split(","))
-    assert west == pytest.approx(10.008, abs=1e-3) and north == pytest.approx(45.392, abs=1e-3)
-    assert east == pytest.approx(10.192, abs=1e-3) and south == pytest.approx(45.208, abs=1e-3)
-    page.screenshot(path=str(shots / "3-bbox.png"))
+    # A box over the harbour scene's west half: the search runs again, limited to tiles touching the box.
+    harbour = scenes["harbour.tif"]
+    drag(page, f".scene[data-scene='{harbour['index']}'] svg", (0.05, 0.1), (0.45, 0.9))
+    page.wait_for_function("new URLSearchParams(location.search).has('bbox')")
+    wait_for_search(page, "inside the box")
+    bbox = [float(v) for v in url_state(page.url)["bbox"].split(",")]
+    west, south, east, north = harbour["bounds"]
+    width, height = east - west, north - south
+    assert bbox == pytest.approx([west + 0.05 * width, north - 0.9 * height, west + 0.45 * width,
+                                  north - 0.1 * height], abs=0.01 * width)
+    boxed = post(server_url + "/search", {"item_id": first, "k": 8, "mode": "fused", "bbox": bbox})["hits"]
+    assert_same_hits(page, boxed)
+    assert boxed and all(intersects(hit["footprint"], bbox) for hit in boxed)
+    assert len(boxed) < 8 and all(hit["scene"] == "harbour.tif" for hit in boxed)
+    page.screenshot(path=str(shots / "3-bbox.png"), full_page=True)
 
     with page.expect_download() as download:
         page.click("#geojson")
     geojson = json.loads(Path(download.value.path()).read_text())
-    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == 4
-    assert geojson["features"][0]["geometry"]["coordinates"][0][0][0] == pytest.approx(10.0)  # lon first
+    assert geojson["type"] == "FeatureCollection" and [f["id"] for f in geojson["features"]] == [h["id"] for h in boxed]
+    for feature, hit in zip(geojson["features"], boxed, strict=True):
+        assert feature["type"] == "Feature" and feature["properties"]["rank"] == hit["rank"]
+        shape = shapely.geometry.shape(feature["geometry"])
+        assert shape.geom_type == "Polygon" and shape.is_valid and shape.exterior.is_ccw  # RFC 7946 right-hand rule
+        lon, lat = feature["geometry"]["coordinates"][0][0]
+        assert 14.9 < lon < 15.1 and 45.1 < lat < 45.2  # longitude first
+        assert intersects(feature["geometry"], bbox)
 
-    # The URL is shareable: reloading it restores the query, k, mode and bbox and runs the search again.
-    page.select_option("#mode", "global")
-    state = _query(page.url)
-    assert state["q"] == "a harbour with boats" and state["mode"] == "global" and state["k"] == "16"
+    # The URL is shareable: reloading it restores mode, k, bbox and the "more like this" search.
+    before = shown(page)
     page.goto(page.url)
-    page.wait_for_function("document.querySelectorAll('.hit').length === 4")
-    assert page.input_value("#query") == "a harbour with boats" and page.input_value("#mode") == "global"
+    wait_for_search(page, "inside the box")
+    assert shown(page) == before and page.input_value("#k") == "8" and page.input_value("#query") == QUERY
+    assert page.locator(".scene rect.bbox").count() == 1
     page.locator(".hit").first.click()
     page.wait_for_selector("#details:not([hidden]) dd")
-    page.screenshot(path=str(shots / "4-reloaded.png"))
-    page.screenshot(path=str(README_SHOT), type="png")  # README illustration, made by this test
-    assert all((shots / f).stat().st_size > 0 for f in ("1-results.png", "2-details.png", "3-bbox.png"))
+    page.wait_for_function("[...document.querySelectorAll('img')].every(i => i.complete)")
+    page.screenshot(path=str(shots / "4-reloaded.png"), full_page=True)
+    assert all((shots / f"{n}").stat().st_size > 10_000 for n in ("1-results.png", "3-bbox.png", "4-reloaded.png"))
+    if os.environ.get("MPSCLIP_README_SHOT") == "1":
+        shutil.copyfile(shots / "4-reloaded.png", README_SHOT)
 
 
-def test_errors_and_empty_store_are_explained(page, server_url):
+def test_errors_are_explained(page, server_url: str) -> None:  # noqa: ANN001
     page.goto(server_url + "/?q=forest&k=5000")
     page.wait_for_selector("#message.error")
-    assert "k: must be an integer" in page.locator("#message").inner_text()
-    page.goto(server_url + "/?store=empty")
+    assert "k: Input should be less than or equal to 1000" in page.locator("#message").inner_text()
+    page.goto(server_url + "/?store=nope")
     page.wait_for_selector("#message.error")
-    assert "empty" in page.locator("#message").inner_text()
+    assert "“nope” is not served here (served: geo)" in page.locator("#message").inner_text()
+    page.goto(server_url + "/?like=no-such-tile")
+    page.wait_for_selector("#message.error")
+    assert "item_id: no item 'no-such-tile' in store 'geo'" in page.locator("#message").inner_text()
+    page.goto(server_url + "/?q=forest&bbox=0,0,1,1")  # far from every scene
+    wait_for_search(page, "forest")
+    assert "No results for “forest” inside the box: clear the box" in page.locator("#message").inner_text()
+    page.click("#bbox-clear")  # the same search without the box: the page's default k
+    page.wait_for_function("document.querySelectorAll('.hit').length === 10")
+    assert "bbox" not in url_state(page.url) and "10 results for “forest”" in page.locator("#message").inner_text()

@@ -4,7 +4,9 @@
 
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
-const state = { stores: [], hits: [], selected: null, bbox: null, last: null };
+const MAX_SCENES = 12; // scenes shown before a search (afterwards: the scenes holding hits)
+const SCENE_HEIGHT = 320; // tallest scene overview, in CSS pixels
+const state = { stores: [], hits: [], selected: null, bbox: null, like: null, last: null };
 
 function el(tag, attrs = {}, text = null) {
   const node = document.createElement(tag);
@@ -28,10 +30,20 @@ async function api(path, options = {}) {
   const response = await fetch(path, options);
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail || body);
-    throw new Error(`${response.status}: ${detail}`);
+    throw new Error(`${response.status}: ${describe(body.detail ?? body)}`);
   }
   return body;
+}
+
+// FastAPI's validation errors are a list of {loc, msg}: shown as "k: Input should be ..." per field.
+function describe(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail
+      .map((d) => `${(d.loc || []).filter((part) => part !== "body").join(".") || "request"}: ${d.msg}`)
+      .join("; ");
+  }
+  return JSON.stringify(detail);
 }
 
 function currentStore() {
@@ -45,6 +57,7 @@ function readUrl() {
   if (params.has("q")) $("query").value = params.get("q");
   if (params.has("mode")) $("mode").value = params.get("mode");
   if (params.has("k")) $("k").value = params.get("k");
+  state.like = params.get("like");
   const bbox = (params.get("bbox") || "").split(",").map(Number);
   state.bbox = bbox.length === 4 && bbox.every(Number.isFinite) ? bbox : null;
   return params.get("store");
@@ -54,6 +67,7 @@ function writeUrl() {
   const params = new URLSearchParams();
   const q = $("query").value.trim();
   if (q) params.set("q", q);
+  if (state.like) params.set("like", state.like);
   params.set("mode", $("mode").value);
   params.set("k", $("k").value);
   if ($("store").value) params.set("store", $("store").value);
@@ -85,6 +99,7 @@ async function run(label, request) {
 
 function searchText() {
   const text = $("query").value.trim();
+  state.like = null;
   writeUrl();
   if (!text) return message("Type a query, drop an image, or pick a result for “more like this”.");
   state.last = () => searchText();
@@ -94,6 +109,7 @@ function searchText() {
 
 function searchItem(id) {
   state.last = () => searchItem(id);
+  state.like = id;
   writeUrl();
   return run(`like ${id}`, () => api("/search", jsonPost({ ...common(), item_id: id })));
 }
@@ -101,6 +117,7 @@ function searchItem(id) {
 function searchFile(file) {
   if (!file.type.startsWith("image/")) return message(`${file.name} is not an image`, true);
   state.last = () => searchFile(file);
+  state.like = null;
   writeUrl();
   const form = new FormData();
   form.append("file", file);
@@ -125,7 +142,9 @@ function renderResults(result, label) {
   $("details").hidden = true;
   if (result) {
     const ms = result.took_ms ? ` in ${Math.round(result.took_ms.total)} ms` : "";
-    message(result.hits.length ? `${result.hits.length} results ${label}${ms}` : `No results ${label}.`);
+    const where = state.bbox ? " inside the box" : "";
+    const none = state.bbox ? `No results ${label}${where}: clear the box or draw a bigger one.` : `No results ${label}.`;
+    message(result.hits.length ? `${result.hits.length} results ${label}${where}${ms}` : none);
   }
   state.hits.forEach((hit, index) => {
     const card = el("figure", { class: "hit", tabindex: "0", "data-id": hit.id });
@@ -179,20 +198,38 @@ function unproject(bounds, width, height, x, y) {
   return [w + (x / width) * (e - w), n - (y / height) * (n - s)];
 }
 
+function shownScenes(store) {
+  const scenes = store ? store.scenes || [] : [];
+  const withHits = scenes.filter((scene) => state.hits.some((hit) => hit.scene === scene.name));
+  return withHits.length ? withHits : scenes.slice(0, MAX_SCENES);
+}
+
 function renderOverview() {
   const store = currentStore();
-  const scenes = store && store.georeferenced ? store.scenes || [] : [];
+  const scenes = shownScenes(store);
   $("overview").hidden = scenes.length === 0;
   const holder = $("scenes");
   holder.replaceChildren();
   for (const scene of scenes) holder.append(sceneView(scene));
+  const hidden = (store ? (store.scenes || []).length : 0) - scenes.length;
+  const note = hidden === 1 ? "1 more scene holds no hit." : `${hidden} more scenes hold no hit.`;
+  $("scenes-note").textContent = hidden > 0 ? note : "";
   $("bbox-bar").hidden = !state.bbox;
   $("bbox-text").textContent = state.bbox ? state.bbox.map((v) => v.toFixed(4)).join(", ") : "";
 }
 
 function sceneView(scene) {
   const box = el("div", { class: "scene", "data-scene": String(scene.index) });
-  const img = el("img", { src: scene.quicklook_url, alt: `quicklook of ${scene.name}` });
+  const frame = el("div", { class: "frame" });
+  frame.style.aspectRatio = `${scene.size[0]} / ${scene.size[1]}`;
+  frame.style.width = `${(SCENE_HEIGHT * scene.size[0]) / scene.size[1]}px`;
+  if (scene.quicklook_url) {
+    const img = el("img", { src: scene.quicklook_url, alt: `quicklook of ${scene.name}` });
+    img.addEventListener("error", () => frame.append(el("p", { class: "error" }, `No quicklook of ${scene.name}.`)));
+    frame.append(img);
+  } else {
+    frame.append(el("p", { class: "error" }, scene.error || `No quicklook of ${scene.name}.`));
+  }
   const size = 1000; // SVG user units: the viewBox stretches to the image, so lon/lat map onto [0, size]
   const svg = svgEl("svg", { viewBox: `0 0 ${size} ${size}`, preserveAspectRatio: "none" });
   const toXY = (lon, lat) => project(scene.bounds, size, size, lon, lat);
@@ -208,7 +245,8 @@ function sceneView(scene) {
   });
   if (state.bbox) svg.append(bboxRect(svg, toXY));
   dragBox(svg, scene, size);
-  box.append(img, svg, el("div", { class: "name" }, scene.name));
+  frame.append(svg);
+  box.append(frame, el("div", { class: "name" }, `${scene.name} · ${scene.tiles} tiles`));
   return box;
 }
 
@@ -291,11 +329,17 @@ async function loadStores(wanted) {
     return false;
   }
   select.replaceChildren(...state.stores.map((s) => el("option", { value: s.name }, `${s.name} (${s.items} items)`)));
-  if (wanted && state.stores.some((s) => s.name === wanted)) select.value = wanted;
   if (!state.stores.length) {
     message("No store is being served: start `mpsclip serve STORE`.", true);
     return false;
   }
+  if (wanted && !state.stores.some((s) => s.name === wanted)) {
+    const served = state.stores.map((s) => s.name).join(", ");
+    message(`Store “${wanted}” is not served here (served: ${served}); pick one and search again.`, true);
+    renderOverview();
+    return false;
+  }
+  if (wanted) select.value = wanted;
   return checkEmpty();
 }
 
@@ -346,7 +390,9 @@ function wire() {
 async function main() {
   wire();
   const wanted = readUrl();
-  if ((await loadStores(wanted)) && $("query").value.trim()) searchText();
+  if (!(await loadStores(wanted))) return;
+  if (state.like) searchItem(state.like);
+  else if ($("query").value.trim()) searchText();
 }
 
 main();
