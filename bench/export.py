@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mpsclip.bench.checkpoints import randomized_model
 from mpsclip.export.aoti import describe_exit
 from mpsclip.export.manifest import MANIFEST
 
 from mpsclip.io import atomic_write
-from mpsclip.model import MPSCLIP
 
 STDERR_TAIL = 1500
 OK_EXIT = describe_exit(0)
@@ -45,19 +45,6 @@ class Settings:
     warmup: int
     repeats: int
     timeout_s: float
-
-
-def randomized_model(arch: str, seed: int = 0) -> MPSCLIP:
-    """Random backbone and non-trivial adapter weights (``up_proj`` starts at zero, which would hide them)."""
-    torch.manual_seed(seed)
-    model = MPSCLIP(arch).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in model.adapters():
-            for name, param in adapter.named_parameters():
-                scale, offset = (0.0, 0.4) if name == "gate" else (0.05, 1.0 if "norm" in name else 0.0)
-                param.copy_(offset + scale * torch.randn(param.shape, generator=gen))
-    return model
 
 
 def run_logged(command: list[str], timeout_s: float) -> dict:

@@ -1,10 +1,11 @@
 """What ``mpsclip bench`` writes: ``results.json``, ``results.md``, PNG plots, and ``--compare`` of two runs.
 
 ``results.json`` (schema :data:`SCHEMA`): ``command`` (the command line that made it), ``machine`` (CPU model
-and cores, load average, GPU name and driver, torch/triton/onnxruntime versions), ``settings``, ``models``
-(name, arch, checkpoint sha256), ``engines`` (one record per engine × precision: ``ok`` with build seconds and
-parity cosines, or ``skipped`` with the reason) and ``rows`` (one per timed cell: first-call, p50/p90/p99 ms,
-items/s, samples, ratio to the plain baseline).
+and cores, load average at the start and end, GPU name and driver, torch/triton/onnxruntime versions),
+``settings``, ``timing`` (seconds exporting, preparing, the timing estimate printed before timing and what
+timing took), ``models`` (name, arch, checkpoint sha256), ``engines`` (one record per engine × precision:
+``ok`` with export and load seconds and parity cosines, or ``skipped`` with the reason) and ``rows`` (one per
+timed cell: first-call, p50/p90/p99 ms, items/s, samples, ratio to the plain baseline).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 
-SCHEMA = "mpsclip-bench/1"
+SCHEMA = "mpsclip-bench/2"
+READABLE = ("mpsclip-bench/1", SCHEMA)
+"""Schemas ``--compare`` reads (their rows are alike)."""
 PLOTS = ("latency.png", "throughput.png", "ratios.png")
 
 
@@ -88,7 +91,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise MPSCLIPError(f"{path}: cannot read a bench result ({err}); pass a results.json of mpsclip bench") from err
-    if result.get("schema") != SCHEMA:
+    if result.get("schema") not in READABLE:
         raise MPSCLIPError(f"{path}: not a {SCHEMA} file (schema {result.get('schema')!r}); run mpsclip bench again")
     return result
 
@@ -97,41 +100,64 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
+def _shared_line(m: dict[str, Any]) -> str | None:
+    """A warning when other processes competed for the CPU (load average above the core count)."""
+    start, end = m["load_average"][0], (m.get("load_average_end") or m["load_average"])[0]
+    if m["cores"] and max(start, end) > m["cores"]:
+        return (f"Shared machine: the 1-minute load average was {start} at the start and {end} at the end "
+                f"on {m['cores']} cores, so other processes ran meanwhile and milliseconds are inflated; each group's "
+                "cells were timed in interleaved rounds, so compare the `x plain` ratios, not milliseconds.")
+    return None
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+    rounds = f"{s['repeats']} timed rounds per group" + (
+        f" (at most; as many as fit --duration {s['duration']} s)" if s.get("duration") else "")
     lines = [
         "# mpsclip bench",
         "",
         f"Made by: `{result['command']}`",
         "",
-        f"Machine: {where}; load average {m['load_average']} at the start; torch {m['torch']}, triton "
-        f"{m['triton']}, onnxruntime {m['onnxruntime']}. Batch sizes {s['batch_sizes']}, precisions "
-        f"{s['precisions']}, {s['warmup']} warm-up calls, then {s['repeats']} timed calls per cell"
-        + (f" (cut to fit --duration {s['duration']} s)" if s.get("duration") else "")
-        + f", {s['rotating_inputs']} rotating random inputs. Latency in ms (p50/p90/p99); `x plain` is plain "
-        "open_clip's p50 over the row's p50 in the same run (above 1: faster than plain).",
+        f"Machine: {where}; load average {m['load_average']} at the start, {m.get('load_average_end')} at the end; "
+        f"torch {m['torch']}, triton {m['triton']}, onnxruntime {m['onnxruntime']}. Batch sizes {s['batch_sizes']}, "
+        f"precisions {s['precisions']}. Each cell's first call and one probe call are timed when its engine is "
+        f"loaded; then {max(0, s['warmup'] - 1)} more warm-up call(s) and {rounds}: one call of every cell of a "
+        f"model, tower, batch and precision per round, the order rotating, on {s['rotating_inputs']} rotating random "
+        "inputs. Latency in ms (p50/p90/p99); `x plain` is plain open_clip's p50 over the row's p50 in the same "
+        "group (above 1: faster than plain).",
     ]
-    if result.get("note"):
-        lines += ["", result["note"]]
-    lines += ["", "## Engines", "", "| model | engine | precision | status | build s | parity min cosine |",
-              "|---|---|---|---|---:|---|"]
+    if "timing" in result:
+        t = result["timing"]
+        lines += ["", f"Run: {t['total_s']:.0f} s in all; exports on the fly {t['exports_s']:.0f} s "
+                      f"({s.get('build_workers')} process(es)), preparing (loading, exports, parity, probes) "
+                      f"{t['prepare_s']:.0f} s; timing estimated {t['estimated_timing_s']:.0f} s before it started, "
+                      f"took {t['timing_s']:.0f} s."]
+    for extra in (_shared_line(m), result.get("note")):
+        if extra:
+            lines += ["", extra]
+    lines += ["", "## Engines", "", "| model | engine | precision | status | export s | load s | parity min cosine |",
+              "|---|---|---|---|---:|---:|---|"]
     for e in result["engines"]:
         cos = ", ".join(f"{t} {c:.6f}" for t, c in e["parity_min_cosine"].items())
         status = e["status"] if e["reason"] is None else f"{e['status']}: {e['reason']}"
-        build = "" if e["build_s"] is None else f"{e['build_s']:.1f}"
-        lines.append(f"| {e['model']} | {e['engine']} | {e['precision']} | {status} | {build} | {cos} |")
+        export = "" if e.get("export_s") is None else f"{e['export_s']:.1f}"
+        load = "" if e.get("load_s") is None else f"{e['load_s']:.1f}"
+        lines.append(f"| {e['model']} | {e['engine']} | {e['precision']} | {status} | {export} | {load} | {cos} |")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in result["rows"]:
         groups[(r["model"], r["tower"])].append(r)
     for (model, tower), rows in groups.items():
         lines += ["", f"## {model}, {tower} tower", "",
-                  "| engine | precision | batch | first call ms | p50 ms | p90 ms | p99 ms | items/s | x plain |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
+                  "| engine | precision | batch | first call ms | p50 ms | p90 ms | p99 ms | items/s | samples "
+                  "| x plain |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["precision"], r["batch"])):
             lines.append(
                 f"| {r['engine']} | {r['precision']} | {r['batch']} | {r['first_call_ms']:.1f} | {r['p50_ms']:.2f} | "
-                f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['items_per_s']:,.1f} | {_ratio(r['ratio_to_plain'])} |"
+                f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['items_per_s']:,.1f} | {r['samples']} | "
+                f"{_ratio(r['ratio_to_plain'])} |"
             )
     return "\n".join(lines) + "\n"
 
