@@ -30,6 +30,7 @@ from mpsclip.adapters import AdapterConfig
 from mpsclip.data.annotations import TrainRecord, load_eval, load_train
 from mpsclip.data.collate import Batch, collate
 from mpsclip.data.datasets import TrainDataset
+from mpsclip.devices import resolve_device
 from mpsclip.errors import MPSCLIPError
 from mpsclip.evaluate import embed_eval_set, score_all_modes
 from mpsclip.factory import load_model
@@ -150,36 +151,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class Runtime:
+    """Where this process trains; ``progress``: whether it may draw progress bars (only the main process does)."""
+
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    progress: bool = True
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def bars(self) -> bool:
+        return self.progress and self.main
 
-def init_runtime() -> Runtime:
-    """Join the ``torchrun`` process group when launched by it; otherwise a single process."""
+
+def init_runtime(device: str | torch.device = "auto", progress: bool = True) -> Runtime:
+    """Join the ``torchrun`` process group when launched by it (each process on ``cuda:LOCAL_RANK`` when ``device``
+    resolves to CUDA, else the CPU); otherwise a single process on ``device`` (``auto``: a GPU when present)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    resolved = resolve_device(device)
     if world > 1:
+        if resolved.index is not None:
+            raise MPSCLIPError(
+                f"--device {device}: under torchrun each process takes cuda:LOCAL_RANK; use --device auto, cuda or cpu"
+            )
+        cuda = resolved.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if cuda:
             torch.cuda.set_device(local)
-        return Runtime(torch.device(f"cuda:{local}" if cuda else "cpu"), dist.get_rank(), world)
-    return Runtime(torch.device("cuda" if cuda else "cpu"))
+        return Runtime(torch.device(f"cuda:{local}" if cuda else "cpu"), dist.get_rank(), world, progress)
+    return Runtime(resolved, progress=progress)
 
 
 # --------------------------------------------------------------------------- loop
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_after_steps: int | None = None) -> dict:
-    """Train, evaluating each epoch; writes ``last``/``best`` checkpoints, ``state.pt`` and ``log.jsonl``.
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train on ``device`` (``--device``; ``auto``: a GPU when present), evaluating each epoch; writes
+    ``last``/``best`` checkpoints, ``state.pt`` and ``log.jsonl``. ``progress`` False (``--quiet``): no bars.
 
     ``stop_after_steps`` ends the run abruptly after that many optimizer steps (to test crash recovery).
     """
     out = Path(out_dir)
-    rt = init_runtime()
+    rt = init_runtime(device, progress)
     if cfg.train_file is None or cfg.image_root is None:
         raise MPSCLIPError("training needs train_file and image_root (config keys or --train-file/--image-root)")
     seed_everything(cfg.seed)
@@ -195,7 +217,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
     steps_per_epoch = max(1, len(dataset) // (cfg.batch_size * rt.world_size))
     optimizer = build_optimizer(model, cfg)
     scheduler = linear_warmup_decay(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
-    start_epoch, best = 0, -1.0
+    start_epoch, best = 0, float("-inf")  # the first epoch is the best so far, even by -loss without eval
     if resume and (out / "state.pt").exists():
         start_epoch, best = _load_state(out / "state.pt", model, optimizer, scheduler)
         if rt.main:
@@ -214,7 +236,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, stop_afte
         if eval_images is not None:
             emb = embed_eval_set(
                 model, eval_images, cfg.image_root, cfg.sub_root, cfg.eval_batch_size, cfg.num_workers,
-                cfg.max_sub_images, rt.device, progress=rt.main,
+                cfg.max_sub_images, rt.device, progress=rt.bars,
             )
             stats["eval"] = score_all_modes(emb)
             stats["r_mean"] = stats["eval"]["fused"]["r_mean"]
@@ -294,7 +316,7 @@ def _train_epoch(
     net.train()
     totals: dict[str, float] = {}
     seen, batches, start = 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not rt.main, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not rt.bars, leave=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.device.type == "cuda")
     for batch in bar:
         batch = batch.to(rt.device, non_blocking=True)

@@ -27,7 +27,7 @@ VERBS = [name.rsplit(".", 1)[1] for name in COMMANDS]
 # verb -> the shared flags it must have (--out, --checkpoint, --device, --quiet where they apply)
 SHARED = {
     "synth": {"--out", "--quiet"},
-    "train": {"--out"},
+    "train": {"--out", "--device", "--quiet"},
     "evaluate": {"--out", "--checkpoint", "--device", "--quiet"},
     "keywords": {"--out", "--checkpoint", "--device", "--quiet"},
     "subimages": {"--out", "--checkpoint", "--device", "--quiet"},

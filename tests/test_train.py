@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
+from mpsclip.cli import main
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
 from mpsclip.factory import load_model
-from mpsclip.train import TrainConfig, linear_warmup_decay, train
+from mpsclip.train import Runtime, TrainConfig, init_runtime, linear_warmup_decay, train
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,26 @@ def test_priorclip_trains_through_the_same_trainer(synth, tmp_path):
     summary = train(cfg, tmp_path)
     assert {"contrastive", "affiliation", "total"} <= set(summary)
     assert type(load_model(tmp_path / "last.safetensors")).__name__ == "PriorCLIP"
+
+
+def test_cli_device_and_quiet(synth, tmp_path, capsys):
+    args = ["train", "--config", "tiny", "--train-file", str(synth / "train.json"), "--image-root", str(synth),
+            "--sub-root", str(synth / "subimages"), "--epochs", "1", "--batch-size", "6", "--num-workers", "0",
+            "--device", "cpu"]  # no --eval-file: one optimizer step per run
+    assert main([*args, "--out", str(tmp_path / "loud")]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err  # the batch bar
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "lowest training loss" in captured.out and "epoch 1/1" not in captured.err and "it/s" not in captured.err
+    assert (tmp_path / "quiet" / "best.safetensors").exists()  # without an eval set: by training loss
+    if not torch.cuda.is_available():
+        assert main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_runtime_device(monkeypatch):
+    assert init_runtime("cpu", progress=False) == Runtime(torch.device("cpu"), progress=False)
+    assert not Runtime(torch.device("cpu"), rank=1).bars
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MPSCLIPError, match="under torchrun each process takes cuda:LOCAL_RANK"):
+        init_runtime("cuda:1" if torch.cuda.is_available() else "cpu:0")

@@ -2,6 +2,7 @@
 
 Examples:
   mpsclip train --config tiny --data data/synth --out runs/tiny
+  mpsclip train --config tiny --data data/synth --out runs/tiny-cpu --device cpu --quiet
   mpsclip train --config rsitmd --train-file rsitmd_train.json --eval-file rsitmd_test.json \\
       --image-root RSITMD/images --sub-root RSITMD/subimages --out runs/rsitmd
   torchrun --nproc-per-node 4 -m mpsclip train --config rsitmd ... --out runs/rsitmd
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from mpsclip.choices import MODEL_FAMILIES
-from mpsclip.commands._args import add_out
+from mpsclip.commands._args import add_device, add_out, add_quiet
 
 HELP = "train MPS-CLIP (adapters + MPR; --unfreeze-backbone for full fine-tuning)"
 
@@ -43,6 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unfreeze-backbone", action="store_true", default=None, help="train the backbone too")
     parser.add_argument("--skip-bad-images", action="store_true", default=None, help="skip unreadable images")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
+    add_device(parser, "where to train (under torchrun: cuda means each process's cuda:LOCAL_RANK)")
+    add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         "skip_bad_images": args.skip_bad_images,
     }
     cfg = TrainConfig.from_yaml(args.config, **overrides)
-    summary = train(cfg, args.out, resume=args.resume)
+    summary = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.quiet)
     if summary:
-        print(f"done: checkpoints in {args.out} (best fused r_mean {summary['best_r_mean']:.2f})")
+        best = summary["best_r_mean"]
+        what = f"best fused r_mean {best:.2f}" if "eval" in summary else f"lowest training loss {-best:.4f}"
+        print(f"done: checkpoints in {args.out} ({what})")
     return 0
