@@ -272,6 +272,23 @@ def test_search_more_like_this_bbox_geojson_and_reload(page, server_url: str, ge
         shutil.copyfile(shots / "4-reloaded.png", README_SHOT)
 
 
+def test_image_query_by_file(page, server_url: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """A chosen image file searches by image: the page shows what POST /search answers for the same bytes."""
+    import base64
+
+    from PIL import Image
+
+    path = tmp_path / "pier.png"
+    Image.open(urllib.request.urlopen(server_url + "/scenes/geo/1/quicklook", timeout=30)).convert("RGB").crop(
+        (16, 32, 80, 64)).save(path)
+    page.goto(server_url + "/?k=5")
+    page.wait_for_selector(".scene img")
+    page.set_input_files("#file", str(path))
+    wait_for_search(page, "by image pier.png")
+    image = base64.b64encode(path.read_bytes()).decode()
+    assert_same_hits(page, post(server_url + "/search", {"image": image, "k": 5, "mode": "fused"})["hits"])
+
+
 def test_errors_are_explained(page, server_url: str) -> None:  # noqa: ANN001
     page.goto(server_url + "/?q=forest&k=5000")
     page.wait_for_selector("#message.error")
