@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD
 from mpsclip.errors import MPSCLIPError
+from mpsclip.family import RetrievalModel
 from mpsclip.keywords.zero_shot import DEFAULT_TEMPLATE, ZeroShotKeywords, load_rs_vocabulary
-from mpsclip.model import MPSCLIP
 from mpsclip.subimages.saliency import DEFAULT_K, DEFAULT_MIN_AREA, grid_side, saliency_masks
 
 
@@ -46,6 +47,15 @@ class ZeroShotSettings:
             raise MPSCLIPError(f"prompt template {self.template!r} has no {{noun}} placeholder")
 
 
+class PatchTokenModel(RetrievalModel, Protocol):
+    """A :class:`~mpsclip.family.RetrievalModel` whose ``supports_perspectives`` is True: its image tower also
+    gives the projected patch tokens the saliency masks are cut from."""
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global embedding [B, D] and projected patch tokens [B, P, D], both L2-normalised."""
+        ...
+
+
 @dataclass
 class ZeroShotBatch:
     """Global embeddings [B, D], sub-images [B, R, 3, H, W] with their mask [B, R], and each image's nouns."""
@@ -59,13 +69,14 @@ class ZeroShotBatch:
 class ZeroShotPerspectives:
     """Keywords, masks and sub-images for batches of preprocessed images (see the module docstring)."""
 
-    def __init__(self, model: MPSCLIP, settings: ZeroShotSettings, device: torch.device) -> None:
+    def __init__(self, model: RetrievalModel, settings: ZeroShotSettings, device: torch.device) -> None:
         if not model.supports_perspectives:
             raise MPSCLIPError(
-                f"--perspectives zero-shot needs an MPS-CLIP model (patch tokens); {type(model).__name__} has none"
+                f"--perspectives zero-shot needs an MPS-CLIP model (patch tokens); {type(model).__name__} has none; "
+                "use --perspectives none or an MPS-CLIP checkpoint"
             )
         settings.check()
-        self.model = model
+        self.model = cast(PatchTokenModel, model)  # supports_perspectives: the family has encode_image_tokens
         self.settings = settings
         self.scorer = ZeroShotKeywords(model, load_rs_vocabulary(settings.vocabulary), settings.template, device)
         self.noun_index = {noun: i for i, noun in enumerate(self.scorer.vocabulary)}
