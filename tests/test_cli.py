@@ -138,6 +138,15 @@ def test_embed_engine_kind_and_dir(tmp_path: Path, capsys: pytest.CaptureFixture
         build_parser().parse_args([*base, "--engine", "onnxrunt1me"])
 
 
+def test_embed_settings_errors_name_the_flags_as_spelled_now() -> None:
+    from mpsclip.archive.embedder import EmbedSettings
+    from mpsclip.errors import MPSCLIPError
+
+    for field, flag in (("runtime", "--engine"), ("perspectives", "--perspectives"), ("decode", "--decode")):
+        with pytest.raises(MPSCLIPError, match=f"^{flag} must be one of .*, got 'bogus'$"):
+            EmbedSettings(**{field: "bogus"}).check()
+
+
 @pytest.mark.parametrize("form", ["split", "equals"])
 def test_bbox_in_the_western_and_southern_hemispheres(form: str) -> None:
     box = "-78.9,-23.5,-77.7,25.5"

@@ -62,7 +62,7 @@ class EmbedSettings:
     def check(self) -> None:
         """Raise :class:`MPSCLIPError` for inconsistent settings (named as the CLI flags)."""
         if self.perspectives not in PERSPECTIVES:
-            raise MPSCLIPError(f"perspectives must be one of {', '.join(PERSPECTIVES)}, got {self.perspectives!r}")
+            raise MPSCLIPError(f"--perspectives must be one of {', '.join(PERSPECTIVES)}, got {self.perspectives!r}")
         if self.runtime not in RUNTIMES:
             raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.decode not in DECODERS:
