@@ -15,6 +15,9 @@ ENGINES = ("torch", "optimized", "onnxruntime", "tensorrt", "aoti")
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 """Engines ``mpsclip embed --engine`` accepts (``torch`` uses the fast runtime on a GPU)."""
 
+SERVE_ENGINES = ("torch", "onnxruntime", "tensorrt", "aoti")
+"""Engines ``mpsclip serve --engine`` accepts for the query towers (``torch``: as ``embed``)."""
+
 DECODERS = ("auto", "cpu", "device")
 """JPEG decoding: ``device`` decodes on the embedding GPU (nvJPEG), ``cpu`` with PIL in worker processes."""
 

@@ -14,13 +14,11 @@ import torch
 from mpsclip.serve.catalog import Catalog, Store
 from PIL import Image
 
+from mpsclip.choices import SERVE_ENGINES
 from mpsclip.data.transforms import eval_transform
 from mpsclip.engines import Engine, load_engine, runtime_engine
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
-
-SERVE_ENGINES = ("torch", "onnxruntime", "tensorrt", "aoti")
-"""What ``mpsclip serve --engine`` accepts (``torch``: the fast runtime on a GPU, eager fp32 on the CPU)."""
 
 
 @dataclass

@@ -2,12 +2,17 @@
 
 Text and image queries are encoded with each store's model (the checkpoint its manifest names, or
 --checkpoint), batched dynamically (--no-batching: one query at a time); scores come from the stores held in
-memory once. POST /admin/reload reads the stores again (a store being extended by 'mpsclip embed' is served
+memory once. The towers run on a Triton Inference Server (PyTriton's bundled binary, --triton, the default
+where it can run), also open to any Triton/KServe client on 127.0.0.1 (HTTP and gRPC ports printed at start);
+--no-triton runs them in this process. --engine picks what runs them (onnxruntime/tensorrt/aoti: an 'mpsclip
+export' folder of the same checkpoint, --engine-dir). Ctrl-C/SIGTERM drains in-flight requests and stops all.
+POST /admin/reload reads the stores again (a store being extended by 'mpsclip embed' is served
 from its last complete manifest). The server binds 127.0.0.1 unless --host says otherwise.
 
 example:
   mpsclip serve archive.store
   mpsclip serve a.store b.store --port 8080
+  mpsclip serve archive.store --no-triton --engine onnxruntime --engine-dir exported/onnx
   MPSCLIP_API_KEY=secret mpsclip serve archive.store --host 0.0.0.0 --cors https://maps.example.org
   curl -s localhost:8000/search -H 'content-type: application/json' -d '{"text": "an airport", "k": 5}'
 """
@@ -15,10 +20,12 @@ example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from mpsclip.choices import SERVE_ENGINES
 from mpsclip.commands._args import add_checkpoint, add_device
 
 HELP = "serve stores over HTTP (search API + web page)"
@@ -33,6 +40,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-batching", action="store_true", help="encode one query at a time")
     parser.add_argument("--max-batch", type=int, default=32, help="largest encoder batch (default: 32)")
     parser.add_argument("--max-queue", type=int, default=256, help="queued queries before 503 (default: 256)")
+    parser.add_argument("--triton", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the towers on Triton Inference Server (default: yes where its binary can run)")
+    parser.add_argument("--engine", choices=SERVE_ENGINES, default="torch",
+                        help="what runs the towers (default: torch; the fast runtime on a GPU)")
+    parser.add_argument("--engine-dir", type=Path, metavar="DIR", help="'mpsclip export' folder for --engine")
+    parser.add_argument("--triton-http-port", type=int, metavar="PORT", help="Triton HTTP port (default: --port + 1)")
+    parser.add_argument("--triton-grpc-port", type=int, metavar="PORT", help="Triton gRPC port (default: --port + 2)")
+    parser.add_argument("--triton-metrics-port", type=int, metavar="PORT",
+                        help="Triton Prometheus port (default: --port + 3)")
+    parser.add_argument("--triton-queue-delay-us", type=int, metavar="US",
+                        help="Triton dynamic batching: longest wait for more requests (default: the measured "
+                        "choice, mpsclip.serve.triton.QUEUE_DELAY_US)")
     parser.add_argument("--api-key", default=os.environ.get("MPSCLIP_API_KEY"), metavar="KEY",
                         help="require KEY (header 'Authorization: Bearer KEY' or 'X-API-Key'; browser: /?key=KEY) "
                         "everywhere but /healthz and /readyz (default: $MPSCLIP_API_KEY; the variable keeps the "
@@ -45,20 +64,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from mpsclip.archive.search import load_search_model
     from mpsclip.devices import resolve_device
     from mpsclip.serve.app import create_app
     from mpsclip.serve.auth import bind_warning
     from mpsclip.serve.catalog import Catalog
+    from mpsclip.serve.server import ServerSettings, serve
+    from mpsclip.serve.towers import TowerSet
+    from mpsclip.serve.triton import triton_availability
 
     device = resolve_device(args.device)
     catalog = Catalog(args.stores, lambda info: load_search_model(info.manifest, args.checkpoint, device))
-    app = create_app(catalog, batching=not args.no_batching, max_batch=args.max_batch, max_queue=args.max_queue,
-                     api_key=args.api_key, cors=args.cors, max_body_bytes=int(args.max_body_mib * 2**20))
+    use_triton = args.triton
+    if use_triton is None:
+        reason = triton_availability()
+        use_triton = reason is None
+        if reason is not None:
+            print(f"running the towers in-process (--no-triton): {reason}", file=sys.stderr)
+    settings = ServerSettings(
+        host=args.host, port=args.port, triton=use_triton, triton_http_port=args.triton_http_port,
+        triton_grpc_port=args.triton_grpc_port, triton_metrics_port=args.triton_metrics_port,
+        batching=not args.no_batching, max_batch=args.max_batch, max_queue=args.max_queue,
+    )
+    if args.triton_queue_delay_us is not None:
+        settings = dataclasses.replace(settings, queue_delay_us=args.triton_queue_delay_us)
+
+    def make_app(encoder):  # noqa: ANN001, ANN202 - the encoder serve() chose
+        return create_app(catalog, batching=not args.no_batching, max_batch=args.max_batch,
+                          max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
+                          max_body_bytes=int(args.max_body_mib * 2**20), encoder=encoder)
+
     if (warning := bind_warning(args.host, args.api_key)) is not None:
         print(warning, file=sys.stderr)
-    print(f"serving {', '.join(catalog.stores)} at http://{args.host}:{args.port}/ (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return serve(catalog, TowerSet(args.engine, args.engine_dir, device), settings, make_app)

@@ -1,0 +1,135 @@
+"""What ``mpsclip serve`` runs, start to stop: the Triton towers (unless ``--no-triton``), then uvicorn with the API.
+
+Start: the API's socket is bound first (a busy port fails before anything starts), then Triton and its models, then
+the URLs are printed. SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests (up to ``drain_s``) and
+runs the app's shutdown (the encoder closes its Triton client); then Triton stops (its in-flight inferences finish
+first) and its workspace is removed. The function returns 0 once nothing is listening any more.
+
+A Ctrl-C typed in a terminal reaches the whole foreground process group, ``tritonserver`` included (PyTriton
+starts it in ours), so requests caught between the API and the towers at that moment may get a 503; a signal sent
+to this process alone (``kill -INT PID``, systemd, a container runtime) drains everything.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from mpsclip.serve.catalog import Catalog
+from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder, TritonEncoder
+from mpsclip.serve.towers import TowerSet
+from mpsclip.serve.triton import MAX_BATCH_SIZE, QUEUE_DELAY_US, TritonSettings, TritonTowers
+
+from mpsclip.errors import MPSCLIPError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Addresses and batching of one ``mpsclip serve``; Triton ports default to the API port + 1, + 2, + 3."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    triton: bool = True
+    triton_http_port: int | None = None
+    triton_grpc_port: int | None = None
+    triton_metrics_port: int | None = None
+    batching: bool = True
+    max_batch: int = MAX_BATCH_SIZE
+    max_queue: int = 256
+    queue_delay_us: int = QUEUE_DELAY_US
+    drain_s: float = 10.0
+
+    def triton_settings(self) -> TritonSettings:
+        return TritonSettings(
+            http_port=self.triton_http_port or self.port + 1,
+            grpc_port=self.triton_grpc_port or self.port + 2,
+            metrics_port=self.triton_metrics_port or self.port + 3,
+            max_batch_size=self.max_batch,
+            queue_delay_us=self.queue_delay_us,
+            dynamic_batching=self.batching,
+        )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound now so that a busy port fails before Triton starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise MPSCLIPError(
+            f"--host {host} --port {port}: cannot listen there ({err.strerror}); pick another --port"
+        ) from err
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def urls(settings: ServerSettings, triton: TritonTowers | None) -> list[str]:
+    api = f"http://{settings.host}:{settings.port}"
+    lines = [f"search page  {api}/", f"API docs     {api}/docs", f"metrics      {api}/metrics"]
+    if triton is not None:
+        text, image = next(iter(triton.names.values()))
+        lines += [
+            f"Triton HTTP  http://{triton.http_url} (KServe v2; models {text}, {image})",
+            f"Triton gRPC  {triton.grpc_url}",
+            f"Triton metrics {triton.metrics_url}",
+        ]
+    return lines
+
+
+def serve(
+    catalog: Catalog,
+    towers: TowerSet,
+    settings: ServerSettings,
+    make_app: Callable[[QueryEncoder], Any],
+    out: TextIO = sys.stderr,
+) -> int:
+    """Run until SIGINT/SIGTERM (see the module docstring); ``make_app(encoder)`` builds the FastAPI app."""
+    import uvicorn
+
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in STOP_SIGNALS}
+    sock = bind_socket(settings.host, settings.port)
+    triton: TritonTowers | None = None
+    try:
+        towers.add(catalog)
+        encoder: QueryEncoder
+        if settings.triton:
+            triton = TritonTowers(towers.towers, settings.triton_settings())
+            print(f"starting Triton Inference Server (models of {len(towers.towers)} checkpoint(s))...", file=out)
+            took = triton.start()
+            towers.frozen = True
+            print(f"Triton ready in {took:.1f} s (log: {triton.log_file})", file=out)
+            encoder = TritonEncoder(towers, triton.grpc_url, triton.names, max_queue=settings.max_queue)
+        else:
+            encoder = InProcessEncoder(
+                towers, batching=settings.batching, max_batch=settings.max_batch, max_queue=settings.max_queue
+            )
+        if stopping.is_set():
+            return 0
+        config = uvicorn.Config(
+            make_app(encoder), log_level="warning", timeout_graceful_shutdown=int(settings.drain_s)
+        )
+        server = uvicorn.Server(config)
+        print(f"serving {', '.join(catalog.stores)}; Ctrl-C stops", *urls(settings, triton), sep="\n  ", file=out)
+        out.flush()
+        server.run(sockets=[sock])  # restores our handlers and re-raises the signal it caught: stopping is set
+        return 0 if server.started else 1
+    finally:
+        sock.close()
+        if triton is not None:
+            print("stopping Triton...", file=out)
+            triton.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("stopped", file=out)
