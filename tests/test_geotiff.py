@@ -286,3 +286,14 @@ def test_demo_archive_step(tiny_model: MPSCLIP, tmp_path: Path) -> None:
     assert (tmp_path / "archive" / "hits.html").read_text().count("data:image/png") == 40
     zero_shot = json.loads((tmp_path / "archive" / "store-zero-shot" / "manifest.json").read_text())
     assert zero_shot["perspectives"] == "zero-shot" and zero_shot["counts"]["embedded"] == 64
+
+    geopandas, duckdb = require("geopandas"), require("duckdb")  # the README's example on the demo's store
+    store = tmp_path / "archive" / "store"
+    tiles = geopandas.read_parquet(store / "shard-00000.parquet", bbox=(15.1, 45.0, 15.2, 45.2))
+    data = load_store(store)
+    inside = [i for i, m in zip(data.ids, data.metas, strict=True)
+              if m["footprint"][0] <= 15.2 and m["footprint"][2] >= 15.1 and m["footprint"][1] <= 45.2]
+    assert tiles.crs.equals("OGC:CRS84") and sorted(tiles["id"]) == sorted(inside) and 0 < len(inside) < 64
+    rows = duckdb.sql(f"""SELECT id, scene, "window" FROM '{store}/shard-*.parquet'
+        WHERE bbox.xmin <= 15.2 AND bbox.xmax >= 15.1 AND bbox.ymin <= 45.2 AND bbox.ymax >= 45.0""").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(tiles["id"]) and all(r[2][2:] == [224, 224] for r in rows)

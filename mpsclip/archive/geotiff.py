@@ -15,9 +15,10 @@ them and lists them in ``failures.jsonl`` (:func:`read_tile` raises OSError).
 
 Each tile is an :class:`Item` of kind ``geotiff-window`` with id ``<scene id>/r<row_off>_c<col_off>`` (zero-padded)
 and meta ``kind``, ``scene`` (relative to the source root), ``window`` ``[col_off, row_off, width, height]`` in
-scene pixels, ``crs`` (e.g. ``EPSG:32633``), ``footprint`` ``[minx, miny, maxx, maxy]`` in EPSG:4326, ``bands``
-(1-based), ``stretch`` (``[[lo, hi], ...]`` per band, or None for 8-bit data) and, with ``resolution``,
-``out_size`` ``[width, height]`` in output pixels.
+scene pixels, ``crs`` (e.g. ``EPSG:32633``), ``footprint`` ``[west, south, east, north]`` in EPSG:4326 degrees
+(west > east for a tile across the antimeridian; stores write it as GeoParquet geometry,
+:mod:`mpsclip.archive.geoparquet`), ``bands`` (1-based), ``stretch`` (``[[lo, hi], ...]`` per band, or None for
+8-bit data) and, with ``resolution``, ``out_size`` ``[width, height]`` in output pixels.
 """
 
 from __future__ import annotations
