@@ -1,5 +1,5 @@
 """The search page in a real headless Chromium (Debian's ``chromium``, driven by Playwright for Python) against
-the real ``mpsclip serve`` (a subprocess, towers in-process) on a tiny georeferenced store built here.
+the real ``mpsclip serve --no-triton`` (a subprocess) on a tiny georeferenced store built here.
 
 Under ``make test`` / CI a missing browser or Playwright fails the test with the reason; elsewhere it skips.
 Screenshots go to the test's tmp folder (``screenshots/``); ``MPSCLIP_README_SHOT=1`` also copies the last one
@@ -55,12 +55,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve_flags() -> list[str]:
-    """``--no-triton`` where ``mpsclip serve`` has it: the towers run in this test's subprocess."""
-    out = subprocess.run([sys.executable, "-m", "mpsclip", "serve", "--help"], capture_output=True, text=True)
-    return ["--no-triton"] if "--no-triton" in out.stdout else []
-
-
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -79,12 +73,13 @@ def geo_store(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server_url(geo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mpsclip serve STORE`` in a subprocess on a free loopback port; stopped with SIGTERM afterwards."""
+    """``mpsclip serve STORE --no-triton`` (towers in the server's process) in a subprocess on a free loopback
+    port; stopped with SIGTERM afterwards, which must end it with status 0 and free the port."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "MPSCLIP_API_KEY"}
     command = [sys.executable, "-m", "mpsclip", "serve", str(geo_store), "--port", str(port), "--device", "cpu",
-               *_serve_flags()]
+               "--no-triton"]
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
