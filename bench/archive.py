@@ -1,41 +1,61 @@
-"""Archive embedding throughput next to the model's own throughput, in one run.
+"""``mpsclip bench archive``: archive embedding throughput next to the image tower's own, in one run.
 
-    python -m mpsclip.bench.archive --out bench/results                  # on a GPU machine
-    python -m mpsclip.bench.archive --images 256 --batch 32 --device cpu  # a smoke run on a CPU
+* ``model alone``: the image tower as the embedder runs it (the fast runtime on a GPU) on one resident batch
+  of ``batch``, after warm-up calls: the ceiling the pipeline is measured against;
+* ``pipeline``: for each perspectives × decode × workers setting, the whole
+  :class:`~mpsclip.archive.embedder.Embedder` path (reading in ``workers`` processes, decoding with PIL there
+  or on the device, towers, fp16 rows and Parquet shards) of SOURCE into a fresh temporary store, after one
+  warm-up shard (compilation, CUDA graph capture and worker start-up are not timed). Zero-shot perspectives
+  use threshold 0, so every item gets its top-k keywords' sub-images: the path's full cost.
 
-Writes a folder of synthetic JPEG tiles (``--images`` of ``--tile`` px, smooth colour fields with texture, so
-they compress like aerial imagery), builds a random-weight MPS-CLIP of ``--arch``, and measures
-
-* ``model``: the image tower alone as the embedder runs it (the fast runtime on a GPU) on a resident batch;
-* ``pipeline/<perspectives>``: the whole :class:`~mpsclip.archive.embedder.Embedder` path — reading in worker
-  processes, decoding (on the GPU with ``--decode device``), towers, fp16 rows and Parquet shards — for
-  ``none`` (global only) and ``zero-shot`` perspectives, after one warm-up shard (compilation and CUDA graph
-  capture are not timed).
-
-Writes ``<out>/<device>-archive.json`` and ``.md`` with the device name, dtype, batch size and worker count.
+``synthetic`` writes that many JPEG tiles (smooth colour fields with texture, so they compress like aerial
+imagery) instead of reading SOURCE. Results: ``results.json`` (schema :data:`SCHEMA`), ``results.md`` and
+``throughput.png`` in the output folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from mpsclip.bench.report import command_line, machine, save_png
 from PIL import Image
 
 from mpsclip.archive.embedder import Embedder, EmbedSettings
 from mpsclip.archive.job import LocalExecutor, list_items, open_job, run_job
 from mpsclip.archive.perspectives import ZeroShotSettings
 from mpsclip.checkpoints import file_sha256
+from mpsclip.devices import resolve_device
+from mpsclip.factory import load_model
 from mpsclip.io import atomic_write
-from mpsclip.model import MPSCLIP
+
+SCHEMA = "mpsclip-bench-archive/1"
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    checkpoint: Path
+    source: str | None = None
+    synthetic: int | None = None
+    tile: int = 256
+    batch: int = 64
+    shard_size: int = 1024
+    workers: tuple[int, ...] = (0, 2)
+    decode: tuple[str, ...] | None = None
+    """None: ``cpu``, and ``device`` too on a GPU."""
+    perspectives: tuple[str, ...] = ("none", "zero-shot")
+    model_repeats: int = 20
+    device: str = "auto"
 
 
 def _write_tile(args: tuple[Path, int, int]) -> None:
@@ -48,6 +68,7 @@ def _write_tile(args: tuple[Path, int, int]) -> None:
 
 
 def write_tiles(folder: Path, count: int, size: int, workers: int) -> None:
+    """``count`` seeded synthetic JPEG tiles of ``size`` px in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder / f"tile-{i:07d}.jpg", size, i) for i in range(count)]
     with Pool(workers) as pool:
@@ -74,89 +95,119 @@ def model_rate(embedder: Embedder, batch: int, repeats: int) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
-def pipeline_rate(embedder: Embedder, source: Path, store: Path, checkpoint: Path) -> dict[str, float]:
+def pipeline_rate(embedder: Embedder, source: Path, store: Path, checkpoint: Path, progress: bool
+                  ) -> dict[str, float]:
     """Items per second of the whole embedding path into a fresh store, after a warm-up shard."""
     items = list_items(source, embedder.settings)
     embedder.embed(items[: embedder.settings.shard_size])  # warm-up: compile, graph capture, worker start-up
     _synchronize(embedder.device)
     start = time.perf_counter()
     job = open_job(source, store, checkpoint, None, embedder.settings, embedder.decode, items)
-    summary = run_job(job, LocalExecutor(checkpoint, None, embedder.settings, embedder), progress=False)
+    summary = run_job(job, LocalExecutor(checkpoint, None, embedder.settings, embedder), progress=progress)
     seconds = time.perf_counter() - start
-    return {"items": summary.n_embedded, "seconds": round(seconds, 3), "items_per_s": round(len(items) / seconds, 1)}
+    return {"items": summary.n_embedded, "failed": summary.n_failed, "seconds": round(seconds, 3),
+            "items_per_s": round(len(items) / seconds, 1)}
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def decoders(settings: ArchiveSettings, device: torch.device) -> tuple[str, ...]:
+    return settings.decode or (("cpu", "device") if device.type == "cuda" else ("cpu",))
+
+
+def measure(settings: ArchiveSettings, source: Path, work: Path, progress: bool) -> tuple[list[dict], dict]:
+    """The model-alone row and one pipeline row per perspectives × decode × workers; the resolved settings."""
+    device = resolve_device(settings.device)
+    base = EmbedSettings(batch_size=settings.batch, shard_size=settings.shard_size, device=str(device))
+    sha = file_sha256(settings.checkpoint)
+    model = load_model(settings.checkpoint)
+    alone = Embedder(model, base, sha)
+    rows: list[dict[str, Any]] = [{"what": "model alone (image tower)", "perspectives": None, "decode": None,
+                                   "workers": None, "items_per_s": round(model_rate(alone, settings.batch,
+                                                                                    settings.model_repeats), 1)}]
+    for perspectives in settings.perspectives:
+        for decode in decoders(settings, device):
+            for workers in settings.workers:
+                chosen = dataclasses.replace(base, perspectives=perspectives, decode=decode, workers=workers,
+                                             zero_shot=ZeroShotSettings(threshold=0.0))
+                print(f"bench archive: perspectives={perspectives} decode={decode} workers={workers} ...",
+                      file=sys.stderr, flush=True)
+                embedder = Embedder(alone.model, chosen, sha)
+                store = work / f"store-{len(rows)}"
+                result = pipeline_rate(embedder, source, store, settings.checkpoint, progress)
+                rows.append({"what": f"pipeline, perspectives={perspectives}, decode={decode}, workers={workers}",
+                             "perspectives": perspectives, "decode": decode, "workers": workers, **result})
+    for row in rows:
+        row["vs_model_alone"] = round(row["items_per_s"] / rows[0]["items_per_s"], 3)
+    resolved = {"dtype": alone.precision.precision, "runtime": alone.engine.kind,
+                "items": len(list_items(source, base)), "arch": str(model.config_dict()["arch"])}
+    return rows, resolved
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, s = result["machine"], result["settings"]
+    where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+    source = f"{s['synthetic']} synthetic {s['tile']}-px JPEG tiles" if s["synthetic"] else f"`{s['source']}`"
     lines = [
-        f"# Archive embedding on {meta['device']}",
+        "# mpsclip bench archive",
         "",
-        f"{meta['images']} JPEG tiles of {meta['tile']} px, {meta['arch']} (random weights), {meta['dtype']}, "
-        f"batch {meta['batch']}, {meta['workers']} reading workers, decode={meta['decode']}, torch {meta['torch']}.",
+        f"Made by: `{result['command']}`",
         "",
-        "| what | images/s | vs model alone |",
-        "|---|---:|---:|",
+        f"Machine: {where}; load average {m['load_average']} at the start; torch {m['torch']}. Source: {source} "
+        f"({s['items']} items); model {result['model']['arch']} (`{result['model']['checkpoint']}`), "
+        f"{s['dtype']} on {m['device']} ({s['runtime']} engine), batch {s['batch']}, shards of {s['shard_size']}. "
+        "Pipeline rows embed the whole source into a fresh store after one warm-up shard; `vs model alone` is "
+        "the row's items/s over the image tower's own on a resident batch.",
+        "",
+        "| what | items/s | seconds | vs model alone |",
+        "|---|---:|---:|---:|",
     ]
-    model = rows[0]["items_per_s"]
-    lines += [f"| {r['what']} | {r['items_per_s']:,.0f} | {r['items_per_s'] / model:.2f}x |" for r in rows]
+    for r in result["rows"]:
+        seconds = f"{r['seconds']:.1f}" if "seconds" in r else ""
+        lines.append(f"| {r['what']} | {r['items_per_s']:,.1f} | {seconds} | {r['vs_model_alone']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
-    parser.add_argument("--images", type=int, default=131_072, help="JPEG tiles to embed (default: 131072)")
-    parser.add_argument("--tile", type=int, default=256, help="tile side in px (default: 256)")
-    parser.add_argument("--arch", default="ViT-B-32-quickgelu")
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--shard-size", type=int, default=16_384)
-    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--decode", choices=("auto", "cpu", "device"), default="auto")
-    parser.add_argument("--perspectives", default="none,zero-shot", help="comma-separated: none, zero-shot")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where tiles and stores go (default: a temp dir)")
+def plot(out: Path, result: dict[str, Any]) -> Path:
+    """throughput.png: items/s of each row as horizontal bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    ax.barh([r["what"] for r in rows][::-1], [r["items_per_s"] for r in rows][::-1],
+            color=["tab:gray" if r["workers"] is None else "tab:blue" for r in rows][::-1])
+    ax.set_xlabel("items / s")
+    ax.set_title(f"archive embedding, {result['model']['arch']}, batch {result['settings']['batch']}")
+    ax.grid(True, axis="x", alpha=0.3)
+    path = save_png(fig, out / "throughput.png")
+    plt.close(fig)
+    return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    configure(parser)
-    run(parser.parse_args(argv))
-
-
-def run(args: argparse.Namespace) -> None:
-    settings = EmbedSettings(
-        batch_size=args.batch, shard_size=args.shard_size, workers=args.workers, device=args.device, decode=args.decode
-    )
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+def bench_archive(settings: ArchiveSettings, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Measure and write ``out``/results.json, results.md and throughput.png."""
+    load_average = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="mpsclip-bench-archive-") as tmp:
         work = Path(tmp)
-        write_tiles(work / "tiles", args.images, args.tile, max(1, os.cpu_count() or 1))
-        checkpoint = MPSCLIP(args.arch).save(work / "model")
-        sha = file_sha256(checkpoint)
-        base = Embedder(MPSCLIP.from_checkpoint(checkpoint), settings, sha)
-        rows = [{"what": "model alone (image tower)", "items_per_s": round(model_rate(base, args.batch, 20), 1)}]
-        for perspectives in args.perspectives.split(","):
-            zero_shot = ZeroShotSettings(threshold=0.0)  # random weights: no probability clears a threshold
-            chosen = dataclasses.replace(settings, perspectives=perspectives, zero_shot=zero_shot)
-            embedder = base if perspectives == "none" else Embedder(base.model, chosen, sha)
-            result = pipeline_rate(embedder, work / "tiles", work / f"store-{perspectives}", checkpoint)
-            rows.append({"what": f"pipeline, perspectives={perspectives}", **result})
-        device = base.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
-        meta = {
-            "device": name,
-            "dtype": "fp16" if device.type == "cuda" and settings.runtime == "torch" else "fp32",
-            "batch": args.batch,
-            "workers": args.workers,
-            "decode": base.decode,
-            "images": args.images,
-            "tile": args.tile,
-            "arch": args.arch,
-            "torch": torch.__version__,
-        }
-    stem = args.out / name.replace(" ", "-").replace("/", "-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(f"{stem}-archive.json"), json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    atomic_write(Path(f"{stem}-archive.md"), markdown(meta, rows))
-    print(markdown(meta, rows))
-
-
-if __name__ == "__main__":
-    main()
+        if settings.synthetic is not None:
+            source = work / "tiles"
+            write_tiles(source, settings.synthetic, settings.tile, max(1, os.cpu_count() or 1))
+        else:
+            source = Path(str(settings.source))
+        rows, resolved = measure(settings, source, work, progress)
+    result = {
+        "schema": SCHEMA,
+        "command": command_line(),
+        "machine": {**machine(resolve_device(settings.device)), "load_average": load_average},
+        "settings": {**dataclasses.asdict(settings), **resolved},
+        "model": {"arch": resolved["arch"], "checkpoint": str(settings.checkpoint),
+                  "sha256": file_sha256(settings.checkpoint)},
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write(out / "results.md", markdown(result))
+    plot(out, result)
+    print(markdown(result), end="")
+    return result

@@ -170,7 +170,7 @@ def _series(rows: list[dict], model: str, tower: str) -> dict[str, list[dict]]:
     return {k: sorted(v, key=lambda r: r["batch"]) for k, v in out.items()}
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     return path
 
@@ -200,7 +200,7 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        written.append(_save(fig, out / name))
+        written.append(save_png(fig, out / name))
         plt.close(fig)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (model, tower) in zip(axes[0], panels, strict=True):
@@ -217,7 +217,7 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
         ax.set_xlabel("batch size")
         ax.set_ylabel("plain p50 / engine p50")
         ax.legend(fontsize=7)
-    written.append(_save(fig, out / "ratios.png"))
+    written.append(save_png(fig, out / "ratios.png"))
     plt.close(fig)
     return written
 

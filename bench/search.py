@@ -1,37 +1,69 @@
-"""Exact (streamed) against FAISS search on a synthetic store: recall@10 and latency on this machine.
+"""``mpsclip bench search``: search latency and recall@10 on a store, exact streamed, in memory and FAISS.
 
-    python -m mpsclip.bench.search --rows 100000 --out bench/results
-
-Builds a store of clustered random fp16 vectors with the store writer (fused, global and ``--views``
-perspective embeddings per item), then times exhaustive search and, for each ``--faiss`` factory and
-``--nprobe``, index search (candidates re-ranked exactly), with recall@10 against exhaustive search for
-``--queries`` noisy cluster-centre queries. Writes ``<out>/cpu-search.json`` and ``<out>/cpu-search.md``.
+The store is a real one (read only: indexes are built in a scratch folder of links to its shards) or, with
+``synthetic``, a store of clustered random fp16 vectors written with the store writer (fused, global and
+``views`` perspective embeddings per item). Queries: a seeded sample of the store's own global embeddings
+(for a synthetic store, new draws near its clusters). Each search is timed for single queries (median of
+the first few, to top-k store rows, then with ids and metas) and for the whole query batch; recall@10 is
+against exact search in the same mode. Results: ``results.json`` (schema :data:`SCHEMA`), ``results.md`` and
+``recall_latency.png`` in the output folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from mpsclip.bench.report import command_line, machine, save_png
 from tqdm import tqdm
 
-from mpsclip.archive.index import IndexSettings, build_index, load_index, recall_at_k
-from mpsclip.archive.search import exact_topk, to_hits
-from mpsclip.archive.store import ShardRows, StoreInfo, open_store, shard_path, write_manifest, write_shard
+from mpsclip.archive.index import IndexSettings, build_index, import_faiss, load_index, recall_at_k
+from mpsclip.archive.search import Hit, exact_topk, mode_views, scored_topk, to_hits
+from mpsclip.archive.store import (
+    FAILURES,
+    MANIFEST,
+    ShardRows,
+    StoreData,
+    StoreInfo,
+    load_store,
+    open_store,
+    shard_path,
+    write_manifest,
+    write_shard,
+)
+from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 
+SCHEMA = "mpsclip-bench-search/1"
 K = 10
+ALONE = {"exact (streamed)": 3, "in memory": 20, "faiss": 20}
+"""Single queries timed one by one per kind of search (streamed exact search reads the whole store each time)."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    store: Path | None = None
+    synthetic: int | None = None
+    dim: int = 512
+    views: int = 2
+    shard_size: int = 1024
+    queries: int = 100
+    factories: tuple[str | None, ...] = (None,)
+    """FAISS factory strings; None: what ``mpsclip index`` picks for the store."""
+    nprobes: tuple[int, ...] = (1, 4, 16, 64)
+    modes: tuple[str, ...] = ("fused", "max-response")
+    seed: int = 0
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -97,11 +129,32 @@ def synthetic_queries(n: int, dim: int = 512, clusters: int = 1000, seed: int = 
     return torch.from_numpy(_clustered(np.random.default_rng(seed + 2), centres, basis, n).astype(np.float32))
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+def scratch_store(store: Path, scratch: Path) -> StoreInfo:
+    """A folder of links to ``store``'s shards with a copy of its manifest (and failures): an index built there
+    leaves ``store`` as it was."""
+    info = open_store(store)
+    scratch.mkdir(parents=True)
+    for shard in range(len(info.shard_rows)):
+        shard_path(scratch, shard).symlink_to(shard_path(store, shard).absolute())
+    for name in (MANIFEST, FAILURES):
+        if (store / name).exists():
+            shutil.copyfile(store / name, scratch / name)
+    return open_store(scratch)
+
+
+def store_queries(info: StoreInfo, n: int, seed: int) -> torch.Tensor:
+    """A seeded sample of ``n`` of the store's global embeddings (fp32), in store order."""
+    from mpsclip.archive.store import read_shard
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(info.n_rows, size=min(n, info.n_rows), replace=False))
+    offsets = np.array(info.offsets())
+    picked = []
+    for shard in np.unique(np.searchsorted(offsets, rows, side="right") - 1):
+        glob = read_shard(info, int(shard), ["global"])["global"]
+        mine = rows[(rows >= offsets[shard]) & (rows < offsets[shard] + info.shard_rows[shard])] - offsets[shard]
+        picked.append(glob[mine])
+    return torch.from_numpy(np.concatenate(picked).astype(np.float32))
 
 
 def _timed_ms(fn: Callable[[], object]) -> float:
@@ -110,131 +163,190 @@ def _timed_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _row(
-    name: str, mode: str, search: Callable[[torch.Tensor], Any], info: StoreInfo, queries: torch.Tensor, alone: int
-) -> dict:
-    """Latency of ``search`` (queries → (scores, rows)) for the first ``alone`` queries one by one (rows only,
-    then to hits) and for the whole batch to hits."""
+Search = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Hits = Callable[[torch.Tensor, torch.Tensor], list[list[Hit]]]
+
+
+def timed_row(name: str, mode: str, search: Search, hits: Hits, queries: torch.Tensor, alone: int,
+              exact: torch.Tensor) -> dict[str, Any]:
+    """Median ms of the first ``alone`` queries one by one (to rows, then to hits), the whole batch's ms per
+    query to hits, and recall@10 against ``exact``."""
+    alone = min(alone, len(queries))
     single_rows = [_timed_ms(lambda i=i: search(queries[i : i + 1])) for i in range(alone)]
-    single_hits = [_timed_ms(lambda i=i: to_hits(info, *search(queries[i : i + 1]))) for i in range(len(single_rows))]
-    batch_ms = _timed_ms(lambda: to_hits(info, *search(queries)))
-    return {"search": name, "mode": mode, "ms_1_query_rows": statistics.median(single_rows),
-            "ms_1_query_hits": statistics.median(single_hits), "ms_per_query_batch": batch_ms / len(queries),
-            "queries_timed_alone": len(single_rows)}
+    single_hits = [_timed_ms(lambda i=i: hits(*search(queries[i : i + 1]))) for i in range(alone)]
+    found: list[torch.Tensor] = []
+
+    def whole_batch() -> None:
+        scores, rows = search(queries)
+        found.append(rows)
+        hits(scores, rows)
+
+    batch_ms = _timed_ms(whole_batch)
+    return {"search": name, "mode": mode, "ms_1_query_rows": round(statistics.median(single_rows), 3),
+            "ms_1_query_hits": round(statistics.median(single_hits), 3),
+            "ms_per_query_batch": round(batch_ms / len(queries), 3), "queries_timed_alone": alone,
+            f"recall@{K}": round(recall_at_k(found[0], exact), 4)}
 
 
-def bench_exact(info: StoreInfo, queries: torch.Tensor, modes: list[str]) -> tuple[list[dict], dict[str, Any]]:
-    """Latency of exhaustive search per mode, and the exact rows of all queries."""
-    rows, exact = [], {}
-    for mode in modes:
-        exact[mode] = exact_topk(info, queries, K, mode)[1]
-        row = _row("exact (streamed)", mode, lambda q, mode=mode: exact_topk(info, q, K, mode), info, queries, 3)
-        rows.append({**row, f"recall@{K}": 1.0})
-    return rows, exact
+def memory_hits(data: StoreData) -> Hits:
+    def hits(scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:
+        return [[Hit(rank=i + 1, score=float(s), id=data.ids[r], meta=data.metas[r])
+                 for i, (s, r) in enumerate(zip(q_s, q_r, strict=True)) if r >= 0]
+                for q_s, q_r in zip(scores.tolist(), rows.tolist(), strict=True)]
+
+    return hits
 
 
-def bench_index(
-    info: StoreInfo, queries: torch.Tensor, exact: dict[str, Any], factory: str, nprobes: list[int], seed: int
-) -> tuple[dict[str, Any], list[dict]]:
-    """Build one index, then recall@10 and latency for every nprobe (the default too) and mode."""
-    record = build_index(info, IndexSettings(factory=factory, seed=seed), progress=False)
-    index = load_index(info)
-    assert index is not None
+def memory_search(data: StoreData, mode: str) -> Search:
+    """Exact search over the store held in memory: one scored top-k over all rows."""
+    columns = {"retrieval": data.retrieval.numpy(), "global": data.glob.numpy(),
+               "perspectives": data.perspectives.numpy(), "valid": data.valid.numpy()}
+    views, valid = mode_views(columns, mode)
+    rows = torch.arange(len(views))
+    return lambda q: scored_topk(q.float(), views, valid, rows, K)
+
+
+def nlist(index: Any) -> int | None:
+    """The inverted lists of a FAISS index, or None when it has none."""
+    try:
+        return int(import_faiss().extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def say(text: str) -> None:
+    print(f"bench search: {text}", file=sys.stderr, flush=True)
+
+
+def measure(info: StoreInfo, queries: torch.Tensor, settings: SearchSettings, progress: bool
+            ) -> tuple[list[dict], list[dict], float]:
+    """Rows of every search × mode, index build records, and the seconds loading the store into memory."""
+    hits_from_store: Hits = lambda s, r: to_hits(info, s, r)  # noqa: E731
+    exact = {mode: exact_topk(info, queries, K, mode, progress=progress)[1] for mode in settings.modes}
     rows = []
-    for nprobe in [None] if record["nprobe"] is None else sorted({record["nprobe"], *nprobes}):
-        name = record["factory"] if nprobe is None else f"{record['factory']} nprobe {nprobe}"
-        faiss_only = recall_at_k(torch.from_numpy(index.candidates(queries, K, nprobe)), exact["fused"])
-        for mode, want in exact.items():
-            recall = recall_at_k(index.search(queries, K, mode, nprobe=nprobe)[1], want)
-            row = _row(name, mode, lambda q, m=mode, p=nprobe: index.search(q, K, m, nprobe=p), info, queries, 20)
-            rows.append({**row, f"recall@{K}": recall, f"faiss_only_recall@{K}": faiss_only})
-    return record, rows
+    say("exact streamed search ...")
+    for mode in settings.modes:
+        search: Search = lambda q, m=mode: exact_topk(info, q, K, m)  # noqa: E731
+        rows.append(timed_row("exact (streamed)", mode, search, hits_from_store, queries, ALONE["exact (streamed)"],
+                              exact[mode]))
+    say("in-memory search ...")
+    start = time.perf_counter()
+    data = load_store(info.path)
+    load_s = time.perf_counter() - start
+    for mode in settings.modes:
+        rows.append(timed_row("in memory", mode, memory_search(data, mode), memory_hits(data), queries,
+                              ALONE["in memory"], exact[mode]))
+    del data
+    builds = []
+    for factory in settings.factories:
+        say(f"building the FAISS index {factory or '(default)'} ...")
+        record = build_index(info, IndexSettings(factory=factory, seed=settings.seed), progress=progress)
+        record["index_mb"] = round((info.path / "index.faiss").stat().st_size / 2**20, 2)
+        builds.append(record)
+        index = load_index(info)
+        if index is None:
+            raise MPSCLIPError(f"{info.path}: the index just built cannot be read back")
+        lists = nlist(index.index)
+        probes = [None] if lists is None else sorted({record["nprobe"], *(p for p in settings.nprobes if p <= lists)})
+        for nprobe in probes:
+            name = record["factory"] if nprobe is None else f"{record['factory']} nprobe {nprobe}"
+            faiss_only = recall_at_k(torch.from_numpy(index.candidates(queries, K, nprobe)), exact["fused"]) \
+                if "fused" in exact else None
+            for mode in settings.modes:
+                search = lambda q, m=mode, p=nprobe, i=index: i.search(q, K, m, nprobe=p)  # noqa: E731
+                row = timed_row(name, mode, search, hits_from_store, queries, ALONE["faiss"], exact[mode])
+                rows.append({**row, "factory": record["factory"], "nprobe": nprobe,
+                             f"faiss_only_recall@{K}": faiss_only})
+    return rows, builds, load_s
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    s = result["settings"]
+    m, s, st = result["machine"], result["settings"], result["store"]
+    source = f"a synthetic store of clustered vectors (seed {s['seed']})" if s["synthetic"] else f"`{s['store']}`"
+    queries = "new draws near its clusters" if s["synthetic"] else "a seeded sample of its own global embeddings"
     lines = [
-        f"# Search on a synthetic store: {s['rows']:,} items, {s['dim']}-d fp16, {s['views']} perspectives",
+        "# mpsclip bench search",
         "",
-        f"Machine: {m['cpu']}, {m['nproc']} CPUs (nproc), torch {m['torch']} ({m['torch_threads']} threads), "
-        f"faiss {m['faiss']}. {s['queries']} queries near the store's clusters; k = {K}; candidates re-ranked = "
-        f"{K} x 10; shards of {s['shard_size']} items; load average {m['load_average']} at the start. Times are "
-        "wall-clock ms after the query embedding: median for one query alone (`rows`: top-k store rows; `hits`: "
-        "with ids and metas read from the shards) and the whole batch's time to hits over its size.",
+        f"Made by: `{result['command']}`",
         "",
-        f"| search | mode | 1 query: rows | 1 query: hits | per query in a batch | recall@{K} "
+        f"Store: {source}, {st['rows']:,} items, {st['dim']}-d fp16, {st['views']} perspectives, {st['shards']} "
+        f"shards. Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"faiss {m['faiss']}; load average {m['load_average']} at the start. {s['queries']} queries ({queries}); "
+        f"k = {K}; FAISS candidates re-ranked exactly = {K} x 10. Times are wall-clock ms after the query "
+        "embedding: median for one query alone (`rows`: top-k store rows; `hits`: with ids and metas) and the "
+        f"whole batch's time over its size. Loading the store into memory took {result['memory_load_s']:.2f} s.",
+        "",
+        f"| search | mode | 1 query: rows ms | 1 query: hits ms | per query in a batch ms | recall@{K} "
         f"| FAISS alone recall@{K} (fused) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        faiss_only = f"{r[f'faiss_only_recall@{K}']:.3f}" if f"faiss_only_recall@{K}" in r else ""
+        alone = r.get(f"faiss_only_recall@{K}")
         lines.append(
-            f"| {r['search']} | {r['mode']} | {r['ms_1_query_rows']:.1f} | {r['ms_1_query_hits']:.1f} "
-            f"| {r['ms_per_query_batch']:.2f} | {r[f'recall@{K}']:.3f} | {faiss_only} |"
+            f"| {r['search']} | {r['mode']} | {r['ms_1_query_rows']:.2f} | {r['ms_1_query_hits']:.2f} "
+            f"| {r['ms_per_query_batch']:.3f} | {r[f'recall@{K}']:.3f} | {'' if alone is None else f'{alone:.3f}'} |"
         )
-    lines += ["", "| index | build s | index.faiss MB | recall@10 at build (store-sample queries) |"]
-    lines += ["|---|---|---|---|"]
+    lines += ["", "| index | nprobe (default) | build s (with its recall check) | index.faiss MB |",
+              "|---|---:|---:|---:|"]
     for b in result["builds"]:
-        recall = ", ".join(f"{mode} {v:.3f}" for mode, v in b["recall@10"]["store sample"].items())
-        lines.append(f"| {b['factory']} | {b['build_seconds']:.1f} | {b['index_mb']:.1f} | {recall} |")
+        lines.append(f"| {b['factory']} | {b['nprobe'] or ''} | {b['build_seconds']:.1f} | {b['index_mb']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--views", type=int, default=2)
-    parser.add_argument("--shard-size", type=int, default=1024)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--faiss", action="append", default=None, help="factory strings (default: the auto one)")
-    parser.add_argument("--nprobe", type=int, action="append", default=None, help="extra nprobe values")
-    parser.add_argument("--modes", default="fused,max-response")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the store goes (default: a temp dir)")
+def plot(out: Path, result: dict[str, Any]) -> Path:
+    """recall_latency.png: recall@10 against one query's ms to rows, one series per mode (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in result["settings"]["modes"]:
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        ax.plot([r["ms_1_query_rows"] for r in rows], [r[f"recall@{K}"] for r in rows], "o", label=mode)
+        for r in rows:
+            label = r["search"] if r.get("nprobe") is None else f"nprobe {r['nprobe']}"
+            ax.annotate(label, (r["ms_1_query_rows"], r[f"recall@{K}"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("one query, ms to top-10 rows")
+    ax.set_ylabel(f"recall@{K} vs exact")
+    ax.set_title(f"search on {result['store']['rows']:,} items")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path = save_png(fig, out / "recall_latency.png")
+    plt.close(fig)
+    return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
-def run(args: argparse.Namespace) -> int:
-    import faiss
-
+def bench_search(settings: SearchSettings, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Measure and write ``out``/results.json, results.md and recall_latency.png."""
     load_average = [round(x, 2) for x in os.getloadavg()]
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mpsclip-bench-"))
-    try:
-        store = workdir / "store"
-        shutil.rmtree(store, ignore_errors=True)
-        info = synthetic_store(store, args.rows, args.dim, args.views, args.shard_size, seed=args.seed, progress=True)
-        queries = synthetic_queries(args.queries, args.dim, seed=args.seed)
-        rows, exact = bench_exact(info, queries, args.modes.split(","))
-        builds = []
-        for factory in args.faiss or [None]:
-            record, index_rows = bench_index(info, queries, exact, factory, args.nprobe or [], args.seed)
-            record["index_mb"] = (store / "index.faiss").stat().st_size / 2**20
-            builds.append(record)
-            rows += index_rows
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="mpsclip-bench-search-") as tmp:
+        if settings.synthetic is not None:
+            info = synthetic_store(Path(tmp) / "store", settings.synthetic, settings.dim, settings.views,
+                                   settings.shard_size, seed=settings.seed, progress=progress)
+            queries = synthetic_queries(settings.queries, info.dim, seed=settings.seed)
+        else:
+            info = scratch_store(Path(str(settings.store)), Path(tmp) / "store")
+            queries = store_queries(info, settings.queries, settings.seed)
+        rows, builds, load_s = measure(info, queries, settings, progress)
+        store = {"rows": info.n_rows, "dim": info.dim, "views": info.views, "shards": len(info.shard_rows)}
     result = {
-        "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "faiss": faiss.__version__,
-                    "load_average": load_average},
-        "settings": {"rows": args.rows, "dim": args.dim, "views": args.views, "shard_size": args.shard_size,
-                     "queries": args.queries, "seed": args.seed, "k": K},
+        "schema": SCHEMA,
+        "command": command_line(),
+        "machine": {**machine(torch.device("cpu")), "load_average": load_average,
+                    "faiss": import_faiss().__version__},
+        "settings": {**asdict(settings), "store": None if settings.store is None else str(settings.store),
+                     "queries": len(queries)},
+        "store": store,
+        "memory_load_s": round(load_s, 3),
         "rows": rows,
         "builds": builds,
     }
-    atomic_write(args.out / "cpu-search.json", json.dumps(result, indent=2) + "\n")
-    atomic_write(args.out / "cpu-search.md", markdown(result))
-    print(markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "results.md", markdown(result))
+    plot(out, result)
+    print(markdown(result), end="")
+    return result

@@ -1,8 +1,10 @@
-"""mpsclip bench: the results schema, the parity gate, skip reasons, --compare and the plots (tiny model, CPU)."""
+"""mpsclip bench: the results schema, the parity gate, skip reasons, the estimate, --compare and the plots
+(tiny model, CPU)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mpsclip.bench.engines as grid_module
@@ -11,13 +13,14 @@ import torch
 from mpsclip.bench.engines import GridSettings, skip_reason
 from mpsclip.bench.report import PLOTS, SCHEMA
 from mpsclip.bench.run import bench
+from mpsclip.bench.timing import MIN_ROUNDS, Cell, Timer, TimingSettings, estimate_seconds, probe, run_grid
 from PIL import Image
 
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 
 SETTINGS = GridSettings(engines=("torch", "onnxruntime", "tensorrt"), batch_sizes=(1, 2), device="cpu", repeats=2,
-                        warmup=1)
+                        warmup=1, build_workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,11 @@ def test_results_schema(run: tuple[Path, dict]) -> None:
                  and p["batch"] == row["batch"]) / row["p50_ms"], rel=1e-2)
     ok = {e["engine"]: e for e in written["engines"]}
     assert ok["onnxruntime"]["status"] == "ok" and min(ok["onnxruntime"]["parity_min_cosine"].values()) > 0.999
+    assert ok["onnxruntime"]["export_s"] > 0 and ok["onnxruntime"]["source"] == "exported on the fly"
+    assert ok["torch"]["export_s"] is None and ok["torch"]["load_s"] >= 0
+    timing = written["timing"]
+    assert 0 < timing["exports_s"] <= timing["prepare_s"] <= timing["total_s"]
+    assert timing["estimated_timing_s"] > 0 and 0 < timing["timing_s"] <= timing["total_s"]
     md = (out / "results.md").read_text()
     assert "Made by: `mpsclip" in md and "## MPS-Tiny, image tower" in md
 
@@ -54,8 +62,11 @@ def test_engine_that_cannot_run_is_listed_with_its_reason(run: tuple[Path, dict]
     assert trt["status"] == "skipped" and "CUDA" in trt["reason"]
     assert not [r for r in result["rows"] if r["engine"] == "tensorrt"]
     assert "fp32 on the CPU" in skip_reason("optimized", "fp16", torch.device("cpu"))
+    assert "fp32 or fp16" in skip_reason("onnxruntime", "bf16", torch.device("cpu"))
+    assert skip_reason("aoti", "fp32", torch.device("cpu")) is None
     if not torch.cuda.is_available():
-        assert "no CUDA GPU" in skip_reason("optimized", "fp16", torch.device("cuda"))
+        for kind in ("torch", "optimized", "onnxruntime", "aoti", "tensorrt"):
+            assert "no CUDA GPU" in skip_reason(kind, "fp16", torch.device("cuda"))
     assert "skipped: TensorRT" in (run[0] / "results.md").read_text()
 
 
@@ -108,7 +119,43 @@ def test_compare_two_runs(run: tuple[Path, dict], tmp_path: Path, capsys: pytest
 def test_compare_refuses_a_file_that_is_not_a_result(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "x.json").write_text("{}")
     assert main(["bench", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json"), "--out", str(tmp_path)]) == 2
-    assert "not a mpsclip-bench/1 file" in capsys.readouterr().err
+    assert f"not a {SCHEMA} file" in capsys.readouterr().err
+
+
+def sleeping_cells(per_item_ms: dict[str, float], batches: tuple[int, ...]) -> list[Cell]:
+    """Cells whose call sleeps ``per_item_ms[name] * batch`` ms: a machine-independent engine to time."""
+    def sleeper(ms: float):  # noqa: ANN202
+        return lambda x: time.sleep(ms / 1e3)
+
+    return [Cell("m", name, "fp32", "image", b, sleeper(ms * b), [torch.zeros(1)] * 3)
+            for b in batches for name, ms in per_item_ms.items()]
+
+
+def test_estimate_follows_the_timing_rules() -> None:
+    cells = sleeping_cells({"plain": 10.0, "torch": 30.0}, (1, 2))
+    for cell in cells:
+        cell.probe_ms = cell.batch * (10.0 if cell.name == "plain" else 30.0)
+    # rounds of 0.04 s (batch 1) and 0.08 s (batch 2); warmup 2 = the probe + 1 call
+    assert estimate_seconds(cells, TimingSettings(repeats=5, warmup=2)) == pytest.approx(6 * 0.04 + 6 * 0.08)
+    # --duration 0.2: 0.1 s per group; rounds stop after the first that ends past it, never below MIN_ROUNDS
+    bounded = TimingSettings(repeats=50, warmup=2, duration=0.2)
+    assert estimate_seconds(cells, bounded) == pytest.approx((1 + 3) * 0.04 + (1 + MIN_ROUNDS) * 0.08)
+
+
+def test_estimate_is_close_to_what_the_timing_takes() -> None:
+    cells = sleeping_cells({"plain": 4.0, "torch": 8.0, "onnxruntime": 2.0}, (1, 4))
+    timer = Timer(torch.device("cpu"))
+    for cell in cells:
+        probe(cell, timer)
+    for settings in (TimingSettings(repeats=6, warmup=2), TimingSettings(repeats=100, warmup=1, duration=0.3)):
+        estimate = estimate_seconds(cells, settings)
+        start = time.perf_counter()
+        rows = run_grid(cells, settings, torch.device("cpu"), progress=False)
+        took = time.perf_counter() - start
+        assert abs(took - estimate) <= 0.3 * estimate, (estimate, took)
+        samples = {r.samples for r in rows}
+        assert samples == {6} if settings.duration is None else MIN_ROUNDS <= min(samples) <= max(samples) < 100
+    assert {(r.engine, r.batch): r.ratio_to_plain for r in rows}[("torch", 4)] == pytest.approx(0.5, rel=0.2)
 
 
 def test_cli_requires_out_and_checkpoint(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
@@ -117,10 +164,48 @@ def test_cli_requires_out_and_checkpoint(ckpt: Path, capsys: pytest.CaptureFixtu
     assert main(["bench", "--engines", "torch,nope", "--out", "x"]) == 2
 
 
-def test_search_subverb_writes_its_results_and_needs_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "search", "--rows", "1500", "--dim", "32", "--queries", "4"]) == 2
-    assert "--out" in capsys.readouterr().err
-    args = ["bench", "search", "--rows", "1500", "--dim", "32", "--queries", "4", "--shard-size", "512"]
-    assert main([*args, "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "cpu-search.json").read_text())
-    assert result["settings"]["rows"] == 1500 and result["rows"]
+def test_search_subverb_on_a_store_leaves_it_unchanged(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mpsclip.bench.search import SCHEMA as SEARCH_SCHEMA
+    from mpsclip.bench.search import synthetic_store
+
+    store = tmp_path / "store"
+    synthetic_store(store, 1500, dim=32, views=2, shard_size=512, clusters=20)
+    before = sorted(p.name for p in store.iterdir())
+    assert main(["bench", "search", str(store), "--queries", "4"]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+    assert main(["bench", "search", "--out", str(tmp_path / "x")]) == 2
+    assert "give STORE or --synthetic N" in capsys.readouterr().err
+    args = ["bench", "search", str(store), "--queries", "4", "--faiss", "Flat", "--faiss", "IVF8,Flat", "--nprobe",
+            "1,8", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert sorted(p.name for p in store.iterdir()) == before  # the index was built in a scratch folder
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["schema"] == SEARCH_SCHEMA and result["store"]["rows"] == 1500
+    searches = {(r["search"], r["mode"]): r for r in result["rows"]}
+    for mode in ("fused", "max-response"):
+        assert searches[("exact (streamed)", mode)]["recall@10"] == 1.0
+        assert searches[("in memory", mode)]["recall@10"] == 1.0  # the same exact scores, held in memory
+        assert searches[("IVF8,Flat nprobe 8", mode)]["recall@10"] == 1.0  # every list probed: exact
+        assert searches[("IVF8,Flat nprobe 1", mode)]["recall@10"] <= 1.0
+    assert [b["factory"] for b in result["builds"]] == ["Flat", "IVF8,Flat"]
+    assert "| in memory | fused |" in (tmp_path / "out" / "results.md").read_text()
+    with Image.open(tmp_path / "out" / "recall_latency.png") as image:
+        assert image.format == "PNG"
+
+
+def test_archive_subverb_measures_the_pipeline_next_to_the_model(ckpt: Path, synth: Path, tmp_path: Path) -> None:
+    from mpsclip.bench.archive import SCHEMA as ARCHIVE_SCHEMA
+
+    args = ["bench", "archive", str(synth / "images"), "--checkpoint", str(ckpt), "--batch", "4", "--shard-size",
+            "4", "--workers", "0", "--perspectives", "none", "--model-repeats", "2", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["schema"] == ARCHIVE_SCHEMA and result["settings"]["items"] == 6
+    alone, pipeline = result["rows"]
+    assert alone["what"] == "model alone (image tower)" and alone["vs_model_alone"] == 1.0
+    assert pipeline["items"] == 6 and pipeline["failed"] == 0 and pipeline["items_per_s"] > 0
+    assert pipeline["vs_model_alone"] == pytest.approx(pipeline["items_per_s"] / alone["items_per_s"], rel=1e-2)
+    assert "| pipeline, perspectives=none, decode=cpu, workers=0 |" in (tmp_path / "results.md").read_text()
+    with Image.open(tmp_path / "throughput.png") as image:
+        assert image.format == "PNG"
