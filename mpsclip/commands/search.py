@@ -60,7 +60,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--image", type=Path, action="append", default=[], metavar="PATH", help="an image query (repeatable)"
     )
     parser.add_argument(
-        "--source-root", type=Path, default=None, metavar="DIR",
+        "--source-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help="where the embedded SOURCE folder is now, if the store or its images moved (for --format html)",
     )
     add_device(parser)
