@@ -246,7 +246,8 @@ def read_shard(info: StoreInfo, shard: int, columns: list[str]) -> dict[str, np.
     JSON (str), embeddings as ``retrieval``/``global`` [n, D], ``perspectives`` [n, K, D] (fp16) and ``valid``
     [n, K] (bool)."""
     path = shard_path(info.path, shard)
-    table = pq.read_table(path, columns=_stored_columns(columns, pq.read_schema(path).names))
+    names = pq.read_schema(path).names if "meta" in columns else []  # the footer is read once more only for meta
+    table = pq.read_table(path, columns=_stored_columns(columns, names))
     return _decode(info, table, columns)
 
 
