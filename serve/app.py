@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -22,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from mpsclip.serve import metrics
 from mpsclip.serve.auth import ApiKeyMiddleware, check_api_key
 from mpsclip.serve.batching import Overloaded
-from mpsclip.serve.catalog import Catalog, Store
+from mpsclip.serve.catalog import LOG, Catalog, Store
 from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder
 from mpsclip.serve.limits import BodyLimitMiddleware
 from mpsclip.serve.quicklook import SceneCatalog, render_quicklook, scene_json
@@ -88,22 +89,37 @@ def decode_image(data: bytes, field: str) -> Image.Image:
         raise bad(f"{field}: not a readable image ({type(err).__name__})") from err
 
 
+async def watch(catalog: Catalog, every_s: float) -> None:
+    """Call :meth:`Catalog.reload` every ``every_s`` seconds, in a thread (reads stay off the event loop)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(catalog.reload)
+        except Exception:  # noqa: BLE001 - a bug in one check must not stop the next ones
+            LOG.exception("checking the stores for changes failed; trying again in %s s", every_s)
+
+
 def create_app(
     catalog: Catalog, batching: bool = True, max_batch: int = 32, max_queue: int = 256, *,
     api_key: str | None = None, cors: Sequence[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
-    encoder: QueryEncoder | None = None,
+    encoder: QueryEncoder | None = None, reload_every_s: float = 0.0,
 ) -> FastAPI:
     """The API over ``catalog``. ``api_key`` protects every path but health checks and the page's files
     (:mod:`~mpsclip.serve.auth`); ``cors`` lists the origins allowed to call it from other pages (none: CORS off);
     request bodies over ``max_body_bytes`` get 413. ``encoder`` turns text/image queries into embeddings
-    (:mod:`~mpsclip.serve.encoders`: the Triton towers, or by default the towers in this process)."""
+    (:mod:`~mpsclip.serve.encoders`: the Triton towers, or by default the towers in this process).
+    ``reload_every_s`` > 0 checks the stores' files that often and swaps in changed ones (:meth:`Catalog.reload`);
+    ``POST /admin/reload`` does it at once."""
     if encoder is None:  # the towers in this process (mpsclip serve --no-triton)
         encoder = InProcessEncoder(batching=batching, max_batch=max_batch, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await encoder.start()
+        watcher = asyncio.get_running_loop().create_task(watch(catalog, reload_every_s)) if reload_every_s else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         await encoder.stop()
 
     app = FastAPI(
@@ -228,6 +244,8 @@ def create_app(
                 "checkpoint_sha256": m.get("checkpoint_sha256"), "settings": m.get("settings", {}),
                 "georeferenced": any(polygon(meta) is not None for meta in s.metas[:1000]),
                 "scenes": [scene_json(s.name, scene) for scene in listed],
+                "complete": bool(m.get("complete")), "shards": len(s.info.shard_rows),
+                "reload": catalog.health[s.name].as_json(),
             })
         return {"stores": out}
 
@@ -280,8 +298,10 @@ def create_app(
 
     @app.post("/admin/reload")
     async def post_reload() -> dict[str, Any]:
-        catalog.reload()
-        return {"stores": {n: len(s.ids) for n, s in catalog.stores.items()}}
+        """Check every store's files now and swap in those that changed; a failed reload keeps the last good
+        version (see ``reload`` in ``GET /stores``)."""
+        outcome = await asyncio.to_thread(catalog.reload)
+        return {"stores": {n: {"items": len(s.ids), "reload": outcome[n]} for n, s in catalog.stores.items()}}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

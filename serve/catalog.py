@@ -1,20 +1,85 @@
-"""The stores a server answers for, each read into memory once: fp16 views per mode, ids, metas, its model."""
+"""The stores a server answers for, each read into memory once: fp16 views per mode, ids, metas, its model.
+
+A store's files are checked by :meth:`Catalog.reload` (the server calls it every ``--reload-every`` seconds and on
+``POST /admin/reload``): when its manifest or its shards changed (mtime, size), the finished shards are read into
+a new :class:`Store` (shards unchanged since the last version are taken from it, not read again), and only that
+complete version replaces the old one. Shard files appear whole or not at all (renamed into place), so a store that
+'mpsclip embed' is still writing serves the shards finished so far; a reload that fails keeps the last good version
+serving and is reported in ``GET /stores`` and the log.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from mpsclip.archive.search import BBox, footprint, intersects, mode_views, scored_topk
-from mpsclip.archive.store import StoreInfo, open_store, read_shard
+from mpsclip.archive.store import (
+    MANIFEST,
+    StoreInfo,
+    count_complete_shards,
+    open_store,
+    read_manifest,
+    read_shard,
+    shard_path,
+)
 from mpsclip.errors import MPSCLIPError
 
+LOG = logging.getLogger("mpsclip.serve")
 COLUMNS = ["id", "meta", "retrieval", "global", "perspectives", "valid"]
+TIE_MARGIN = 8  # extra columns torch.topk proposes, so that ties at the k-th score rarely need a full scan
+READ_TRIES = 3  # reads of a store that changed while being read, before the reload is reported as failed
+RELOAD_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, TypeError, pa.ArrowException)
+
+
+@dataclass(frozen=True)
+class DiskVersion:
+    """What a store folder holds now: ``(mtime_ns, size)`` of its manifest and of each finished shard."""
+
+    manifest: tuple[int, int]
+    shards: tuple[tuple[int, int], ...]
+
+
+def disk_version(path: Path) -> DiskVersion:
+    """The store's :class:`DiskVersion` (a few ``stat`` calls: cheap enough to check every few seconds)."""
+    try:
+        stat = (path / MANIFEST).stat()
+    except FileNotFoundError as err:
+        raise MPSCLIPError(f"{path}: no {MANIFEST}; is this a store made by 'mpsclip embed'?") from err
+    shards: list[tuple[int, int]] = []
+    while True:
+        try:
+            shard = shard_path(path, len(shards)).stat()
+        except FileNotFoundError:
+            break
+        shards.append((shard.st_mtime_ns, shard.st_size))
+    return DiskVersion((stat.st_mtime_ns, stat.st_size), tuple(shards))
+
+
+def open_snapshot(path: Path) -> StoreInfo:
+    """The store as its finished shards show it: :func:`~mpsclip.archive.store.open_store` when complete; while
+    'mpsclip embed' still writes it, the shards finished so far."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise MPSCLIPError(f"{path}: no {MANIFEST}; is this a store made by 'mpsclip embed'?")
+    if manifest.get("complete"):
+        return open_store(path)
+    if "dim" not in manifest:
+        raise MPSCLIPError(f"{path}: 'mpsclip embed' has not finished a shard of it yet; reload once it has")
+    rows = tuple(pq.read_metadata(shard_path(path, i)).num_rows for i in range(count_complete_shards(path)))
+    if sum(rows) == 0:
+        raise MPSCLIPError(f"{path}: the shards finished so far hold no embeddings; reload once more are written")
+    return StoreInfo(path, manifest, rows)
 
 
 @dataclass
@@ -29,6 +94,7 @@ class Store:
     row_of: dict[str, int] = field(default_factory=dict)
     model: Any = None
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    version: DiskVersion | None = None
 
     def views(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mode's views as fp32, converted once (CPU fp16 matrix products are many times slower)."""
@@ -54,20 +120,66 @@ class Store:
             empty = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
             return torch.full((queries.shape[0], k), float("-inf")), empty
         if views.shape[1] == 1 and valid is None:  # fused/global: one matrix product
-            scores = queries.float() @ views[:, 0].T
-            top_s, top_i = torch.topk(scores, min(k, len(rows)), dim=1)
-            return top_s, rows[top_i]
+            return ordered_topk(queries.float() @ views[:, 0].T, rows, min(k, len(rows)))
         return scored_topk(queries.float(), views, valid, rows, min(k, len(rows)))
 
 
-def load_store_memory(name: str, path: Path) -> Store:
-    """Read every shard of the store at ``path`` once."""
-    info = open_store(path)
-    parts = [read_shard(info, s, COLUMNS) for s in range(len(info.shard_rows))]
+def ordered_topk(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of ``scores [Q, n]`` (columns are the store rows ``rows``, ascending) by (score desc, row asc):
+    the order of :func:`mpsclip.archive.search.search_store`, equal scores included. ``torch.topk`` proposes
+    ``k + TIE_MARGIN`` columns; only when the k-th score is still tied at the window's end are all columns reaching
+    it gathered; :func:`~mpsclip.kernels.maxsim.merge_topk` ranks the candidates."""
+    from mpsclip.kernels.maxsim import merge_topk
+
+    n = scores.shape[1]
+    top_s, top_i = torch.topk(scores, min(n, k + TIE_MARGIN), dim=1)
+    out_s, out_r = [], []
+    for q, (q_top_s, candidates) in enumerate(zip(top_s, top_i, strict=True)):
+        kth = q_top_s[k - 1]
+        if len(candidates) < n and q_top_s[-1] == kth:  # ties may go on past the window: take them all
+            candidates = torch.from_numpy(np.flatnonzero(scores[q].numpy() >= kth.item()))
+        s, r = merge_topk(scores[q, candidates][None], rows[candidates][None], k)
+        out_s.append(s)
+        out_r.append(r)
+    return torch.cat(out_s), torch.cat(out_r)
+
+
+def load_store_memory(name: str, path: Path, old: Store | None = None) -> Store:
+    """Read the finished shards of the store at ``path`` (those unchanged since ``old`` was read are taken from
+    ``old``); retried when the files change while being read, so the result is one version of the store."""
+    for _ in range(READ_TRIES):
+        version = disk_version(path)
+        info = open_snapshot(path)
+        parts = [shard_part(info, s, version, old) for s in range(len(info.shard_rows))]
+        if disk_version(path) == version:
+            break
+    else:
+        raise MPSCLIPError(f"{path}: its files changed every time it was read ({READ_TRIES} tries); reload later")
     columns = {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS if c not in ("id", "meta")}
-    ids = [str(i) for p in parts for i in p["id"]]
-    metas = [json.loads(m) for p in parts for m in p["meta"]]
-    return Store(name, info, ids, metas, columns, {item_id: row for row, item_id in enumerate(ids)})
+    ids = [i for p in parts for i in p["id"]]
+    metas = [m for p in parts for m in p["meta"]]
+    rows = {item_id: row for row, item_id in enumerate(ids)}
+    return Store(name, info, ids, metas, columns, rows, version=version)
+
+
+def read_before(old: Store, info: StoreInfo, version: DiskVersion, shard: int) -> bool:
+    """Whether ``old`` holds shard ``shard`` as it is now: the same file (mtime, size), rows and layout."""
+    if old.version is None or shard >= min(len(old.version.shards), len(version.shards)):
+        return False
+    same_file = old.version.shards[shard] == version.shards[shard]
+    same_layout = (old.info.dim, old.info.views) == (info.dim, info.views)
+    return same_file and same_layout and old.info.shard_rows[shard] == info.shard_rows[shard]
+
+
+def shard_part(info: StoreInfo, shard: int, version: DiskVersion, old: Store | None) -> dict[str, Any]:
+    """Shard ``shard``'s columns (ids as str, metas parsed): sliced from ``old`` if the file is the one it read."""
+    if old is not None and read_before(old, info, version, shard):
+        start = old.info.offsets()[shard]
+        stop = start + info.shard_rows[shard]
+        part: dict[str, Any] = {c: old.columns[c][start:stop] for c in old.columns}
+        return part | {"id": old.ids[start:stop], "meta": old.metas[start:stop]}
+    cols = read_shard(info, shard, COLUMNS)
+    return cols | {"id": [str(i) for i in cols["id"]], "meta": [json.loads(m) for m in cols["meta"]]}
 
 
 def store_names(paths: list[Path]) -> list[str]:
@@ -82,28 +194,74 @@ def store_names(paths: list[Path]) -> list[str]:
     return names
 
 
+@dataclass
+class Health:
+    """How a store's last reloads went (times: ``time.time()``)."""
+
+    loaded_at: float
+    checked_at: float
+    error: str | None = None
+    failed_at: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        def iso(t: float | None) -> str | None:
+            return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+        return {"loaded_at": iso(self.loaded_at), "checked_at": iso(self.checked_at), "error": self.error,
+                "failed_at": iso(self.failed_at)}
+
+
 class Catalog:
-    """The served stores by name; the first is the default."""
+    """The served stores by name; the first is the default. A store that cannot be read at start is an error;
+    later, :meth:`reload` keeps the last good version of a store it cannot read."""
 
     def __init__(self, paths: list[Path], model_loader: Any = None) -> None:
         if not paths:
             raise MPSCLIPError("no store to serve: give one or more store folders made by 'mpsclip embed'")
         self.paths = paths
         self.model_loader = model_loader
+        self.names = store_names(paths)
         self.stores: dict[str, Store] = {}
-        self.reload()
+        self.health: dict[str, Health] = {}
+        self._lock = threading.Lock()
+        for name, path in zip(self.names, paths, strict=True):
+            self.stores[name] = self._load(name, path, None)
+            self.health[name] = Health(time.time(), time.time())
 
-    def reload(self) -> None:
-        """Read every store again (a store mid-'embed' keeps its last complete manifest's shards)."""
-        stores = {}
-        for name, path in zip(store_names(self.paths), self.paths, strict=True):
-            store = load_store_memory(name, path)
-            old = self.stores.get(name)
-            digest = store.info.manifest["checkpoint_sha256"]
-            same = old is not None and old.info.manifest["checkpoint_sha256"] == digest
-            store.model = old.model if same else (self.model_loader(store.info) if self.model_loader else None)
-            stores[name] = store
-        self.stores = stores
+    def reload(self, force: bool = False) -> dict[str, str]:
+        """Check every store's files and swap in a new version of those that changed (all with ``force``):
+        ``{name: "unchanged" | "reloaded" | "failed: <why>"}``. Runs one at a time; queries meanwhile keep the
+        version they started with."""
+        with self._lock:
+            named = zip(self.names, self.paths, strict=True)
+            return {name: self._reload_one(name, path, force) for name, path in named}
+
+    def _reload_one(self, name: str, path: Path, force: bool) -> str:
+        old, health = self.stores[name], self.health[name]
+        health.checked_at = time.time()
+        try:
+            if not force and disk_version(path) == old.version:
+                health.error = health.failed_at = None  # the files are the version served: nothing is wrong now
+                return "unchanged"
+            new = self._load(name, path, old)
+        except RELOAD_ERRORS as err:
+            health.error, health.failed_at = f"{type(err).__name__}: {err}", time.time()
+            LOG.warning("store %s: reload failed, still serving the version of %s (%d items): %s",
+                        name, time.ctime(health.loaded_at), len(old.ids), health.error)
+            return f"failed: {health.error}"
+        for mode in list(old.cache):  # the first query after the swap should not pay for the conversion
+            new.views(mode)
+        self.stores = {**self.stores, name: new}
+        health.loaded_at, health.error, health.failed_at = time.time(), None, None
+        LOG.info("store %s: reloaded, %d items in %d shards", name, len(new.ids), len(new.info.shard_rows))
+        return "reloaded"
+
+    def _load(self, name: str, path: Path, old: Store | None) -> Store:
+        store = load_store_memory(name, path, old)
+        digest = store.info.manifest["checkpoint_sha256"]
+        same = old is not None and old.info.manifest["checkpoint_sha256"] == digest
+        store.model = old.model if same else (self.model_loader(store.info) if self.model_loader else None)
+        return store
 
     @property
     def default(self) -> str:

@@ -6,10 +6,12 @@ import base64
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from mpsclip.serve.app import MAX_UPLOAD_BYTES, create_app
 from mpsclip.serve.catalog import Catalog, store_names
 
+from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
 from mpsclip.archive.store import open_store
 from mpsclip.errors import MPSCLIPError
@@ -161,7 +163,7 @@ def test_page_logs_in_once_with_a_session_cookie(store: Path) -> None:
 
 
 def test_bind_warning_and_key_from_environment(store: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import uvicorn
+    from mpsclip.serve import server
     from mpsclip.serve.auth import bind_warning, same_key
 
     from mpsclip.cli import main
@@ -173,16 +175,17 @@ def test_bind_warning_and_key_from_environment(store: Path, monkeypatch: pytest.
     for unusable in ["", "two words", "ключ"]:
         with pytest.raises(MPSCLIPError, match="printable ASCII"):
             create_app(Catalog([store]), api_key=unusable)
-    started: list = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append((app, kw)))
-    assert main(["serve", str(store), "--host", "0.0.0.0", "--device", "cpu"]) == 0
+    started: list = []  # mpsclip serve as far as building the app; nothing listens
+    monkeypatch.setattr(server, "serve", lambda catalog, towers, settings, make_app: started.append(make_app(None)))
+    monkeypatch.delenv("MPSCLIP_API_KEY", raising=False)
+    argv = ["serve", str(store), "--host", "0.0.0.0", "--device", "cpu", "--no-triton"]
+    main(argv)
     assert "reachable from other machines, with no access control" in capsys.readouterr().err
     monkeypatch.setenv("MPSCLIP_API_KEY", KEY)
-    assert main(["serve", str(store), "--host", "0.0.0.0", "--device", "cpu"]) == 0
+    main(argv)
     assert "access control" not in capsys.readouterr().err
-    with TestClient(started[-1][0]) as c:
+    with TestClient(started[-1]) as c:
         assert c.get("/stores").status_code == 401 and c.get("/stores", headers={"X-API-Key": KEY}).status_code == 200
-    assert started[-1][1]["host"] == "0.0.0.0"
 
 
 def test_cors_off_unless_asked(store: Path, client: TestClient) -> None:
@@ -244,3 +247,109 @@ def test_body_limit_stops_reading_streams_and_bad_lengths() -> None:
     assert call([(b"content-length", b"1000000000")], [b"x"]) == (413, 0)
     assert call([(b"content-length", b"12abc")], [b"x"]) == (400, 0)
     assert call([], [b"ab", b"cd", b""]) == (200, 3) and reached == [b"abcd"]  # one message for the app
+
+
+@pytest.fixture(scope="module")
+def tie_store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three scenes, each twice (``1a``..``3c``, then ``4a``..``6c``): equal embeddings, so exactly equal scores."""
+    import shutil
+
+    from mpsclip.archive.job import EmbedSettings, embed_archive
+
+    images = tmp_path_factory.mktemp("ties")
+    scenes = sorted((synth / "images").glob("*.png"))[:3]
+    for n, (letter, scene) in enumerate(zip("abcabc", scenes + scenes, strict=True), start=1):
+        shutil.copy(scene, images / f"{n}{letter}.png")
+    out = images.parent / "ties-store"
+    embed_archive(images, out, ckpt, settings=EmbedSettings(batch_size=6, shard_size=2, device="cpu"), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fused", "global", "max-response"])
+def test_equal_scores_in_store_order_as_search(tie_store: Path, mode: str) -> None:
+    """One-hot query embeddings score each row by one of its numbers, exactly (a BLAS product of two equal rows
+    may differ in the last bit, depending on where the rows sit): the duplicates tie exactly."""
+    info = open_store(tie_store)
+    with TestClient(create_app(Catalog([tie_store]))) as c:
+        for axis in range(0, info.dim, 7):
+            query = [0.0] * info.dim
+            query[axis] = 1.0
+            for k in (1, 2, 3, 5):
+                got = c.post("/search", json={"embedding": query, "k": k, "mode": mode}).json()["hits"]
+                want = search_store(info, torch.tensor([query]), k, mode)[0]
+                assert [h["id"] for h in got] == [h.id for h in want], (axis, k)
+                assert [h["score"] for h in got] == [h.score for h in want]
+            hits = c.post("/search", json={"embedding": query, "k": 6, "mode": mode}).json()["hits"]
+            ranked = [h["id"] for h in hits]
+            for first, second in (("1a", "4a"), ("2b", "5b"), ("3c", "6c")):  # equal scores: earlier row first
+                assert ranked.index(f"{first}.png") + 1 == ranked.index(f"{second}.png"), ranked
+
+
+GROW = EmbedSettings(batch_size=3, shard_size=3, device="cpu")
+
+
+@pytest.fixture()
+def growing(synth: Path, ckpt: Path, tmp_path: Path) -> Path:
+    """The six scenes' store with its first shard of two only, as a running (or killed) 'mpsclip embed' leaves it."""
+    out = tmp_path / "grow"
+    embed_archive(synth / "images", out, ckpt, settings=GROW, stop_after_shards=1, progress=False)
+    return out
+
+
+def test_reload_serves_finished_shards_and_keeps_the_last_good_version(
+    growing: Path, synth: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mpsclip.serve import catalog as catalog_module
+
+    catalog = Catalog([growing], lambda info: load_search_model(info.manifest, None))
+    model = catalog.get("grow").model
+    with TestClient(create_app(catalog)) as c:
+        def listed() -> dict:
+            return c.get("/stores").json()["stores"][0]
+
+        def reload() -> dict:
+            return c.post("/admin/reload").json()["stores"]["grow"]
+
+        assert (listed()["items"], listed()["complete"], listed()["shards"]) == (3, False, 1)
+        assert reload() == {"items": 3, "reload": "unchanged"}
+        half = growing / ".shard-00001.parquet.x1.tmp"  # what atomic_write leaves while writing the next shard
+        half.write_bytes(b"PAR1 half a shard")
+        assert reload() == {"items": 3, "reload": "unchanged"}
+        half.unlink()
+        broken = growing / "shard-00001.parquet"  # a shard file that is not whole: never served
+        broken.write_bytes(b"PAR1 not a parquet file")
+        with caplog.at_level("WARNING", logger="mpsclip.serve"):
+            failed = reload()
+        assert failed["items"] == 3 and failed["reload"].startswith("failed: ArrowInvalid")
+        assert listed()["reload"]["error"].startswith("ArrowInvalid") and listed()["reload"]["failed_at"]
+        assert "reload failed, still serving" in caplog.text
+        assert len(c.post("/search", json={"text": "a harbor", "k": 6}).json()["hits"]) == 3
+        broken.unlink()
+        assert reload() == {"items": 3, "reload": "unchanged"} and listed()["reload"]["error"] is None
+
+        reads: list[int] = []
+        read_shard = catalog_module.read_shard
+        counted = lambda info, s, cols: reads.append(s) or read_shard(info, s, cols)  # noqa: E731
+        monkeypatch.setattr(catalog_module, "read_shard", counted)
+        embed_archive(synth / "images", growing, ckpt, settings=GROW, progress=False)  # the second run finishes it
+        assert reload() == {"items": 6, "reload": "reloaded"} and reads == [1]  # shard 0 kept from memory
+        assert (listed()["items"], listed()["complete"], listed()["shards"]) == (6, True, 2)
+        assert catalog.get("grow").model is model  # same checkpoint: the model is not loaded again
+        info = open_store(growing)
+        want = search_store(info, encode_queries(model, ["a harbor"]), 6, "fused")[0]
+        got = c.post("/search", json={"text": "a harbor", "k": 6}).json()["hits"]
+        assert [h["id"] for h in got] == [h.id for h in want]
+
+
+def test_reload_every_seconds_picks_up_a_second_embed_run(growing: Path, synth: Path, ckpt: Path) -> None:
+    import time
+
+    catalog = Catalog([growing], lambda info: load_search_model(info.manifest, None))
+    with TestClient(create_app(catalog, reload_every_s=0.1)) as c:
+        assert c.get("/stores").json()["stores"][0]["items"] == 3
+        embed_archive(synth / "images", growing, ckpt, settings=GROW, progress=False)
+        deadline = time.monotonic() + 30
+        while c.get("/stores").json()["stores"][0]["items"] != 6:
+            assert time.monotonic() < deadline, "the server did not notice the finished store"
+            time.sleep(0.1)
+        assert c.get("/stores").json()["stores"][0]["complete"] is True

@@ -6,8 +6,9 @@ memory once. The towers run on a Triton Inference Server (PyTriton's bundled bin
 where it can run), also open to any Triton/KServe client on 127.0.0.1 (HTTP and gRPC ports printed at start);
 --no-triton runs them in this process. --engine picks what runs them (onnxruntime/tensorrt/aoti: an 'mpsclip
 export' folder of the same checkpoint, --engine-dir). Ctrl-C/SIGTERM drains in-flight requests and stops all.
-POST /admin/reload reads the stores again (a store being extended by 'mpsclip embed' is served
-from its last complete manifest). The server binds 127.0.0.1 unless --host says otherwise.
+Every --reload-every seconds (and on POST /admin/reload) the stores' files are checked and a changed store is
+swapped in once read whole: a store being extended by 'mpsclip embed' serves its finished shards; a failed
+reload keeps the last good version (GET /stores reports it). The server binds 127.0.0.1 unless --host says so.
 
 example:
   mpsclip serve archive.store
@@ -61,6 +62,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "repeatable (default: CORS off)")
     parser.add_argument("--max-body-mib", type=float, default=12.0, metavar="MIB",
                         help="largest request body; bigger ones get 413 (default: 12)")
+    parser.add_argument("--reload-every", type=float, default=5.0, metavar="S",
+                        help="check the stores' manifests and shards every S seconds and serve what changed "
+                        "(0: only on POST /admin/reload; default: 5)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     def make_app(encoder):  # noqa: ANN001, ANN202 - the encoder serve() chose
         return create_app(catalog, batching=not args.no_batching, max_batch=args.max_batch,
                           max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
-                          max_body_bytes=int(args.max_body_mib * 2**20), encoder=encoder)
+                          max_body_bytes=int(args.max_body_mib * 2**20), encoder=encoder,
+                          reload_every_s=args.reload_every)
 
     if (warning := bind_warning(args.host, args.api_key)) is not None:
         print(warning, file=sys.stderr)
