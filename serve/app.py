@@ -35,6 +35,7 @@ from mpsclip.errors import MPSCLIPError
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000  # a query image decoded to RGB: at most 150 MB
 MAX_BODY_BYTES = 12 * 1024 * 1024  # an 8 MiB image in base64 JSON, with room to spare
 RETRY_AFTER_S = "1"
 Mode = Literal["fused", "global", "max-response"]
@@ -81,11 +82,16 @@ def bad(detail: str, status: int = 422) -> HTTPException:
 
 
 def decode_image(data: bytes, field: str) -> Image.Image:
+    """An RGB image of ``data``; 422 naming ``field`` for bytes that are not one, 413 for too many pixels (a small
+    file can hold a huge image: the size is checked before decoding)."""
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise bad(f"{field}: {width} x {height} pixels, more than {MAX_IMAGE_PIXELS:,}; send a smaller image", 413)
         image.load()
         return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise bad(f"{field}: not a readable image ({type(err).__name__})") from err
 
 

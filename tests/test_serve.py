@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from mpsclip.serve.app import MAX_UPLOAD_BYTES, create_app
 from mpsclip.serve.catalog import Catalog, store_names
+from PIL import Image
 
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
@@ -81,6 +83,11 @@ def test_bad_input_names_the_field(client: TestClient) -> None:
     big = client.post("/search/upload", files={"file": ("q.png", b"0" * (MAX_UPLOAD_BYTES + 1))})
     assert big.status_code == 413
     assert client.post("/search/upload", files={"file": ("q.png", b"junk")}).status_code == 422
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81 Mpx in a few kB: refused before decoding
+    for r, field in [(client.post("/search/upload", files={"file": ("q.png", bomb.getvalue())}), "file"),
+                     (client.post("/search", json={"image": base64.b64encode(bomb.getvalue()).decode()}), "image")]:
+        assert r.status_code == 413 and r.json()["detail"].startswith(f"{field}: 9000 x 9000 pixels")
 
 
 def test_health_metrics_and_names(client: TestClient, tmp_path: Path) -> None:
