@@ -156,6 +156,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['dtype']} on {m['device']} ({s['runtime']} engine), batch {s['batch']}, shards of {s['shard_size']}. "
         "Pipeline rows embed the whole source into a fresh store after one warm-up shard; `vs model alone` is "
         "the row's items/s over the image tower's own on a resident batch.",
+        *(["", result["note"]] if result.get("note") else []),
         "",
         "| what | items/s | seconds | vs model alone |",
         "|---|---:|---:|---:|",
@@ -185,7 +186,8 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     return path
 
 
-def bench_archive(settings: ArchiveSettings, out: Path, progress: bool = True) -> dict[str, Any]:
+def bench_archive(settings: ArchiveSettings, out: Path, progress: bool = True, note: str | None = None
+                 ) -> dict[str, Any]:
     """Measure and write ``out``/results.json, results.md and throughput.png."""
     load_average = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="mpsclip-bench-archive-") as tmp:
@@ -199,6 +201,7 @@ def bench_archive(settings: ArchiveSettings, out: Path, progress: bool = True) -
     result = {
         "schema": SCHEMA,
         "command": command_line(),
+        "note": note,
         "machine": {**machine(resolve_device(settings.device)), "load_average": load_average},
         "settings": {**dataclasses.asdict(settings), **resolved},
         "model": {"arch": resolved["arch"], "checkpoint": str(settings.checkpoint),

@@ -3,7 +3,8 @@
 Each job exports one tower of one checkpoint in one format and precision (no verification: the bench's own
 parity gate checks every engine against torch eager). Exporting a tower is mostly single-threaded Python
 (``torch.export`` and Inductor's code generation, the AOTInductor C++ build aside), so the jobs run in
-``workers`` spawned processes, longest first; with one worker they run in this process.
+``workers`` spawned processes, longest first (AOTInductor before ONNX, larger checkpoints first); with one
+worker they run in this process.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _report(job: ExportJob, seconds: float) -> None:
 
 def build_all(jobs: list[ExportJob], workers: int) -> dict[tuple[str, str, str, str], float]:
     """Run every job (``workers`` at a time); seconds per job key. The first failure is raised."""
-    jobs = sorted(jobs, key=lambda j: SLOWEST_FIRST.index(j.kind))
+    jobs = sorted(jobs, key=lambda j: (SLOWEST_FIRST.index(j.kind), -j.checkpoint.stat().st_size))
     if workers <= 1 or len(jobs) <= 1:
         seconds = {}
         for job in jobs:

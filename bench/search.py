@@ -275,6 +275,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"k = {K}; FAISS candidates re-ranked exactly = {K} x 10. Times are wall-clock ms after the query "
         "embedding: median for one query alone (`rows`: top-k store rows; `hits`: with ids and metas) and the "
         f"whole batch's time over its size. Loading the store into memory took {result['memory_load_s']:.2f} s.",
+        *(["", result["note"]] if result.get("note") else []),
         "",
         f"| search | mode | 1 query: rows ms | 1 query: hits ms | per query in a batch ms | recall@{K} "
         f"| FAISS alone recall@{K} (fused) |",
@@ -319,7 +320,8 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
     return path
 
 
-def bench_search(settings: SearchSettings, out: Path, progress: bool = True) -> dict[str, Any]:
+def bench_search(settings: SearchSettings, out: Path, progress: bool = True, note: str | None = None
+                 ) -> dict[str, Any]:
     """Measure and write ``out``/results.json, results.md and recall_latency.png."""
     load_average = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="mpsclip-bench-search-") as tmp:
@@ -335,6 +337,7 @@ def bench_search(settings: SearchSettings, out: Path, progress: bool = True) -> 
     result = {
         "schema": SCHEMA,
         "command": command_line(),
+        "note": note,
         "machine": {**machine(torch.device("cpu")), "load_average": load_average,
                     "faiss": import_faiss().__version__},
         "settings": {**asdict(settings), "store": None if settings.store is None else str(settings.store),

@@ -138,6 +138,7 @@ def configure_archive(parser: argparse.ArgumentParser) -> None:
                         default=("none", "zero-shot"), help="comma list of none,zero-shot (default: both)")
     parser.add_argument("--model-repeats", type=int, default=20,
                         help="timed calls of the image tower alone (default: 20)")
+    parser.add_argument("--note", default=None, help="a line for results.md (e.g. how SOURCE was made)")
     add_out(parser, "output folder", metavar="DIR")
     add_device(parser, "where the model runs")
     add_quiet(parser)
@@ -159,6 +160,7 @@ def configure_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_list(str, ("fused", "global", "max-response")), default=("fused",
                         "max-response"), help="comma list of fused,global,max-response (default: fused,max-response)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--note", default=None, help="a line for results.md (e.g. how STORE was made)")
     add_out(parser, "output folder", metavar="DIR")
     add_quiet(parser)
 
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             batch=args.batch, shard_size=args.shard_size, workers=args.workers, decode=args.decode,
             perspectives=args.perspectives, model_repeats=args.model_repeats, device=args.device,
         )
-        bench_archive(settings, out, progress=not args.quiet)
+        bench_archive(settings, out, progress=not args.quiet, note=args.note)
         return 0
     if args.subverb == "search":
         from mpsclip.bench.search import SearchSettings, bench_search
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             queries=args.queries, factories=tuple(args.faiss or (None,)), nprobes=args.nprobe, modes=args.modes,
             seed=args.seed,
         )
-        bench_search(settings, out, progress=not args.quiet)
+        bench_search(settings, out, progress=not args.quiet, note=args.note)
         return 0
     out = _require_out(args, "results.json, results.md and the plots")
     if args.compare:
