@@ -23,7 +23,13 @@ from rasterio.warp import transform as warp_points  # noqa: E402
 from shapely.geometry import MultiPolygon, box, shape  # noqa: E402
 
 from mpsclip.archive import geoparquet  # noqa: E402
-from mpsclip.archive.geoparquet import ROW_GROUP_ROWS, footprint_from_wkb, footprint_wkb, row_groups_in_bbox  # noqa: E402
+from mpsclip.archive.geoparquet import (  # noqa: E402
+    ROW_GROUP_ROWS,
+    footprint_from_wkb,
+    footprint_wkb,
+    row_groups_in_bbox,
+    rows_in_box,
+)
 from mpsclip.archive.items import TileSettings  # noqa: E402
 from mpsclip.archive.render import to_geojson  # noqa: E402
 from mpsclip.archive.search import Hit, exact_topk  # noqa: E402
@@ -32,6 +38,7 @@ from mpsclip.archive.store import (  # noqa: E402
     ShardRows,
     load_store,
     open_store,
+    read_geometry,
     read_ids_metas,
     read_shard,
     read_shard_in_bbox,
@@ -189,6 +196,9 @@ def test_old_shards_still_read(tmp_path: Path) -> None:
     assert [m for _, m in read_ids_metas(info, list(range(7))).values()] == expected
     near_a = (15.1, 45.1, 15.2, 45.2)
     assert store_rows_in_bbox(info, near_a).tolist() == [0, 5]
+    in_memory = pa.concat_tables([read_geometry(info, 0), read_geometry(info, 1)])  # old and new shard alike
+    assert in_memory.schema == read_geometry(info, 1).schema and rows_in_box(in_memory, near_a).tolist() == [0, 5]
+    assert rows_in_box(in_memory, (179.6, 10.5, 179.7, 10.6)).tolist() == [3]
     positions, cols = read_shard_in_bbox(info, 0, ["global"], (-179.9, 10.5, -179.6, 10.6))
     assert positions.tolist() == [3] and cols["global"].shape == (1, DIM)
 

@@ -273,6 +273,18 @@ def read_shard_in_bbox(
     return positions[keep].astype(np.int64), _decode(info, table.take(pa.array(keep, pa.int64())), columns)
 
 
+def read_geometry(info: StoreInfo, shard: int) -> pa.Table:
+    """The ``bbox`` and ``geometry`` columns of one shard (made from the JSON footprints of a shard written before
+    them), for an in-memory bbox filter: :func:`~mpsclip.archive.geoparquet.rows_in_box` on it (or on several
+    concatenated) gives the rows whose footprint meets a box, without decoding any JSON."""
+    path = shard_path(info.path, shard)
+    if BBOX in pq.read_schema(path).names:
+        return pq.read_table(path, columns=[BBOX, GEOMETRY])
+    metas = pq.read_table(path, columns=["meta"]).column("meta").to_pylist()
+    geometry, bbox = geometry_column([valid_footprint(json.loads(m).get("footprint")) for m in metas])
+    return pa.table({BBOX: bbox, GEOMETRY: geometry})
+
+
 def store_rows_in_bbox(info: StoreInfo, box: BBox) -> np.ndarray:
     """Store rows (ascending) of the items whose footprint meets ``box``; reads only the ``bbox``/``geometry``
     columns of the row groups whose statistics may meet it (what a bbox filter over a whole store calls)."""
