@@ -8,8 +8,10 @@ The checkpoint defaults to the one recorded in the store; another file with a di
 Exhaustive search streams the store shard by shard (bounded memory) and scores on the GPU when there is one.
 If the store has an index made by 'mpsclip index', it is used: the index's top --candidates rows (default
 10 x -k) are scored exactly in the chosen mode; --exact searches exhaustively instead. --bbox always searches
-exhaustively (among the items whose footprint intersects it).
---format geojson writes the hits that have a 'footprint' ([minx, miny, maxx, maxy], EPSG:4326) as polygons;
+exhaustively among the items whose footprint intersects it, reading only the shards' row groups whose bbox
+statistics meet the box.
+--format geojson writes the hits that have a 'footprint' ([west, south, east, north], EPSG:4326) as RFC 7946
+polygons (lon/lat, counter-clockwise; a footprint across the antimeridian as a MultiPolygon split at 180°);
 --format html writes a contact sheet of the hits' thumbnails (inline PNG) with rank, score, id and keywords,
 read from the embedded SOURCE folder; --source-root DIR says where that folder is now when the store or its
 images moved to another folder or machine (item paths are stored relative to it).
