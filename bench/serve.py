@@ -330,8 +330,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"from the server's `mpsclip_batch_size` histogram. Triton dynamic batching: max batch 32, queue delay "
         f"{s['default_queue_delay_us']} µs. "
         f"Total {result['total_s']:.0f} s.",
-        "",
     ]
+    lines += shared_line(m)
+    lines.append("")
     if a.get("met") is None:
         lines.append(f"Acceptance (text, c={a['concurrency']}): not measured ({a['reason']}).")
     else:
@@ -346,11 +347,44 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['config']} | {r['kind']} | {r['concurrency']} | {r['requests']} | {_f(r['requests_per_s'])} "
             f"| {_f(r['p50_ms'])} | {_f(r['p95_ms'])} | {_f(r['p99_ms'])} | {r['error_rate']:.1%} "
             f"| {_f(r['rows_per_tower_call'])} |")
+    lines += delay_lines(result)
     lines += ["", "| server | start s (to first answer) | stop s (SIGINT to exit) | exit code |",
               "|---|---:|---:|---:|"]
     for sv in result["servers"]:
         lines.append(f"| {sv['config']} | {sv['start_s']:.1f} | {_f(sv['stop_s'])} | {sv['exit_code']} |")
     return "\n".join(lines) + "\n"
+
+
+def delay_lines(result: dict[str, Any]) -> list[str]:
+    """The queue-delay sweep: text p50 at the lowest and requests/s at the highest concurrency per delay."""
+    default = result["settings"]["default_queue_delay_us"]
+    runs = {default: [r for r in result["rows"] if r["config"] == "triton" and r["kind"] == "text"]}
+    for r in result["rows"]:
+        if "queue_delay_us" in r:
+            runs.setdefault(r["queue_delay_us"], []).append(r)
+    if len(runs) < 2:
+        return []
+    lines = ["", "Triton queue delay sweep (text queries; each delay is its own server start):", "",
+             "| queue delay µs | lowest c: p50 ms | highest c: req/s | highest c: p99 ms | highest c: rows/call |",
+             "|---:|---:|---:|---:|---:|"]
+    for delay in sorted(runs):
+        rows = sorted(runs[delay], key=lambda r: r["concurrency"])
+        if not rows:
+            continue
+        low, high = rows[0], rows[-1]
+        mark = " (default)" if delay == default else ""
+        lines.append(f"| {delay}{mark} | {_f(low['p50_ms'])} | {_f(high['requests_per_s'])} | {_f(high['p99_ms'])} "
+                     f"| {_f(high['rows_per_tower_call'])} |")
+    return lines
+
+
+def shared_line(machine: dict[str, Any]) -> list[str]:
+    busiest = max(machine["load_average"][0], machine["load_average_end"][0])
+    if not machine["cores"] or busiest <= machine["cores"]:
+        return []
+    return ["", f"Shared machine: 1-minute load average up to {busiest} on {machine['cores']} cores, so other "
+                "processes competed with the client, the API and Triton; every hop of a request waits for a core, "
+                "which sets the latency floor at c=1. Compare configurations within this run, not with other runs."]
 
 
 def plot(path: Path, result: dict[str, Any]) -> Path:

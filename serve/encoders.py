@@ -11,6 +11,7 @@ with Retry-After), and an HTTP 503 naming the cause when the towers cannot answe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal, Protocol
 
@@ -142,8 +143,9 @@ class TritonEncoder:
         text_model, image_model = self.model_names[tower.key]
         if kind == "text":
             model, name, array = text_model, "tokens", tower.tokens([query]).numpy()  # type: ignore[list-item]
-        else:
-            model, name, array = image_model, "pixels", tower.pixels([query]).numpy()  # type: ignore[list-item]
+        else:  # resizing takes milliseconds: off the event loop
+            pixels = await asyncio.to_thread(tower.pixels, [query])  # type: ignore[list-item]
+            model, name, array = image_model, "pixels", pixels.numpy()
         request = InferInput(name, list(array.shape), "INT64" if kind == "text" else "FP32")
         request.set_data_from_numpy(array)
         self.in_flight += 1

@@ -37,8 +37,11 @@ from mpsclip.errors import MPSCLIPError
 HOST = "127.0.0.1"
 MAX_BATCH_SIZE = 32
 QUEUE_DELAY_US = 2000
-"""Chosen from bench/results/serve-load.md (delay sweep): at concurrency 1 it costs at most the delay in latency,
-and under load batches form from the requests queued while the towers run, so a longer wait buys little."""
+"""Chosen from the sweep in bench/results/serve-load.md (2-core shared CPU, MPS-Tiny, text queries): 0 / 2000 /
+8000 µs gave p50 60 / 60 / 72 ms at one client and 112 / 150 / 88 requests/s at 32 clients. A delay costs at most
+itself at low load; under load batches form anyway from the requests queued while the towers run (8-10 rows per
+call at 32 clients for every delay), so waiting longer buys nothing and 0 loses a few rows per call. One run on a
+noisy machine: rerun ``python -m mpsclip.bench.serve --queue-delays ...`` where the towers are heavier (a GPU)."""
 MIN_GLIBC = (2, 35)
 EXIT_TIMEOUT_S = 5
 """How long a stopping server waits for in-flight inferences and open client connections."""
