@@ -272,9 +272,10 @@ def create_app(
         return Response(png, media_type="image/png")
 
     @app.get("/items/{store}/{item_id:path}/thumbnail")
-    async def get_thumbnail(store: str, item_id: str) -> Response:
+    def get_thumbnail(store: str, item_id: str) -> Response:  # sync: FastAPI reads the source in a worker thread
         from mpsclip.archive.items import READ_ERRORS, item_from_meta
         from mpsclip.archive.readers import open_item
+        from mpsclip.archive.store import checked_source_root
 
         s = get_store(store)
         row = s.row_of.get(item_id)
@@ -282,7 +283,10 @@ def create_app(
             raise bad(f"item_id: no item {item_id!r} in store {s.name!r}", 404)
         start = time.perf_counter()
         try:
+            checked_source_root(s.info.manifest)  # a moved source: the message names mpsclip serve --source-root
             image = open_item(item_from_meta(item_id, s.metas[row], s.info.manifest))
+        except MPSCLIPError as err:
+            raise bad(f"item {item_id!r}: {err}", 404) from err
         except READ_ERRORS as err:
             raise bad(f"item {item_id!r}: its source cannot be read ({type(err).__name__})", 404) from err
         image = image.convert("RGB")

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mpsclip.archive.store import (
     open_store,
     read_manifest,
     read_shard,
+    relocate_source,
     shard_path,
 )
 from mpsclip.errors import MPSCLIPError
@@ -144,12 +146,14 @@ def ordered_topk(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torc
     return torch.cat(out_s), torch.cat(out_r)
 
 
-def load_store_memory(name: str, path: Path, old: Store | None = None) -> Store:
+def load_store_memory(name: str, path: Path, old: Store | None = None, source_root: Path | None = None) -> Store:
     """Read the finished shards of the store at ``path`` (those unchanged since ``old`` was read are taken from
-    ``old``); retried when the files change while being read, so the result is one version of the store."""
+    ``old``); retried when the files change while being read, so the result is one version of the store.
+    ``source_root`` is where the store's SOURCE lies now (:func:`~mpsclip.archive.store.relocate_source`)."""
     for _ in range(READ_TRIES):
         version = disk_version(path)
         info = open_snapshot(path)
+        info = info if source_root is None else relocate_source(info, source_root)
         parts = [shard_part(info, s, version, old) for s in range(len(info.shard_rows))]
         if disk_version(path) == version:
             break
@@ -215,12 +219,21 @@ class Catalog:
     """The served stores by name; the first is the default. A store that cannot be read at start is an error;
     later, :meth:`reload` keeps the last good version of a store it cannot read."""
 
-    def __init__(self, paths: list[Path], model_loader: Any = None) -> None:
+    def __init__(
+        self, paths: list[Path], model_loader: Any = None, source_roots: Sequence[Path] | None = None
+    ) -> None:
         if not paths:
             raise MPSCLIPError("no store to serve: give one or more store folders made by 'mpsclip embed'")
+        if source_roots and len(source_roots) != len(paths):
+            raise MPSCLIPError(
+                f"--source-root: give one per STORE, in the same order ({len(paths)} stores, {len(source_roots)} "
+                "folders)"
+            )
         self.paths = paths
         self.model_loader = model_loader
         self.names = store_names(paths)
+        roots: list[Path | None] = list(source_roots) if source_roots else [None] * len(paths)
+        self.source_roots = dict(zip(self.names, roots, strict=True))
         self.stores: dict[str, Store] = {}
         self.health: dict[str, Health] = {}
         self._lock = threading.Lock()
@@ -257,7 +270,7 @@ class Catalog:
         return "reloaded"
 
     def _load(self, name: str, path: Path, old: Store | None) -> Store:
-        store = load_store_memory(name, path, old)
+        store = load_store_memory(name, path, old, self.source_roots[name])
         digest = store.info.manifest["checkpoint_sha256"]
         same = old is not None and old.info.manifest["checkpoint_sha256"] == digest
         store.model = old.model if same else (self.model_loader(store.info) if self.model_loader else None)

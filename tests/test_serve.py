@@ -360,3 +360,29 @@ def test_reload_every_seconds_picks_up_a_second_embed_run(growing: Path, synth: 
             assert time.monotonic() < deadline, "the server did not notice the finished store"
             time.sleep(0.1)
         assert c.get("/stores").json()["stores"][0]["complete"] is True
+
+
+def test_source_root_relocates_a_moved_store(store: Path, synth: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    moved = tmp_path / "copy" / "s"
+    shutil.copytree(store, moved)
+    shutil.copytree(synth / "images", tmp_path / "copy" / "images")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "source_root": str(tmp_path / "gone" / "images")}))
+    first = Catalog([store]).get(None).ids[0]
+    with TestClient(create_app(Catalog([moved]))) as c:
+        lost = c.get(f"/items/s/{first}/thumbnail")
+        assert lost.status_code == 404 and "--source-root" in lost.json()["detail"]
+    with TestClient(create_app(Catalog([store]))) as c:
+        want = c.get(f"/items/s/{first}/thumbnail").content
+    catalog = Catalog([moved], source_roots=[tmp_path / "copy" / "images"])
+    with TestClient(create_app(catalog)) as c:
+        assert c.get(f"/items/s/{first}/thumbnail").content == want
+        catalog.reload(force=True)  # a reloaded version keeps the relocation
+        assert c.get(f"/items/s/{first}/thumbnail").content == want
+    with pytest.raises(MPSCLIPError, match="one per STORE"):
+        Catalog([moved, store], source_roots=[tmp_path])
+    with pytest.raises(MPSCLIPError, match="--source-root .*: no such folder"):
+        Catalog([moved], source_roots=[tmp_path / "nowhere"])

@@ -15,6 +15,7 @@ example:
   mpsclip serve a.store b.store --port 8080
   mpsclip serve archive.store --no-triton --engine onnxruntime --engine-dir exported/onnx
   MPSCLIP_API_KEY=secret mpsclip serve archive.store --host 0.0.0.0 --cors https://maps.example.org
+  mpsclip serve /mnt/copy/tiles.store --source-root /mnt/copy/tiles
   curl -s localhost:8000/search -H 'content-type: application/json' -d '{"text": "an airport", "k": 5}'
 """
 
@@ -62,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "repeatable (default: CORS off)")
     parser.add_argument("--max-body-mib", type=float, default=12.0, metavar="MIB",
                         help="largest request body; bigger ones get 413 (default: 12)")
+    parser.add_argument("--source-root", type=Path, action="append", metavar="DIR",
+                        help="where a STORE's embedded source folder is now, when the store or its images moved "
+                        "(thumbnails and quicklooks are read from it); once per STORE, in the same order")
     parser.add_argument("--reload-every", type=float, default=5.0, metavar="S",
                         help="check the stores' manifests and shards every S seconds and serve what changed "
                         "(0: only on POST /admin/reload; default: 5)")
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from mpsclip.serve.triton import triton_availability
 
     device = resolve_device(args.device)
-    catalog = Catalog(args.stores, lambda info: load_search_model(info.manifest, args.checkpoint, device))
+    catalog = Catalog(args.stores, lambda info: load_search_model(info.manifest, args.checkpoint, device),
+                      source_roots=args.source_root)
     use_triton = args.triton
     if use_triton is None:
         reason = triton_availability()
