@@ -386,3 +386,34 @@ def test_source_root_relocates_a_moved_store(store: Path, synth: Path, tmp_path:
         Catalog([moved, store], source_roots=[tmp_path])
     with pytest.raises(MPSCLIPError, match="--source-root .*: no such folder"):
         Catalog([moved], source_roots=[tmp_path / "nowhere"])
+
+
+def test_page_works_behind_the_api_key_in_chromium(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's chromium through Playwright: /?key= once, then the page's fetches and <img> thumbnails work."""
+    import shutil
+    import tempfile
+
+    from extras import expect, require
+    from mpsclip.bench.serve_fuzz import running
+
+    executable = shutil.which("chromium")
+    expect(executable is not None, "Debian's `chromium` is not installed (`make test` installs it with apt-get)")
+    sync_api = require("playwright.sync_api", "the dev extra: pip install 'mpsclip[dev]'")
+    monkeypatch.setenv("TMPDIR", tempfile.mkdtemp(prefix="mpsclip-pw-"))  # short: Chromium's socket paths
+    catalog = Catalog([store], lambda info: load_search_model(info.manifest, None))
+    with running(create_app(catalog, api_key=KEY)) as base, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        locked_out = browser.new_page()
+        locked_out.goto(base + "/")
+        locked_out.wait_for_function("document.getElementById('message').textContent.includes('401')")
+        assert "/?key=KEY" in locked_out.text_content("#message")
+        page = browser.new_page()
+        page.goto(f"{base}/?key={KEY}&q=a+harbor&k=3")
+        page.wait_for_selector(".hit img")
+        page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth)")
+        assert "key" not in page.url and page.locator(".hit").count() == 3
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: the page's scripts never see the key
+        page.locator(".hit").first.click()
+        page.click("#more-like-this")  # a POST with the cookie, from the page's own origin
+        page.wait_for_function("document.getElementById('message').textContent.includes('results like')")
+        browser.close()
