@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 from urllib.parse import urlencode
 
+from mpsclip.serve import metrics
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -84,6 +85,7 @@ class ApiKeyMiddleware:
             return await self.login(request)(scope, receive, send)
         if self.is_open(scope["path"]) or self.allowed(request):
             return await self.app(scope, receive, send)
+        metrics.ERRORS.labels("unauthorized").inc()
         response = JSONResponse(
             {"detail": f"missing or wrong API key: {HOW}"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
         )

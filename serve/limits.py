@@ -7,12 +7,14 @@ app as one message, so routes never see a partial body.
 
 from __future__ import annotations
 
+from mpsclip.serve import metrics
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def too_large(max_bytes: int) -> JSONResponse:
+    metrics.ERRORS.labels("body_too_large").inc()
     return JSONResponse(
         {"detail": f"request body: larger than {max_bytes} bytes; send less (the server's --max-body-mib)"},
         status_code=413,

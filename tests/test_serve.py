@@ -147,6 +147,7 @@ def test_api_key_guards_every_path_but_health_and_page(locked: TestClient) -> No
     assert locked.get("/stores", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert locked.get("/stores", headers={"X-API-Key": KEY}).status_code == 200
     assert locked.post("/search", json={"text": "a"}, headers={"authorization": f"bearer {KEY}"}).status_code == 200
+    assert 'mpsclip_errors_total{kind="unauthorized"}' in locked.get("/metrics", headers={"X-API-Key": KEY}).text
 
 
 def test_page_logs_in_once_with_a_session_cookie(store: Path) -> None:
@@ -218,6 +219,7 @@ def test_body_limit_refuses_before_reading_it_all(store: Path) -> None:
         assert big.status_code == 413 and "request body" in big.json()["detail"]
         upload = c.post("/search/upload", files={"file": ("q.png", b"0" * 5000)})
         assert upload.status_code == 413
+        assert 'mpsclip_errors_total{kind="body_too_large"}' in c.get("/metrics").text
 
 
 def test_body_limit_stops_reading_streams_and_bad_lengths() -> None:
