@@ -198,11 +198,12 @@ def memory_hits(data: StoreData) -> Hits:
 
 
 def memory_search(data: StoreData, mode: str) -> Search:
-    """Exact search over the store held in memory: one scored top-k over all rows."""
+    """Exact search over the store held in memory: one scored top-k over all rows, the views converted to fp32
+    once (as ``mpsclip serve`` holds them: a CPU has no fast fp16 matrix product)."""
     columns = {"retrieval": data.retrieval.numpy(), "global": data.glob.numpy(),
                "perspectives": data.perspectives.numpy(), "valid": data.valid.numpy()}
     views, valid = mode_views(columns, mode)
-    rows = torch.arange(len(views))
+    views, rows = views.float(), torch.arange(len(views))
     return lambda q: scored_topk(q.float(), views, valid, rows, K)
 
 

@@ -20,7 +20,7 @@ from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 
 SETTINGS = GridSettings(engines=("torch", "onnxruntime", "tensorrt"), batch_sizes=(1, 2), device="cpu", repeats=2,
-                        warmup=1, build_workers=1)
+                        warmup=1, build_workers=2)  # the two ONNX towers export in two spawned processes
 
 
 @pytest.fixture(scope="module")

@@ -59,10 +59,10 @@ examples:
 SEARCH_HELP = """Search latency and recall@10 on a store: exact streamed, in memory, and FAISS at several nprobe.
 
 Queries are a seeded sample of --queries of the store's own global embeddings (their exact top-10 is the
-reference). Exact streamed search reads the shards as 'mpsclip search --exact' does; in memory, the store is
-loaded once and scored by one product per query batch; each --faiss index is built in a scratch copy of the
-store (links to its shards: STORE itself is not changed), then searched at each --nprobe, candidates
-re-ranked exactly. --synthetic ROWS searches a synthetic store of clustered vectors instead. Writes
+reference). Exact streamed search reads the shards as 'mpsclip search --exact' does; in memory, the store
+is loaded once (as fp32) and scored by one product per query batch; each --faiss index is built in a scratch
+copy of the store (links to its shards: STORE itself is not changed), then searched at each --nprobe,
+candidates re-ranked exactly. --synthetic ROWS searches a synthetic store of clustered vectors instead. Writes
 OUT/results.json, OUT/results.md and OUT/recall_latency.png.
 
 examples:
