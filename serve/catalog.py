@@ -154,7 +154,8 @@ def load_store_memory(name: str, path: Path, old: Store | None = None, source_ro
         version = disk_version(path)
         info = open_snapshot(path)
         info = info if source_root is None else relocate_source(info, source_root)
-        parts = [shard_part(info, s, version, old) for s in range(len(info.shard_rows))]
+        starts = old.info.offsets() if old is not None else []
+        parts = [shard_part(info, s, version, old, starts) for s in range(len(info.shard_rows))]
         if disk_version(path) == version:
             break
     else:
@@ -175,10 +176,13 @@ def read_before(old: Store, info: StoreInfo, version: DiskVersion, shard: int) -
     return same_file and same_layout and old.info.shard_rows[shard] == info.shard_rows[shard]
 
 
-def shard_part(info: StoreInfo, shard: int, version: DiskVersion, old: Store | None) -> dict[str, Any]:
-    """Shard ``shard``'s columns (ids as str, metas parsed): sliced from ``old`` if the file is the one it read."""
+def shard_part(
+    info: StoreInfo, shard: int, version: DiskVersion, old: Store | None, old_starts: list[int]
+) -> dict[str, Any]:
+    """Shard ``shard``'s columns (ids as str, metas parsed): sliced from ``old`` (whose shards start at the rows
+    ``old_starts``) if the file is the one it read."""
     if old is not None and read_before(old, info, version, shard):
-        start = old.info.offsets()[shard]
+        start = old_starts[shard]
         stop = start + info.shard_rows[shard]
         part: dict[str, Any] = {c: old.columns[c][start:stop] for c in old.columns}
         return part | {"id": old.ids[start:stop], "meta": old.metas[start:stop]}
