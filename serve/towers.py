@@ -54,13 +54,18 @@ class Tower:
         transform = eval_transform(self.image_size)
         return torch.stack([transform(image) for image in images])
 
+    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x`` in pieces the engine accepts (an exported engine has a largest batch)."""
+        high = self.engine.batch_sizes[1] if self.engine.batch_sizes is not None else len(x)
+        return x.split(max(high, 1))
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embeddings ``[N, D]`` (float32, CPU)."""
-        return self.engine.encode_text(tokens).float().cpu()
+        return torch.cat([self.engine.encode_text(part).float().cpu() for part in self._chunks(tokens)])
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised global image embeddings ``[N, D]`` (float32, CPU)."""
-        return self.engine.encode_image(pixels).float().cpu()
+        return torch.cat([self.engine.encode_image(part).float().cpu() for part in self._chunks(pixels)])
 
     @torch.inference_mode()
     def perspectives(self, glob: torch.Tensor) -> torch.Tensor:

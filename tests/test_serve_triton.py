@@ -167,6 +167,43 @@ def test_dynamic_batching_merges_concurrent_requests(triton: TritonTowers, catal
         np.testing.assert_allclose(got, model_of(catalog).encode_text(torch.from_numpy(tokens)).numpy(), atol=1e-5)
 
 
+def test_towers_run_an_exported_engine(
+    catalog: Catalog, store: Path, ckpt: Path, tmp_path: Path
+) -> None:
+    require("onnxruntime", "pip install 'mpsclip[onnx]'")
+    from mpsclip.export import export
+    from mpsclip.serve.towers import load_tower
+
+    from mpsclip.errors import MPSCLIPError
+
+    onnx_dir = export(ckpt, "onnx", tmp_path / "onnx", min_batch=1, opt_batch=2, max_batch=4)
+    towers = TowerSet("onnxruntime", onnx_dir, torch.device("cpu")).add(catalog)
+    tower = next(iter(towers.towers.values()))
+    assert tower.engine.kind == "onnxruntime"
+    model = model_of(catalog)
+    texts = [f"query {i}" for i in range(6)]
+    with torch.no_grad():
+        np.testing.assert_allclose(tower.encode_text(model.tokenize(texts)).numpy(),
+                                   model.encode_text(model.tokenize(texts)).numpy(), atol=1e-4)
+    capped = load_tower(model, tower.key, "torch", None, torch.device("cpu"))
+    capped.engine.batch_sizes = (1, 4)  # as a TensorRT engine exported with --max-batch 4: 6 rows go in 2 calls
+    np.testing.assert_allclose(capped.encode_text(model.tokenize(texts)).numpy(),
+                               tower.encode_text(model.tokenize(texts)).numpy(), atol=1e-4)
+    from mpsclip.serve.encoders import InProcessEncoder
+
+    want = search_store(open_store(store), encode_queries(model, QUERIES), 4, "fused")
+    with TestClient(create_app(catalog, encoder=InProcessEncoder(towers))) as client:
+        for query, hits in zip(QUERIES, want, strict=True):
+            got = client.post("/search", json={"text": query, "k": 4}).json()
+            assert [h["id"] for h in got["hits"]] == [h.id for h in hits]
+    with pytest.raises(MPSCLIPError, match="--engine-dir"):
+        load_tower(model, tower.key, "aoti", None, torch.device("cpu"))
+    with pytest.raises(MPSCLIPError, match="--engine must be one of"):
+        load_tower(model, tower.key, "jax", None, torch.device("cpu"))
+    with pytest.raises(MPSCLIPError, match="checkpoint"):  # an export of another checkpoint is refused
+        load_tower(model, "0" * 64, "onnxruntime", onnx_dir, torch.device("cpu"))
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (read from /proc)."""
     parents: dict[int, list[int]] = {}
