@@ -68,7 +68,7 @@ class Tally:
 
         try:
             response = call()
-        except requests.RequestException as err:
+        except (requests.ConnectionError, requests.Timeout) as err:
             return self.record(source, method, path, NO_ANSWER, f"{type(err).__name__}: {err}")
         self.record(source, method, path, response.status_code, response.text)
 
@@ -206,9 +206,9 @@ def request_strategy(ids: list[str], dim: int, bomb: bytes, png: bytes) -> Any:
                                                                             "headers": json_type})),
         st.tuples(st.just("POST"), st.just("/search"), broken_json.map(lambda b: {"data": b, "headers": json_type})),
         st.tuples(st.just("POST"), st.just("/search/batch"),
-                  st.lists(query, max_size=70).map(lambda qs: {"json": {"queries": qs}})
-                  | json_values.map(lambda v: {"json": v}) | broken_json.map(lambda b: {"data": b,
-                                                                                          "headers": json_type})),
+                  (st.lists(query, max_size=70).map(lambda qs: {"queries": qs}) | json_values).map(
+                      lambda v: {"data": json.dumps(v, allow_nan=True), "headers": json_type})
+                  | broken_json.map(lambda b: {"data": b, "headers": json_type})),
         st.tuples(st.just("POST"), st.just("/search/upload"), st.builds(
             lambda data, form: {"files": {"file": ("q.bin", data)}, "data": form},
             image_bytes() | named_image,

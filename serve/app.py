@@ -17,6 +17,8 @@ from urllib.parse import quote
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -147,6 +149,13 @@ def create_app(
         endpoint = getattr(route, "path", "unmatched")
         metrics.REQUESTS.labels(endpoint, str(response.status_code)).observe(time.perf_counter() - start)
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each wrong field (``loc``) and why (``msg``), without echoing the input: it may be large, or
+        hold NaN/Infinity (which Python's JSON parser accepts), and a response cannot carry those."""
+        errors = [{key: error[key] for key in ("type", "loc", "msg") if key in error} for error in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     def get_store(name: str | None) -> Store:
         try:

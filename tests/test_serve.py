@@ -80,6 +80,10 @@ def test_bad_input_names_the_field(client: TestClient) -> None:
     ]:
         r = client.post("/search", json=body)
         assert 400 <= r.status_code < 500 and field in str(r.json()["detail"]), (body, r.text)
+    for raw, field in [('{"item_id": [NaN]}', "item_id"), ('{"text": "x", "k": Infinity}', "k"),
+                       ('{"text": "x", "bbox": [NaN, 0, -Infinity]}', "bbox")]:  # JSON cannot echo these back
+        r = client.post("/search", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and field in str(r.json()["detail"]), (raw, r.text)
     big = client.post("/search/upload", files={"file": ("q.png", b"0" * (MAX_UPLOAD_BYTES + 1))})
     assert big.status_code == 413
     assert client.post("/search/upload", files={"file": ("q.png", b"junk")}).status_code == 422
