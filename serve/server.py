@@ -1,9 +1,9 @@
 """What ``mpsclip serve`` runs, start to stop: the Triton towers (unless ``--no-triton``), then uvicorn with the API.
 
 Start: the API's socket is bound first (a busy port fails before anything starts), then Triton and its models, then
-the URLs are printed. SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests (up to ``drain_s``) and
-runs the app's shutdown (the encoder closes its Triton client); then Triton stops (its in-flight inferences finish
-first) and its workspace is removed. The function returns 0 once nothing is listening any more.
+the URLs are printed and the API listens. SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests (up
+to ``drain_s``) and runs the app's shutdown (the encoder closes its Triton client); then Triton stops (its
+in-flight inferences finish first) and its workspace is removed. Returns 0 once nothing is listening any more.
 
 A Ctrl-C typed in a terminal reaches the whole foreground process group, ``tritonserver`` included (PyTriton
 starts it in ours), so requests caught between the API and the towers at that moment may get a 503; a signal sent
@@ -58,7 +58,8 @@ class ServerSettings:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """The API's listening socket, bound now so that a busy port fails before Triton starts."""
+    """The API's socket, bound now so that a busy port fails before Triton starts; it listens (connections are
+    refused until then) once uvicorn serves on it, after the towers are ready."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -69,8 +70,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise MPSCLIPError(
             f"--host {host} --port {port}: cannot listen there ({err.strerror}); pick another --port"
         ) from err
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -255,7 +255,7 @@ def test_serve_command_drains_and_stops_everything_on_sigint(
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
-        while not listening(api) or not listening(triton_ports[1]):
+        while not listening(api):  # the API listens once the towers on Triton are ready
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.5)
         base = f"http://127.0.0.1:{api}"
@@ -294,3 +294,15 @@ def test_serve_command_drains_and_stops_everything_on_sigint(
     assert not left, f"child processes left running: {left}"
     output = (tmp_path / "serve.log").read_text()
     assert f"http://127.0.0.1:{api}/docs" in output and f"127.0.0.1:{triton_ports[1]}" in output
+
+
+def test_busy_api_port_fails_before_triton_starts() -> None:
+    from mpsclip.serve.server import bind_socket
+
+    from mpsclip.errors import MPSCLIPError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(MPSCLIPError, match="--port"):
+            bind_socket("127.0.0.1", taken.getsockname()[1])
