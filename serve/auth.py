@@ -44,7 +44,7 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
 
 def same_key(given: str | None, key: str) -> bool:
     """``given == key`` in constant time (compared as UTF-8 bytes: a client may send any text)."""
-    return given is not None and hmac.compare_digest(given.encode("utf-8"), key.encode("utf-8"))
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), key.encode("utf-8"))
 
 
 def header_key(request: Request) -> str | None:

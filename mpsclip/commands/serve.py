@@ -54,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-queue-delay-us", type=int, metavar="US",
                         help="Triton dynamic batching: longest wait for more requests (default: the measured "
                         "choice, mpsclip.serve.triton.QUEUE_DELAY_US)")
-    parser.add_argument("--api-key", default=os.environ.get("MPSCLIP_API_KEY"), metavar="KEY",
+    parser.add_argument("--api-key", default=os.environ.get("MPSCLIP_API_KEY") or None, metavar="KEY",
                         help="require KEY (header 'Authorization: Bearer KEY' or 'X-API-Key'; browser: /?key=KEY) "
                         "everywhere but /healthz and /readyz (default: $MPSCLIP_API_KEY; the variable keeps the "
                         "key out of the process list)")
