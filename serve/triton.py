@@ -38,10 +38,11 @@ HOST = "127.0.0.1"
 MAX_BATCH_SIZE = 32
 QUEUE_DELAY_US = 2000
 """Chosen from the sweep in bench/results/serve-load.md (2-core shared CPU, MPS-Tiny, text queries): 0 / 2000 /
-8000 µs gave p50 60 / 60 / 72 ms at one client and 112 / 150 / 88 requests/s at 32 clients. A delay costs at most
-itself at low load; under load batches form anyway from the requests queued while the towers run (8-10 rows per
-call at 32 clients for every delay), so waiting longer buys nothing and 0 loses a few rows per call. One run on a
-noisy machine: rerun ``python -m mpsclip.bench.serve --queue-delays ...`` where the towers are heavier (a GPU)."""
+8000 µs gave p50 60 / 60 / 68 ms at one client and 141 / 160 / 192 requests/s at 32 clients, where an earlier run
+of the same command gave 112 / 150 / 88: throughput differences between delays are within this machine's noise,
+while 8 ms cost 8-12 ms at one client in both runs. Under load batches form anyway from the requests queued while
+the towers run (8-10 rows per call at 32 clients for every delay); 2 ms costs nothing measurable alone. Rerun
+``python -m mpsclip.bench.serve --queue-delays ...`` where the towers are heavier (a GPU, ViT-B-32)."""
 MIN_GLIBC = (2, 35)
 EXIT_TIMEOUT_S = 5
 """How long a stopping server waits for in-flight inferences and open client connections."""
