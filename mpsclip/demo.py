@@ -6,7 +6,9 @@
 4. run a few text queries and show their top images;
 5. archive search: the test images as georeferenced GeoTIFF mosaics, tiled, embedded into a store and searched,
    with precision@1 and the hits as GeoJSON and HTML in ``<out>/archive/`` (needs rasterio, ``mpsclip[geo]``),
-   then again with zero-shot perspectives (keywords and sub-images cut during embedding).
+   then again with zero-shot perspectives (keywords and sub-images cut during embedding);
+6. serve: ``mpsclip serve`` on the archive's store for a few seconds, one query over HTTP (its top hit must be
+   the one ``mpsclip search`` gives), then Ctrl-C (SIGINT) and a clean stop.
 
 Run with ``python -m mpsclip.demo --out demo_out``.
 """
@@ -17,7 +19,12 @@ import argparse
 import json
 import logging
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,7 +94,8 @@ def run_demo(out: Path, n_train: int, n_test: int, epochs: int) -> dict[str, dic
         names = [Path(images[i].image).name for i in top.indices]
         hits = ", ".join(f"{name} ({s:.2f})" for name, s in zip(names, top.values, strict=True))
         print(f"  {query!r}: {hits}")
-    archive_step(out, run_dir / "last.safetensors", data)
+    if archive_step(out, run_dir / "last.safetensors", data) is not None:
+        serve_step(out / "archive" / "store", run_dir / "last.safetensors", QUERIES[0])
     print(f"demo finished in {time.perf_counter() - start:.0f}s; results in {out}")
     return results
 
@@ -139,7 +147,8 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
     """Mosaics of the test images -> tiles -> store -> class queries; prints and returns precision@1."""
     from mpsclip.archive.items import TileSettings
     from mpsclip.archive.job import EmbedSettings, embed_archive
-    from mpsclip.archive.search import encode_queries, load_search_model, search_store, to_geojson, to_html
+    from mpsclip.archive.render import to_geojson, to_html
+    from mpsclip.archive.search import encode_queries, load_search_model, search_store
     from mpsclip.archive.store import open_store
     from mpsclip.io import atomic_write
 
@@ -203,6 +212,66 @@ def zero_shot_step(archive: Path, model_checkpoint: Path, settings: EmbedSetting
     correct = sum(classes[hits[0].id] == ARCHIVE_QUERIES[q] for q, hits in zip(queries, results, strict=True))
     precision = correct / len(queries)
     print(f"[archive] zero-shot store, max-response: precision@1 {precision:.2f} ({correct}/{len(queries)})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_step(store: Path, model_checkpoint: Path, query: str, timeout_s: float = 120.0) -> None:
+    """``mpsclip serve STORE`` as a user starts it, one ``POST /search``, then SIGINT; fails loudly when the
+    server does not come up, answers differently from ``mpsclip search``, or does not stop cleanly."""
+    from mpsclip.archive.search import encode_queries, load_search_model, search_store
+    from mpsclip.archive.store import open_store
+
+    info = open_store(store)
+    want = search_store(info, encode_queries(load_search_model(info.manifest, model_checkpoint), [query]), 1)[0][0].id
+    port = free_port()
+    cmd = [sys.executable, "-m", "mpsclip", "serve", str(store), "--checkpoint", str(model_checkpoint),
+           "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    print(f"[serve] mpsclip serve {store} --port {port}")
+    start = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(base, server, timeout_s)
+        ready_s = time.perf_counter() - start
+        body = json.dumps({"text": query, "k": 3}).encode()
+        request = urllib.request.Request(f"{base}/search", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            hits = json.load(response)["hits"]
+        if hits[0]["id"] != want:
+            raise RuntimeError(f"served top hit {hits[0]['id']} for {query!r}, 'mpsclip search' gave {want}")
+        print(f"[serve] ready in {ready_s:.1f}s; POST /search {query!r}: {hits[0]['id']} ({hits[0]['score']:.2f}), "
+              "the same top hit as 'mpsclip search'")
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            _, stderr = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, stderr = server.communicate()
+    if server.returncode != 0:
+        raise RuntimeError(f"mpsclip serve exited {server.returncode} after SIGINT:\n{stderr[-2000:]}")
+    print(f"[serve] stopped cleanly after SIGINT (exit 0) in {time.perf_counter() - start:.1f}s in all")
+
+
+def wait_ready(base: str, server: subprocess.Popen[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mpsclip serve exited {server.returncode} before it was ready:\n"
+                               f"{server.stderr.read()[-2000:] if server.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"mpsclip serve was not ready at {base}/readyz within {timeout_s:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
