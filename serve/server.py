@@ -61,7 +61,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """The API's socket, bound now so that a busy port fails before Triton starts; it listens (connections are
     refused until then) once uvicorn serves on it, after the towers are ready."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections accepted from such a socket; without
+    # it a keep-alive client waits ~40 ms per response (Nagle against the client's delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -306,3 +306,8 @@ def test_busy_api_port_fails_before_triton_starts() -> None:
         taken.listen()
         with pytest.raises(MPSCLIPError, match="--port"):
             bind_socket("127.0.0.1", taken.getsockname()[1])
+    sock = bind_socket("127.0.0.1", 0)
+    try:  # asyncio sets TCP_NODELAY on accepted connections only when the listener says TCP
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
