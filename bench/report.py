@@ -189,20 +189,20 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
     written = []
     for name, key, ylabel, log_y in (("latency.png", "p50_ms", "p50 latency (ms)", True),
                                      ("throughput.png", "items_per_s", "items / s", False)):
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
         for ax, (model, tower) in zip(axes[0], panels, strict=True):
             for label, series in _series(rows, model, tower).items():
                 ax.plot([r["batch"] for r in series], [r[key] for r in series], marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log" if log_y else "linear")
-            ax.set_title(f"{model}, {tower}")
+            ax.set_title(f"{model}, {tower}", fontsize=9)
             ax.set_xlabel("batch size")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         written.append(save_png(fig, out / name))
         plt.close(fig)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
     for ax, (model, tower) in zip(axes[0], panels, strict=True):
         series = {k: v for k, v in _series(rows, model, tower).items() if not k.startswith("plain ")}
         batches = sorted({r["batch"] for v in series.values() for r in v})
@@ -213,10 +213,11 @@ def plots(out: Path, result: dict[str, Any]) -> list[Path]:
                    label=label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))], [str(b) for b in batches])
-        ax.set_title(f"{model}, {tower}: speed vs plain open_clip")
+        ax.set_title(f"{model}, {tower}", fontsize=9)
         ax.set_xlabel("batch size")
         ax.set_ylabel("plain p50 / engine p50")
         ax.legend(fontsize=7)
+    fig.suptitle("speed against plain open_clip in the same run: plain p50 / engine p50 (above 1: faster)")
     written.append(save_png(fig, out / "ratios.png"))
     plt.close(fig)
     return written
