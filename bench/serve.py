@@ -383,8 +383,8 @@ def shared_line(machine: dict[str, Any]) -> list[str]:
     if not machine["cores"] or busiest <= machine["cores"]:
         return []
     return ["", f"Shared machine: 1-minute load average up to {busiest} on {machine['cores']} cores, so other "
-                "processes competed with the client, the API and Triton; every hop of a request waits for a core, "
-                "which sets the latency floor at c=1. Compare configurations within this run, not with other runs."]
+                "processes competed with the client, the API and Triton for the cores. Compare configurations "
+                "within this run, not with other runs."]
 
 
 def plot(path: Path, result: dict[str, Any]) -> Path:

@@ -37,12 +37,12 @@ from mpsclip.errors import MPSCLIPError
 HOST = "127.0.0.1"
 MAX_BATCH_SIZE = 32
 QUEUE_DELAY_US = 2000
-"""Chosen from the sweep in bench/results/serve-load.md (2-core shared CPU, MPS-Tiny, text queries): 0 / 2000 /
-8000 µs gave p50 60 / 60 / 68 ms at one client and 141 / 160 / 192 requests/s at 32 clients, where an earlier run
-of the same command gave 112 / 150 / 88: throughput differences between delays are within this machine's noise,
-while 8 ms cost 8-12 ms at one client in both runs. Under load batches form anyway from the requests queued while
-the towers run (8-10 rows per call at 32 clients for every delay); 2 ms costs nothing measurable alone. Rerun
-``python -m mpsclip.bench.serve --queue-delays ...`` where the towers are heavier (a GPU, ViT-B-32)."""
+"""Chosen from the sweep in bench/results/serve-load.md (2-core shared CPU, MPS-Tiny, text queries through the
+API): 0 / 2000 / 8000 µs gave p50 15.7 / 17.3 / 23.2 ms at one client and 117 / 168 / 206 requests/s at 32 clients
+(10 / 10 / 13 rows per tower call). A delay costs about itself when load is light; 2 ms keeps one client within
+2 ms of no wait and gives 1.4x the throughput of 0 µs under load, where 8 ms buys another 1.2x for a third more
+latency at one client. One run on a noisy machine: rerun ``python -m mpsclip.bench.serve --queue-delays ...``
+where the towers are heavier (a GPU, ViT-B-32)."""
 MIN_GLIBC = (2, 35)
 EXIT_TIMEOUT_S = 5
 """How long a stopping server waits for in-flight inferences and open client connections."""
