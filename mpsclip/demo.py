@@ -249,7 +249,7 @@ def serve_step(store: Path, model_checkpoint: Path, query: str, timeout_s: float
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            _, stderr = server.communicate(timeout=30)
+            _, stderr = server.communicate(timeout=60)  # Triton drains and stops in about 10 s
         except subprocess.TimeoutExpired:
             server.kill()
             _, stderr = server.communicate()
