@@ -209,3 +209,18 @@ def test_archive_subverb_measures_the_pipeline_next_to_the_model(ckpt: Path, syn
     assert "| pipeline, perspectives=none, decode=cpu, workers=0 |" in (tmp_path / "results.md").read_text()
     with Image.open(tmp_path / "throughput.png") as image:
         assert image.format == "PNG"
+
+
+def test_engine_dir_is_used_instead_of_exporting(ckpt: Path, tmp_path: Path) -> None:
+    from mpsclip.export import export
+
+    folder = export(ckpt, "onnx", tmp_path / "onnx", towers=("image",), min_batch=1, opt_batch=2, max_batch=2,
+                    verify=False)
+    settings = GridSettings(engines=("onnxruntime",), towers=("image",), batch_sizes=(1, 2), device="cpu",
+                            repeats=2, engine_dirs={"onnxruntime": str(folder)}, baseline=None)
+    result = bench([ckpt], settings, tmp_path / "out", progress=False)
+    record = result["engines"][0]
+    assert record["source"] == str(folder) and record["export_s"] is None and record["status"] == "ok"
+    assert result["timing"]["exports_s"] < 1.0  # nothing was exported on the fly
+    assert {(r["engine"], r["batch"], r["ratio_to_plain"]) for r in result["rows"]} == {
+        ("onnxruntime", 1, None), ("onnxruntime", 2, None)}  # --baseline none: no plain cells, no ratios
