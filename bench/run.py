@@ -43,7 +43,8 @@ def bench(checkpoints: list[Path], settings: GridSettings, out: Path, progress: 
         arch = str(model.config_dict()["arch"])
         name = model_name(checkpoint, arch, taken)
         sha = file_sha256(checkpoint)
-        models.append({"name": name, "arch": arch, "family": model.family, "checkpoint": str(checkpoint), "sha256": sha})
+        models.append({"name": name, "arch": arch, "family": model.family, "checkpoint": str(checkpoint),
+                       "sha256": sha})
         loaded.append((name, checkpoint, model, sha))
     grids: list[ModelGrid] = []
     with tempfile.TemporaryDirectory(prefix="mpsclip-bench-") as tmp:
