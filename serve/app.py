@@ -32,6 +32,7 @@ from mpsclip.serve.quicklook import SceneCatalog, render_quicklook, scene_json
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 
+from mpsclip.archive.geoparquet import geojson_geometry
 from mpsclip.archive.search import footprint
 from mpsclip.errors import MPSCLIPError
 
@@ -68,11 +69,9 @@ class BatchRequest(BaseModel):
 
 
 def polygon(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The item's footprint as RFC 7946 geometry (a MultiPolygon across the antimeridian), or None."""
     fp = footprint(meta)
-    if fp is None:
-        return None
-    w, s, e, n = fp
-    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+    return None if fp is None else geojson_geometry(fp)
 
 
 def thumbnail_url(store: str, item_id: str) -> str:

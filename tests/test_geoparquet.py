@@ -25,8 +25,12 @@ from shapely.geometry import MultiPolygon, box, shape  # noqa: E402
 from mpsclip.archive import geoparquet  # noqa: E402
 from mpsclip.archive.geoparquet import (  # noqa: E402
     ROW_GROUP_ROWS,
+    BBox,
+    footprint_array,
     footprint_from_wkb,
+    footprint_intersects,
     footprint_wkb,
+    footprints_meeting,
     row_groups_in_bbox,
     rows_in_box,
 )
@@ -263,3 +267,19 @@ def test_geotiff_tiles_open_in_geopandas(tmp_path: Path) -> None:
     assert crossing == [False] * 4 + [True, False, True, False]
     assert list(frame["crs"]) == ["EPSG:32633"] * 4 + ["EPSG:32660"] * 4
     assert list(frame["window"][:2].map(list)) == [[0, 0, 32, 32], [32, 0, 32, 32]]
+
+
+def test_footprints_meeting_equals_the_per_item_test() -> None:
+    rng = np.random.default_rng(0)
+    footprints: list[BBox | None] = [None, (170.0, -1.0, -170.0, 1.0), (180.0, 0.0, -179.0, 1.0), (179.0, 0, -180.0, 1)]
+    for _ in range(400):
+        west, east = rng.uniform(-180, 180, 2).round(0)
+        south, north = np.sort(rng.uniform(-90, 90, 2).round(0))
+        footprints.append((float(west), float(south), float(east), float(north)))
+    array = footprint_array(footprints)
+    for _ in range(50):
+        west, east = np.sort(rng.uniform(-180, 180, 2).round(0))
+        south, north = np.sort(rng.uniform(-90, 90, 2).round(0))
+        box = (float(west), float(south), float(east), float(north))
+        want = [row for row, fp in enumerate(footprints) if fp is not None and footprint_intersects(fp, box)]
+        assert footprints_meeting(array, box).tolist() == want

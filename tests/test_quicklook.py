@@ -147,3 +147,23 @@ def test_scene_catalog_lists_once_per_loaded_store(geo_client: TestClient) -> No
     assert catalog.scenes(store) is catalog.scenes(store)
     with pytest.raises(KeyError, match="scenes 0..1, not 7"):
         catalog.scene(store, 7)
+
+
+def test_served_bbox_filter_equals_search_store(geo_client: TestClient) -> None:
+    from mpsclip.archive.search import encode_queries, load_search_model, search_store
+    from mpsclip.archive.store import open_store
+
+    store = geo_client.app.state.catalog.get("geo")
+    harbour = geo_client.get("/stores").json()["stores"][0]["scenes"][1]["bounds"]
+    mid = (harbour[0] + harbour[2]) / 2
+    box = [harbour[0], harbour[1], mid, harbour[3]]  # the scene's western half
+    info = open_store(store.info.path)
+    queries = encode_queries(load_search_model(info.manifest, None), ["a harbour"])
+    want = search_store(info, queries, 50, bbox=(box[0], box[1], box[2], box[3]))
+    body = {"embedding": queries[0].tolist(), "k": 50, "bbox": box}  # this client loads no model
+    answer = geo_client.post("/search", json=body)
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["hits"]
+    assert 0 < len(got) < store.info.n_rows
+    assert [h["id"] for h in got] == [h.id for h in want[0]]
+    assert all(h["footprint"]["coordinates"][0][0][0] <= mid for h in got)

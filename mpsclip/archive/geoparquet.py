@@ -78,6 +78,28 @@ def footprint_intersects(fp: BBox, box: BBox) -> bool:
     return any(boxes_intersect(part, box) for part in footprint_parts(fp))
 
 
+def footprint_array(footprints: list[BBox | None]) -> np.ndarray:
+    """Footprints as a float64 ``[n, 4]`` array (NaN rows for items without one), for :func:`footprints_meeting`."""
+    array = np.full((len(footprints), 4), np.nan)
+    for row, fp in enumerate(footprints):
+        if fp is not None:
+            array[row] = fp
+    return array
+
+
+def footprints_meeting(footprints: np.ndarray, box: BBox) -> np.ndarray:
+    """Rows of a :func:`footprint_array` whose footprint meets a plain ``box`` (west <= east): the test of
+    :func:`footprint_intersects` on every row at once (NaN rows never meet)."""
+    w, s, e, n = footprints.T
+    west, south, east, north = box
+    lat = (s <= north) & (n >= south)
+    plain = (w <= e) & (w <= east) & (e >= west)
+    # across the antimeridian the parts are [w, 180] and [-180, e]; footprint_parts drops an empty one
+    west_part = (w <= east) & ((w < 180.0) | (e == -180.0))
+    east_part = (e >= west) & (e > -180.0)
+    return np.flatnonzero(lat & (plain | ((w > e) & (west_part | east_part))))
+
+
 def ring(part: BBox) -> list[list[float]]:
     """The closed counter-clockwise ring of a rectangle, lon/lat pairs."""
     west, south, east, north = part
