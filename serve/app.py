@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from mpsclip.serve import metrics
 from mpsclip.serve.auth import ApiKeyMiddleware, check_api_key
 from mpsclip.serve.batching import Overloaded
-from mpsclip.serve.catalog import LOG, Catalog, Store
+from mpsclip.serve.catalog import LOG, SCORING, Catalog, Store
 from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder
 from mpsclip.serve.limits import BodyLimitMiddleware
 from mpsclip.serve.quicklook import SceneCatalog, render_quicklook, scene_json
@@ -130,7 +130,8 @@ def create_app(
         await encoder.stop()
 
     app = FastAPI(
-        title="mpsclip serve", description="Text and image search over mpsclip embedding stores.", lifespan=lifespan
+        title="mpsclip serve", description=f"Text and image search over mpsclip embedding stores. {SCORING}",
+        lifespan=lifespan,
     )
     app.state.catalog, app.state.encoder = catalog, encoder
     if max_body_bytes < 1:
@@ -259,7 +260,7 @@ def create_app(
                 "georeferenced": any(polygon(meta) is not None for meta in s.metas[:1000]),
                 "scenes": [scene_json(s.name, scene) for scene in listed],
                 "complete": bool(m.get("complete")), "shards": len(s.info.shard_rows),
-                "reload": catalog.health[s.name].as_json(),
+                "reload": catalog.health[s.name].as_json(), "index": s.index_status(),
             })
         return {"stores": out}
 

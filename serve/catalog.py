@@ -6,6 +6,8 @@ a new :class:`Store` (shards unchanged since the last version are taken from it,
 complete version replaces the old one. Shard files appear whole or not at all (renamed into place), so a store that
 'mpsclip embed' is still writing serves the shards finished so far; a reload that fails keeps the last good version
 serving and is reported in ``GET /stores`` and the log.
+
+How a query is scored is :data:`SCORING` (also the OpenAPI description), chosen by :func:`scoring_path`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mpsclip.archive.geoparquet import footprint_array, footprints_meeting
+from mpsclip.archive.index import INDEX_JSON, StoreIndex, index_answers, load_index
 from mpsclip.archive.search import BBox, footprint, mode_views, scored_topk
 from mpsclip.archive.store import (
     MANIFEST,
@@ -43,6 +46,17 @@ COLUMNS = ["id", "meta", "retrieval", "global", "perspectives", "valid"]
 TIE_MARGIN = 8  # extra columns torch.topk proposes, so that ties at the k-th score rarely need a full scan
 READ_TRIES = 3  # reads of a store that changed while being read, before the reload is reported as failed
 RELOAD_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, TypeError, pa.ArrowException)
+INDEX_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, RuntimeError)  # RuntimeError: FAISS's read_index
+ScoringPath = Literal["index", "maxsim-kernel", "numpy-product", "maxsim-reference"]
+SCORING = (
+    "Scoring is the one of 'mpsclip search': a store with a FAISS index ('mpsclip index STORE') answers through it "
+    "(the index's top 10 x k rows, at the nprobe it was built with, scored exactly in the request's mode), except "
+    "for a request with a bbox, which is scored exactly among the items in the box. A server started with "
+    "'mpsclip serve --exact' scores every request exactly, like 'mpsclip search --exact': exact scoring is a "
+    "choice of the server, so that every client of a store gets the same answers. Exact scoring runs on the GPU "
+    "with the fused max-over-views top-k kernel when the server has one (--device cuda), else on the CPU. "
+    "GET /stores tells which stores have an index in use."
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,8 @@ class DiskVersion:
 
     manifest: tuple[int, int]
     shards: tuple[tuple[int, int], ...]
+    index: tuple[int, int] | None = None
+    """``index.json`` (written last by 'mpsclip index', so it stands for the whole index), None without one."""
 
 
 def disk_version(path: Path) -> DiskVersion:
@@ -66,7 +82,13 @@ def disk_version(path: Path) -> DiskVersion:
         except FileNotFoundError:
             break
         shards.append((shard.st_mtime_ns, shard.st_size))
-    return DiskVersion((stat.st_mtime_ns, stat.st_size), tuple(shards))
+    try:
+        record = (path / INDEX_JSON).stat()
+    except FileNotFoundError:
+        index = None
+    else:
+        index = (record.st_mtime_ns, record.st_size)
+    return DiskVersion((stat.st_mtime_ns, stat.st_size), tuple(shards), index)
 
 
 def open_snapshot(path: Path) -> StoreInfo:
@@ -99,12 +121,20 @@ class Store:
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     version: DiskVersion | None = None
     footprints: np.ndarray | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    index: StoreIndex | None = None
+    index_error: str | None = None
+    """Why the store's index is not used (it could not be loaded), or None."""
+    exact: bool = False
+    """Score every query exactly even when the store has an index ('mpsclip serve --exact')."""
 
     def views(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mode's views as fp32, converted once (CPU fp16 matrix products are many times slower)."""
+        """The mode's views as fp32 on the store's device, converted and copied there once (CPU fp16 matrix
+        products are many times slower; 'mpsclip search' scores fp32 on a GPU too)."""
         if mode not in self.cache:
             views, valid = mode_views(self.columns, mode)
-            self.cache[mode] = views.float(), valid
+            on_device = valid.to(self.device) if valid is not None else None
+            self.cache[mode] = views.to(self.device).float(), on_device
         return self.cache[mode]
 
     def footprint_array(self) -> np.ndarray:
@@ -114,22 +144,59 @@ class Store:
             self.footprints = footprint_array([footprint(meta) for meta in self.metas])
         return self.footprints
 
+    def index_status(self) -> dict[str, Any]:
+        """What ``GET /stores`` says of the store's index: whether queries use it (``exact``: the server was
+        started with --exact), its factory and nprobe, and why it is not used (``error``)."""
+        record = self.index.record if self.index is not None else {}
+        return {"used": self.index is not None, "exact": self.exact, "factory": record.get("factory"),
+                "nprobe": record.get("nprobe"), "error": self.index_error}
+
     def topk(
         self, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact ``(scores [Q, k], rows [Q, k])``, padding row -1, as :func:`mpsclip.archive.search.exact_topk`."""
+        """``(scores [Q, k], rows [Q, k])`` on the CPU, padding row -1, as 'mpsclip search' answers: through the
+        index where :func:`scoring_path` says so, else exactly as :func:`mpsclip.archive.search.exact_topk`."""
+        path = scoring_path(self.device, mode, self.index is not None, self.exact, bbox)
+        return self.topk_by(path, queries, k, mode, bbox)
+
+    def topk_by(
+        self, path: ScoringPath, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`topk` along ``path`` (a :func:`scoring_path` answer)."""
+        if path == "index":
+            if self.index is None:
+                raise MPSCLIPError(f"store {self.name}: scoring path 'index', but the store has no index loaded")
+            return self.index.search(queries, k, mode)
         views, valid = self.views(mode)
         rows = torch.from_numpy(np.arange(len(self.ids)))  # numpy: torch.arange took 9 ms for 100k rows here
         if bbox is not None:
-            keep = torch.from_numpy(footprints_meeting(self.footprint_array(), bbox))
-            views, rows = views[keep], rows[keep]
-            valid = valid[keep] if valid is not None else None
+            keep = footprints_meeting(self.footprint_array(), bbox)
+            rows = rows[torch.from_numpy(keep)]
+            keep_on_device = torch.from_numpy(keep).to(self.device)
+            views = views[keep_on_device]
+            valid = valid[keep_on_device] if valid is not None else None
         if len(rows) == 0:
             empty = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
             return torch.full((queries.shape[0], k), float("-inf")), empty
-        if views.shape[1] == 1 and valid is None:  # fused/global: one matrix product, see product()
-            return ordered_topk(product(queries, views[:, 0]), rows, min(k, len(rows)))
-        return scored_topk(queries.float(), views, valid, rows, min(k, len(rows)))
+        n = min(k, len(rows))
+        if path == "numpy-product":  # fused/global on the CPU: one matrix product, see product()
+            return ordered_topk(product(queries, views[:, 0]), rows, n)
+        scores, found = scored_topk(queries.to(views.device).float(), views, valid, rows, n)
+        return scores.cpu(), found.cpu()
+
+
+def scoring_path(
+    device: torch.device, mode: str, indexed: bool, exact: bool, bbox: BBox | None
+) -> ScoringPath:
+    """How a query is scored: through the store's index where 'mpsclip search' would use it
+    (:func:`~mpsclip.archive.index.index_answers`); else on a CUDA device by the max-over-views top-k kernel
+    (:func:`~mpsclip.kernels.maxsim.maxsim_topk`: no ``[Q, N]`` score tensor, views held there once); on the CPU
+    fused/global by a numpy matrix product, max-response by the chunked exact reference."""
+    if indexed and index_answers(exact, bbox):
+        return "index"
+    if device.type == "cuda":
+        return "maxsim-kernel"
+    return "numpy-product" if mode in ("fused", "global") else "maxsim-reference"
 
 
 def product(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -232,12 +299,29 @@ class Health:
                 "failed_at": iso(self.failed_at)}
 
 
+def served_index(store: Store, old: Store | None) -> tuple[StoreIndex | None, str | None]:
+    """The index ``store`` answers through and why there is none: ``old``'s when the files are the ones it was
+    read from (an index is read once per store version), else :func:`~mpsclip.archive.index.load_index`. An index
+    that cannot be used (built for another state of the store, files missing, FAISS not installed) is logged and
+    the store is scored exactly: a store being extended by 'mpsclip embed' keeps serving its new shards."""
+    if old is not None and old.version is not None and old.version == store.version:
+        return old.index, old.index_error
+    try:
+        return load_index(store.info), None
+    except INDEX_ERRORS as err:
+        error = f"{type(err).__name__}: {err}"
+        LOG.warning("store %s: its index is not used, queries are scored exactly: %s", store.name, error)
+        return None, error
+
+
 class Catalog:
     """The served stores by name; the first is the default. A store that cannot be read at start is an error;
-    later, :meth:`reload` keeps the last good version of a store it cannot read."""
+    later, :meth:`reload` keeps the last good version of a store it cannot read. Stores are scored on ``device``
+    (views held there once), through their index unless ``exact`` (:func:`scoring_path`)."""
 
     def __init__(
-        self, paths: list[Path], model_loader: Any = None, source_roots: Sequence[Path] | None = None
+        self, paths: list[Path], model_loader: Any = None, source_roots: Sequence[Path] | None = None,
+        device: torch.device | str = "cpu", exact: bool = False,
     ) -> None:
         if not paths:
             raise MPSCLIPError("no store to serve: give one or more store folders made by 'mpsclip embed'")
@@ -248,6 +332,8 @@ class Catalog:
             )
         self.paths = paths
         self.model_loader = model_loader
+        self.device = torch.device(device)
+        self.exact = exact
         self.names = store_names(paths)
         roots: list[Path | None] = list(source_roots) if source_roots else [None] * len(paths)
         self.source_roots = dict(zip(self.names, roots, strict=True))
@@ -288,6 +374,8 @@ class Catalog:
 
     def _load(self, name: str, path: Path, old: Store | None) -> Store:
         store = load_store_memory(name, path, old, self.source_roots[name])
+        store.device, store.exact = self.device, self.exact
+        store.index, store.index_error = (None, None) if self.exact else served_index(store, old)
         digest = store.info.manifest["checkpoint_sha256"]
         same = old is not None and old.info.manifest["checkpoint_sha256"] == digest
         store.model = old.model if same else (self.model_loader(store.info) if self.model_loader else None)

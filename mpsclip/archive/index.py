@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpsclip.archive.search import MODE_COLUMNS, MODES, check_mode, exact_topk, mode_views, scored_topk
+from mpsclip.archive.search import MODE_COLUMNS, MODES, BBox, check_mode, exact_topk, mode_views, scored_topk
 from mpsclip.archive.store import MANIFEST, StoreInfo, read_shard
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
@@ -155,6 +155,14 @@ class StoreIndex:
             s, r = scored_topk(queries[q : q + 1], views, valid, torch.from_numpy(q_rows), k)
             scores[q], rows[q] = s[0], r[0]
         return scores, rows
+
+
+def index_answers(exact: bool, bbox: BBox | None) -> bool:
+    """Whether a query is answered through its store's index, when the store has one (every mode is: the index
+    proposes candidates, the mode scores them): not when exact scoring is asked for (``--exact``), nor with a
+    ``bbox``, which is searched exhaustively among the items in the box. 'mpsclip search' and 'mpsclip serve'
+    both decide here."""
+    return not exact and bbox is None
 
 
 def load_index(info: StoreInfo) -> StoreIndex | None:

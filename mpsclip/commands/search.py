@@ -106,9 +106,9 @@ def emit(text: str, out: Path | None) -> None:
 
 def open_index(args: argparse.Namespace, info: StoreInfo) -> StoreIndex | None:
     """The store's index, unless there is none or --exact or --bbox asks for exhaustive search."""
-    from mpsclip.archive.index import load_index
+    from mpsclip.archive.index import index_answers, load_index
 
-    index = None if args.exact or args.bbox is not None else load_index(info)
+    index = load_index(info) if index_answers(args.exact, args.bbox) else None
     if index is None and (args.candidates is not None or args.nprobe is not None):
         raise MPSCLIPError(
             "--candidates and --nprobe are only used with an index ('mpsclip index'), without --exact or --bbox"

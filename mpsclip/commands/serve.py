@@ -9,6 +9,9 @@ export' folder of the same checkpoint, --engine-dir). Ctrl-C/SIGTERM drains in-f
 Every --reload-every seconds (and on POST /admin/reload) the stores' files are checked and a changed store is
 swapped in once read whole: a store being extended by 'mpsclip embed' serves its finished shards; a failed
 reload keeps the last good version (GET /stores reports it). The server binds 127.0.0.1 unless --host says so.
+Scoring is the one of 'mpsclip search': a store with an index ('mpsclip index') answers through it (bbox
+queries aside), read once per store version; --exact scores every query exactly. On a GPU (--device cuda) the
+stores' views are held there and scored by the max-over-views top-k kernel.
 
 example:
   mpsclip serve archive.store
@@ -16,6 +19,7 @@ example:
   mpsclip serve archive.store --no-triton --engine onnxruntime --engine-dir exported/onnx
   MPSCLIP_API_KEY=secret mpsclip serve archive.store --host 0.0.0.0 --cors https://maps.example.org
   mpsclip serve /mnt/copy/tiles.store --source-root /mnt/copy/tiles
+  mpsclip serve big.store --device cuda --exact       # exhaustive on the GPU although big.store has an index
   curl -s localhost:8000/search -H 'content-type: application/json' -d '{"text": "an airport", "k": 5}'
 """
 
@@ -66,6 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-root", type=Path, action="append", metavar="DIR",
                         help="where a STORE's embedded source folder is now, when the store or its images moved "
                         "(thumbnails and quicklooks are read from it); once per STORE, in the same order")
+    parser.add_argument("--exact", action="store_true",
+                        help="score every query exactly, even on stores with an index from 'mpsclip index' "
+                        "(as 'mpsclip search --exact'; default: through the index where there is one)")
     parser.add_argument("--reload-every", type=float, default=5.0, metavar="S",
                         help="check the stores' manifests and shards every S seconds and serve what changed "
                         "(0: only on POST /admin/reload; default: 5)")
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     catalog = Catalog(args.stores, lambda info: load_search_model(info.manifest, args.checkpoint, device),
-                      source_roots=args.source_root)
+                      source_roots=args.source_root, device=device, exact=args.exact)
     use_triton = args.triton
     if use_triton is None:
         reason = triton_availability()
