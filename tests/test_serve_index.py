@@ -209,3 +209,19 @@ def test_served_on_cuda_equals_search_on_cuda(indexed: Path) -> None:
         assert got[0].device.type == "cpu" and torch.equal(got[1], want[1])
         assert torch.allclose(got[0], want[0], atol=1e-5)
         assert store.views(mode)[0].is_cuda  # held on the device once
+
+
+@parent
+def test_serve_score_bench_interleaves_rounds(tmp_path: Path) -> None:
+    import json
+
+    from mpsclip.bench import serve_score
+
+    out = tmp_path / "score"
+    assert serve_score.main(["--out", str(out), "--items", "500", "--dim", "16", "--rounds", "3", "--no-fp16"]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    samples = record["samples_ms"]
+    assert set(samples) == {serve_score.SERVED, serve_score.FP32} and all(len(s) == 3 for s in samples.values())
+    ratios = [s / b for s, b in zip(samples[serve_score.SERVED], samples[serve_score.FP32], strict=True)]
+    assert record["median_ratio_served_to_fp32_matvec"] == sorted(ratios)[1]
+    assert record["top_k_matches_numpy"] is True and "median ratio" in out.with_suffix(".md").read_text()
