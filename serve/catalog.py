@@ -27,7 +27,14 @@ import pyarrow.parquet as pq
 import torch
 
 from mpsclip.archive.geoparquet import footprint_array, footprints_meeting
-from mpsclip.archive.index import INDEX_JSON, StoreIndex, index_answers, load_index
+from mpsclip.archive.index import (
+    CANDIDATE_FACTOR,
+    INDEX_JSON,
+    VECTOR_COLUMNS,
+    StoreIndex,
+    index_answers,
+    load_index,
+)
 from mpsclip.archive.search import BBox, footprint, mode_views, scored_topk
 from mpsclip.archive.store import (
     MANIFEST,
@@ -49,12 +56,12 @@ RELOAD_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, TypeError, pa.Arro
 INDEX_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, RuntimeError)  # RuntimeError: FAISS's read_index
 ScoringPath = Literal["index", "maxsim-kernel", "numpy-product", "maxsim-reference"]
 SCORING = (
-    "Scoring is the one of 'mpsclip search': a store with a FAISS index ('mpsclip index STORE') answers through it "
-    "(the index's top 10 x k rows, at the nprobe it was built with, scored exactly in the request's mode), except "
-    "for a request with a bbox, which is scored exactly among the items in the box. A server started with "
-    "'mpsclip serve --exact' scores every request exactly, like 'mpsclip search --exact': exact scoring is a "
-    "choice of the server, so that every client of a store gets the same answers. Exact scoring runs on the GPU "
-    "with the fused max-over-views top-k kernel when the server has one (--device cuda), else on the CPU. "
+    "Hits are scored as 'mpsclip search' scores them: a store with a FAISS index ('mpsclip index STORE') answers "
+    f"through it (the index's top {CANDIDATE_FACTOR} x k rows, at the nprobe it was built with, scored exactly in "
+    "the request's mode), except for a request with a bbox, which is scored exactly among the items in the box. A "
+    "server started with 'mpsclip serve --exact' scores every request exactly, like 'mpsclip search --exact': exact "
+    "scoring is a choice of the server, so that every client of a store gets the same answers. Exact scoring runs on "
+    "the GPU with the fused max-over-views top-k kernel when the server has one (--device cuda), else on the CPU. "
     "GET /stores tells which stores have an index in use."
 )
 
@@ -109,7 +116,8 @@ def open_snapshot(path: Path) -> StoreInfo:
 
 @dataclass
 class Store:
-    """One store held in memory: every shard read once; queries score against these tensors only."""
+    """One store held in memory: every shard read once; queries score against these tensors only (or through
+    the store's index, which re-ranks from them)."""
 
     name: str
     info: StoreInfo
@@ -301,13 +309,17 @@ class Health:
 
 def served_index(store: Store, old: Store | None) -> tuple[StoreIndex | None, str | None]:
     """The index ``store`` answers through and why there is none: ``old``'s when the files are the ones it was
-    read from (an index is read once per store version), else :func:`~mpsclip.archive.index.load_index`. An index
+    read from (an index is read once per store version), else :func:`~mpsclip.archive.index.load_index`, whose
+    candidates are re-ranked from the columns ``store`` holds (not from the index's memory-mapped copies). An index
     that cannot be used (built for another state of the store, files missing, FAISS not installed) is logged and
     the store is scored exactly: a store being extended by 'mpsclip embed' keeps serving its new shards."""
+    vectors = {c: store.columns[c] for c in VECTOR_COLUMNS}
     if old is not None and old.version is not None and old.version == store.version:
-        return old.index, old.index_error
+        if old.index is None:
+            return None, old.index_error
+        return StoreIndex(store.info, old.index.index, old.index.record, vectors), None  # not old's columns
     try:
-        return load_index(store.info), None
+        return load_index(store.info, vectors), None
     except INDEX_ERRORS as err:
         error = f"{type(err).__name__}: {err}"
         LOG.warning("store %s: its index is not used, queries are scored exactly: %s", store.name, error)

@@ -48,6 +48,8 @@ def served(catalog, q: torch.Tensor, mode: str, bbox=None) -> tuple[torch.Tensor
 
     scores, rows = [], []
     with TestClient(create_app(catalog)) as client:
+        assert client.get("/stores").json()["stores"][0]["index"] == catalog.get(None).index_status()
+        assert "'mpsclip serve --exact'" in client.get("/openapi.json").json()["info"]["description"]
         for vec in q.tolist():
             body = {"embedding": vec, "k": K, "mode": mode} | ({"bbox": list(bbox)} if bbox else {})
             hits = client.post("/search", json=body).json()["hits"]
@@ -120,7 +122,7 @@ def test_index_read_once_and_again_after_mpsclip_index(
     store = tmp_path / "store"
     shutil.copytree(plain, store)
     loads: list[Path] = []
-    counted = lambda info: loads.append(info.path) or load_index(info)  # noqa: E731
+    counted = lambda info, vectors: loads.append(info.path) or load_index(info, vectors)  # noqa: E731
     monkeypatch.setattr(catalog_module, "load_index", counted)
     catalog = catalog_module.Catalog([store])
     assert catalog.get(None).index is None and loads == [store]  # looked for once: none yet
@@ -132,10 +134,12 @@ def test_index_read_once_and_again_after_mpsclip_index(
     assert catalog.reload() == {"store": "reloaded"} and len(loads) == 2  # the new index.json is a new version
     index = catalog.get(None).index
     assert index is not None and index.record["factory"] == "IVF8,PQ8x4fs"
+    columns = catalog.get(None).columns  # candidates re-ranked from the columns in memory, not the .npy copies
+    assert all(index.vectors[c] is columns[c] for c in ("retrieval", "global", "perspectives", "valid"))
     for mode in MODES:
         assert torch.equal(served(catalog, q, mode)[1], load_index(open_store(store)).search(q, K, mode)[1])
     assert catalog.reload() == {"store": "unchanged"} and catalog.reload(force=True) == {"store": "reloaded"}
-    assert len(loads) == 2 and catalog.get(None).index is index  # queries and unchanged reloads: not read again
+    assert len(loads) == 2 and catalog.get(None).index.index is index.index  # not read again, nor by queries
 
     assert main(["index", str(store), "--faiss", "Flat", "--quiet"]) == 0  # rebuilt: read again
     assert catalog.reload() == {"store": "reloaded"} and len(loads) == 3

@@ -113,13 +113,18 @@ def _write_vectors(info: StoreInfo, column: str, progress: bool) -> None:
 
 
 class StoreIndex:
-    """A loaded index: FAISS candidates on the retrieval embeddings, exact re-ranking from the memory-mapped arrays."""
+    """A loaded index: FAISS candidates on the retrieval embeddings, exact re-ranking from the memory-mapped arrays
+    (or from ``vectors``, the store's :data:`VECTOR_COLUMNS` already in memory, as 'mpsclip serve' holds them)."""
 
-    def __init__(self, info: StoreInfo, index: Any, record: dict[str, Any]) -> None:
+    def __init__(
+        self, info: StoreInfo, index: Any, record: dict[str, Any], vectors: dict[str, np.ndarray] | None = None
+    ) -> None:
         self.info = info
         self.index = index
         self.record = record
-        self.vectors = {c: np.load(vector_path(info.path, c), mmap_mode="r") for c in VECTOR_COLUMNS}
+        if vectors is None:
+            vectors = {c: np.load(vector_path(info.path, c), mmap_mode="r") for c in VECTOR_COLUMNS}
+        self.vectors = vectors
 
     def candidates(self, queries: torch.Tensor, n: int, nprobe: int | None = None) -> np.ndarray:
         """Top-``n`` store rows per query by FAISS on the retrieval embeddings ``[Q, n]`` (``-1``: none)."""
@@ -165,8 +170,9 @@ def index_answers(exact: bool, bbox: BBox | None) -> bool:
     return not exact and bbox is None
 
 
-def load_index(info: StoreInfo) -> StoreIndex | None:
-    """The store's index, or None if it has none; raises :class:`MPSCLIPError` if it is stale or incomplete."""
+def load_index(info: StoreInfo, vectors: dict[str, np.ndarray] | None = None) -> StoreIndex | None:
+    """The store's index, or None if it has none; raises :class:`MPSCLIPError` if it is stale or incomplete.
+    ``vectors``: the store's columns in store order, to re-rank from instead of the index's ``.npy`` copies."""
     record_path = info.path / INDEX_JSON
     if not record_path.exists():
         return None
@@ -179,7 +185,7 @@ def load_index(info: StoreInfo) -> StoreIndex | None:
     missing = [path.name for path in files if not path.exists()]
     if missing:
         raise MPSCLIPError(f"{info.path}: the index files {', '.join(missing)} are missing; {redo}")
-    return StoreIndex(info, faiss.read_index(str(info.path / INDEX_FILE)), record)
+    return StoreIndex(info, faiss.read_index(str(info.path / INDEX_FILE)), record, vectors)
 
 
 def _new_index(info: StoreInfo, factory: str) -> Any:
