@@ -64,8 +64,9 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete store of the six ``synth`` scenes (3 rows a shard, sub-image perspectives) for serve tests."""
+def synth_store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete store of the six ``synth`` scenes (3 rows a shard, sub-image perspectives), read-only: the search
+    and serve tests share it (copy it before changing it)."""
     from mpsclip.archive.job import EmbedSettings, embed_archive
 
     settings = EmbedSettings(

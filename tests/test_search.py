@@ -146,13 +146,8 @@ def test_gpu_scoring_matches_cpu(dyadic_store: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    settings = EmbedSettings(
-        perspectives="from-dir", sub_root=synth / "subimages", batch_size=3, shard_size=3, device="cpu"
-    )
-    out = tmp_path_factory.mktemp("stores") / "s"
-    embed_archive(synth / "images", out, ckpt, settings=settings, progress=False)
-    return out
+def store(synth_store: Path) -> Path:
+    return synth_store
 
 
 def test_text_and_image_queries(synth: Path, store: Path) -> None:

@@ -20,8 +20,8 @@ from mpsclip.errors import MPSCLIPError
 
 
 @pytest.fixture(scope="module")
-def store(serve_store: Path) -> Path:
-    return serve_store
+def store(synth_store: Path) -> Path:
+    return synth_store
 
 
 @pytest.fixture(scope="module")

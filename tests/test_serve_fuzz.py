@@ -9,11 +9,11 @@ from pathlib import Path
 from extras import require
 
 
-def test_fuzzed_requests_get_no_server_error(serve_store: Path) -> None:
+def test_fuzzed_requests_get_no_server_error(synth_store: Path) -> None:
     require("schemathesis", "the dev extra: pip install 'mpsclip[dev]'")
     from mpsclip.bench.serve_fuzz import fuzz_store
 
-    result = fuzz_store(serve_store, examples=12, seed=0)
+    result = fuzz_store(synth_store, examples=12, seed=0)
     print(f"fuzzing: {result['requests']} requests, {result['server_errors']} server errors, {result['statuses']}")
     assert result["server_errors"] == 0, result["first_server_errors"]
     assert result["worker_alive"]

@@ -27,7 +27,6 @@ import torch
 from extras import expect, require
 from fastapi.testclient import TestClient
 
-from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
 from mpsclip.archive.store import open_store
 
@@ -63,13 +62,8 @@ def listening(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def store(synth: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    settings = EmbedSettings(
-        perspectives="from-dir", sub_root=synth / "subimages", batch_size=3, shard_size=3, device="cpu"
-    )
-    out = tmp_path_factory.mktemp("stores") / "s"
-    embed_archive(synth / "images", out, ckpt, settings=settings, progress=False)
-    return out
+def store(synth_store: Path) -> Path:
+    return synth_store
 
 
 @pytest.fixture(scope="module")
