@@ -11,7 +11,7 @@ import mpsclip.bench.engines as grid_module
 import pytest
 import torch
 from mpsclip.bench.engines import GridSettings, skip_reason
-from mpsclip.bench.report import PLOTS, SCHEMA
+from mpsclip.bench.report import PLOTS, SCHEMA, markdown
 from mpsclip.bench.run import bench
 from mpsclip.bench.timing import MIN_ROUNDS, Cell, Timer, TimingSettings, estimate_seconds, probe, run_grid
 from PIL import Image
@@ -68,6 +68,16 @@ def test_engine_that_cannot_run_is_listed_with_its_reason(run: tuple[Path, dict]
         for kind in ("torch", "optimized", "onnxruntime", "aoti", "tensorrt"):
             assert "no CUDA GPU" in skip_reason(kind, "fp16", torch.device("cuda"))
     assert "skipped: TensorRT" in (run[0] / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("start", "end", "shared"), [(0.5, 2.3, False), (2.6, 4.9, True), (0.4, 3.5, True)])
+def test_shared_machine_warning_discounts_the_runs_own_load(
+    run: tuple[Path, dict], start: float, end: float, shared: bool
+) -> None:
+    """The run keeps about one thread per core busy: an end-of-run load near the core count is its own."""
+    result = json.loads(json.dumps(run[1]))
+    result["machine"].update(cores=2, load_average=[start, 0, 0], load_average_end=[end, 0, 0])
+    assert ("Shared machine" in markdown(result)) == shared
 
 
 def test_plots_are_png_images(run: tuple[Path, dict]) -> None:
