@@ -110,6 +110,11 @@ class MPSCLIP(nn.Module):
     def image_size(self) -> int:
         return int(self.clip.visual.image_size[0])
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The backbone's learned temperature, exponentiated: the scale of image-text logits."""
+        return self.clip.logit_scale.exp()
+
     def adapters(self) -> list[nn.Module]:
         return [b.g2adapter for t in (self.clip.visual.transformer, self.clip.transformer) for b in t.resblocks]
 
@@ -216,7 +221,7 @@ class MPSCLIP(nn.Module):
             gather_features(glob),
             text,
             views,
-            self.clip.logit_scale.exp(),
+            self.logit_scale,
             self.config.loss,
             ids=ids,
             temperature=self.temp.clamp(min=1e-3),

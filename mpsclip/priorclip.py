@@ -147,6 +147,11 @@ class PriorCLIP(nn.Module):
         return int(self.clip.visual.image_size[0])
 
     @property
+    def logit_scale(self) -> torch.Tensor:
+        """The backbone's learned temperature, exponentiated and clamped as the authors' loss does."""
+        return self.clip.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    @property
     def res_output_dim(self) -> int:
         return self.config.res_output_dim if self.config.res_output_dim is not None else self.embed_dim
 
@@ -192,7 +197,7 @@ class PriorCLIP(nn.Module):
         image = gather_features(self.encode_image(images))
         text = gather_features(self.encode_text(tokens))
         labels = gather_features(labels.view(-1).to(image.device))
-        scale = self.clip.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+        scale = self.logit_scale
         contrastive = contrastive_loss(image, text, scale)
         affiliation = affiliation_loss(image, text, labels, scale)
         return {"contrastive": contrastive, "affiliation": affiliation, "total": contrastive + affiliation}

@@ -260,3 +260,19 @@ def test_embed_and_search_an_archive(model, tmp_path, capsys):
     assert printed.count('"rank"') == 2 and "harbor" in printed
     manifest = (store / "manifest.json").read_text()
     assert "priorclip" in manifest.lower()
+
+
+def test_zero_shot_keywords_take_a_priorclip(model: PriorCLIP, tmp_path) -> None:
+    """Either family scores images against a vocabulary; the scale is the clamped one the loss uses."""
+    from PIL import Image
+
+    from mpsclip.keywords.zero_shot import ZeroShotKeywords
+    from mpsclip.priorclip import LOGIT_SCALE_MAX
+
+    assert torch.equal(model.logit_scale, model.clip.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX))
+    path = tmp_path / "tile.png"
+    Image.new("RGB", (40, 40), (90, 120, 60)).save(path)
+    scorer = ZeroShotKeywords(model, ["forest", "harbour", "runway"])
+    probabilities = scorer.probabilities([path])
+    assert probabilities.shape == (1, 3) and torch.allclose(probabilities.sum(-1), torch.ones(1))
+    assert torch.equal(scorer.scale, model.logit_scale)

@@ -23,7 +23,7 @@ from PIL import Image
 from mpsclip.data.annotations import read_json_list
 from mpsclip.data.transforms import eval_transform
 from mpsclip.errors import MPSCLIPError
-from mpsclip.model import MPSCLIP
+from mpsclip.family import RetrievalModel
 
 DEFAULT_TEMPLATE = "a satellite image of {noun}"
 DEFAULT_TOP_K = 5
@@ -91,11 +91,12 @@ def reference_nouns_by_image(path: Path) -> dict[str, list[str]]:
 
 
 class ZeroShotKeywords:
-    """Scores images against a fixed vocabulary with an :class:`MPSCLIP` (text embeddings computed once)."""
+    """Scores images against a fixed vocabulary with a retrieval model of either family (text embeddings
+    computed once)."""
 
     def __init__(
         self,
-        model: MPSCLIP,
+        model: RetrievalModel,
         vocabulary: list[str],
         template: str = DEFAULT_TEMPLATE,
         device: str | torch.device = "cpu",
@@ -111,7 +112,7 @@ class ZeroShotKeywords:
         with torch.no_grad():
             tokens = model.tokenize([template.format(noun=noun) for noun in self.vocabulary]).to(self.device)
             self.text = model.encode_text(tokens)
-            self.scale = model.clip.logit_scale.exp()
+            self.scale = model.logit_scale
 
     @torch.no_grad()
     def probabilities(self, paths: list[Path]) -> torch.Tensor:
@@ -143,7 +144,7 @@ class ZeroShotKeywords:
 
 
 def image_keywords(
-    model: MPSCLIP,
+    model: RetrievalModel,
     images: list[ArchiveImage],
     vocabulary: list[str],
     top_k: int = DEFAULT_TOP_K,
