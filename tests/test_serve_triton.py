@@ -142,7 +142,14 @@ def test_search_through_triton_equals_search_store(
         assert by_image["hits"][0]["id"] == first.name
 
 
-def test_dynamic_batching_merges_concurrent_requests(triton: TritonTowers, catalog: Catalog) -> None:
+def test_dynamic_batching_merges_concurrent_requests(
+    triton: TritonTowers, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the tower is busy, requests queue and Triton hands them over together. The tiny model answers in
+    well under a millisecond on a quiet CPU, faster than 32 clients send, so each call is made to take 30 ms."""
+    for bound in triton.bound.values():
+        encode = bound.tower.encode_text
+        monkeypatch.setattr(bound.tower, "encode_text", lambda t, encode=encode: time.sleep(0.03) or encode(t))
     tokens = model_of(catalog).tokenize([f"query number {i}" for i in range(64)]).numpy()
     before = len(triton.batch_sizes("text"))
     client = http.InferenceServerClient(triton.http_url, concurrency=32)
