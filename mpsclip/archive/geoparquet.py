@@ -210,13 +210,10 @@ def row_groups_in_bbox(metadata: pq.FileMetaData, box: BBox) -> list[int]:
 
 def rows_in_box(table: pa.Table, box: BBox) -> np.ndarray:
     """Positions of the rows of ``table`` (with ``bbox`` and ``geometry`` columns) whose footprint meets ``box``:
-    the covering test on every row, the exact test of each part on the split footprints among them."""
+    the covering is the footprint itself except for a footprint split at the antimeridian (covering -180..180),
+    whose geometry gives it back; :func:`footprints_meeting` then tests every row (no footprint: NaN, never)."""
     bbox = table.column(BBOX).combine_chunks()
-    xmin, ymin, xmax, ymax = (pc.struct_field(bbox, name).to_numpy(zero_copy_only=False) for name in BBOX_FIELDS)
-    west, south, east, north = box
-    hit = (xmin <= east) & (xmax >= west) & (ymin <= north) & (ymax >= south)  # NaN (no footprint): False
-    split = hit & (xmin == -180.0) & (xmax == 180.0)
-    for row in np.flatnonzero(split):
-        fp = footprint_from_wkb(table.column(GEOMETRY)[int(row)].as_py())
-        hit[row] = footprint_intersects(fp, box)
-    return np.flatnonzero(hit)
+    footprints = np.stack([pc.struct_field(bbox, name).to_numpy(zero_copy_only=False) for name in BBOX_FIELDS], axis=1)
+    for row in np.flatnonzero((footprints[:, 0] == -180.0) & (footprints[:, 2] == 180.0)):
+        footprints[row] = footprint_from_wkb(table.column(GEOMETRY)[int(row)].as_py())
+    return footprints_meeting(footprints, box)

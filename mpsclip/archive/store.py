@@ -29,7 +29,8 @@ from mpsclip.archive.geoparquet import (
     GEOMETRY,
     ROW_GROUP_ROWS,
     BBox,
-    footprint_intersects,
+    footprint_array,
+    footprints_meeting,
     geo_metadata,
     geometry_column,
     row_groups_in_bbox,
@@ -262,7 +263,7 @@ def read_shard_in_bbox(
     if BBOX not in names:
         cols = read_shard(info, shard, list(dict.fromkeys([*columns, "meta"])))
         footprints = [valid_footprint(json.loads(m).get("footprint")) for m in cols["meta"]]
-        keep = np.array([i for i, fp in enumerate(footprints) if fp and footprint_intersects(fp, box)], np.int64)
+        keep = footprints_meeting(footprint_array(footprints), box)
         return keep, {c: cols[c][keep] for c in columns}
     groups = row_groups_in_bbox(file.metadata, box)
     stored = list(dict.fromkeys([*_stored_columns(columns, names), BBOX, GEOMETRY]))
