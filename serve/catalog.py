@@ -178,9 +178,9 @@ class Store:
         views, valid = self.views(mode)
         rows = torch.from_numpy(np.arange(len(self.ids)))  # numpy: torch.arange took 9 ms for 100k rows here
         if bbox is not None:
-            keep = footprints_meeting(self.footprint_array(), bbox)
-            rows = rows[torch.from_numpy(keep)]
-            keep_on_device = torch.from_numpy(keep).to(self.device)
+            keep = torch.from_numpy(footprints_meeting(self.footprint_array(), bbox))
+            rows = rows[keep]
+            keep_on_device = keep.to(self.device)
             views = views[keep_on_device]
             valid = valid[keep_on_device] if valid is not None else None
         if len(rows) == 0:
