@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mpsclip.bench.report import command_line, machine, save_png
+from mpsclip.bench.report import command_line, load_average, machine, save_png
 from PIL import Image
 
 from mpsclip.archive.embedder import Embedder, EmbedSettings
@@ -189,7 +189,7 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
 def bench_archive(settings: ArchiveSettings, out: Path, progress: bool = True, note: str | None = None
                  ) -> dict[str, Any]:
     """Measure and write ``out``/results.json, results.md and throughput.png."""
-    load_average = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="mpsclip-bench-archive-") as tmp:
         work = Path(tmp)
         if settings.synthetic is not None:
@@ -202,7 +202,7 @@ def bench_archive(settings: ArchiveSettings, out: Path, progress: bool = True, n
         "schema": SCHEMA,
         "command": command_line(),
         "note": note,
-        "machine": {**machine(resolve_device(settings.device)), "load_average": load_average},
+        "machine": {**machine(resolve_device(settings.device)), "load_average": load_start},
         "settings": {**dataclasses.asdict(settings), **resolved},
         "model": {"arch": resolved["arch"], "checkpoint": str(settings.checkpoint),
                   "sha256": file_sha256(settings.checkpoint)},

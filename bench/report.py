@@ -47,12 +47,17 @@ def _version(package: str) -> str | None:
         return None
 
 
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages now, to two decimals (a run records them at its start and end)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": load_average(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

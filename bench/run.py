@@ -3,7 +3,6 @@ write. The timing block of ``results.json`` holds the estimate printed before ti
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 from mpsclip.bench.builds import build_all
 from mpsclip.bench.engines import ROTATING_INPUTS, GridSettings, ModelGrid, export_jobs, prepare, records_json
-from mpsclip.bench.report import SCHEMA, command_line, machine, write_all
+from mpsclip.bench.report import SCHEMA, command_line, load_average, machine, write_all
 from mpsclip.bench.timing import estimate_seconds, run_grid
 
 from mpsclip.checkpoints import file_sha256
@@ -75,7 +74,7 @@ def bench(checkpoints: list[Path], settings: GridSettings, out: Path, progress: 
         "schema": SCHEMA,
         "command": command_line(),
         "note": note,
-        "machine": {**info, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**info, "load_average_end": load_average()},
         "settings": {**asdict(settings), "rotating_inputs": ROTATING_INPUTS, "build_workers": workers},
         "timing": {"exports_s": round(exports_s, 3), "prepare_s": round(prepared_s, 3),  # ms: a tiny run takes < 0.1 s
                    "estimated_timing_s": round(estimate, 3), "timing_s": round(timing_s, 3),

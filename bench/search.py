@@ -12,7 +12,6 @@ against exact search in the same mode. Results: ``results.json`` (schema :data:`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mpsclip.bench.report import command_line, machine, save_png
+from mpsclip.bench.report import command_line, load_average, machine, save_png
 from tqdm import tqdm
 
 from mpsclip.archive.index import IndexSettings, build_index, import_faiss, load_index, recall_at_k
@@ -324,7 +323,7 @@ def plot(out: Path, result: dict[str, Any]) -> Path:
 def bench_search(settings: SearchSettings, out: Path, progress: bool = True, note: str | None = None
                  ) -> dict[str, Any]:
     """Measure and write ``out``/results.json, results.md and recall_latency.png."""
-    load_average = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="mpsclip-bench-search-") as tmp:
         if settings.synthetic is not None:
             info = synthetic_store(Path(tmp) / "store", settings.synthetic, settings.dim, settings.views,
@@ -339,7 +338,7 @@ def bench_search(settings: SearchSettings, out: Path, progress: bool = True, not
         "schema": SCHEMA,
         "command": command_line(),
         "note": note,
-        "machine": {**machine(torch.device("cpu")), "load_average": load_average,
+        "machine": {**machine(torch.device("cpu")), "load_average": load_start,
                     "faiss": import_faiss().__version__},
         "settings": {**asdict(settings), "store": None if settings.store is None else str(settings.store),
                      "queries": len(queries)},

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mpsclip.bench.report import machine, save_png
+from mpsclip.bench.report import load_average, machine, save_png
 
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
@@ -268,7 +268,7 @@ def acceptance(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
 def bench_serve(settings: LoadSettings, out: Path, command: str, say: Any = print) -> dict[str, Any]:
     """Run every configuration and write ``out``/serve-load.{json,md,png}; ``command`` is what made them."""
     settings.check()
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
     rows: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
     begin = time.perf_counter()
@@ -296,7 +296,7 @@ def bench_serve(settings: LoadSettings, out: Path, command: str, say: Any = prin
         "schema": SCHEMA,
         "command": command,
         "machine": {**machine(torch.device("cpu")), "load_average": load_start,
-                    "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+                    "load_average_end": load_average()},
         "settings": {**asdict(settings), "default_queue_delay_us": QUEUE_DELAY_US},
         "model": f"{settings.arch}, random weights (torch seed 0)" if settings.checkpoint is None else str(checkpoint),
         "servers": servers,
