@@ -257,7 +257,7 @@ def create_app(
                 "name": s.name, "items": len(s.ids),
                 "model": {"family": m.get("family", "mpsclip"), "arch": m.get("arch")},
                 "checkpoint_sha256": m.get("checkpoint_sha256"), "settings": m.get("settings", {}),
-                "georeferenced": any(polygon(meta) is not None for meta in s.metas[:1000]),
+                "georeferenced": any(footprint(meta) is not None for meta in s.metas[:1000]),
                 "scenes": [scene_json(s.name, scene) for scene in listed],
                 "complete": bool(m.get("complete")), "shards": len(s.info.shard_rows),
                 "reload": catalog.health[s.name].as_json(), "index": s.index_status(),
