@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +148,11 @@ def start_server(name: str, store: Path, flags: list[str], work: Path, timeout_s
             with urllib.request.urlopen(request, timeout=30) as response:
                 if response.status == 200:
                     break
+        except urllib.error.HTTPError as err:  # it listens but answers wrong: waiting longer will not help
+            answer = err.read().decode(errors="replace")[:500]
+            stop_server(server)
+            raise MPSCLIPError(f"mpsclip serve ({name}) answered a test query with {err.code}: {answer}; "
+                               f"see {log}") from err
         except OSError:
             time.sleep(0.5)
     server.start_s = time.perf_counter() - begin
@@ -272,8 +278,8 @@ def bench_serve(settings: LoadSettings, out: Path, command: str, say: Any = prin
     rows: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
     begin = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mpsclip-bench-serve-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="mpsclip-bench-serve-"))
+    try:
         store, checkpoint = make_store(settings, work)
         images = [p.read_bytes() for p in sorted((work / "synth" / "images").glob("*.png"))]
         plan = [(name, config_flags(name), settings.kinds, settings.concurrency, {}) for name in settings.configs]
@@ -290,6 +296,10 @@ def bench_serve(settings: LoadSettings, out: Path, command: str, say: Any = prin
                 stop_server(server)
             servers.append({"config": name, "flags": flags, "start_s": server.start_s, "stop_s": server.stop_s,
                             "exit_code": server.exit_code})
+    except BaseException:
+        say(f"the servers' logs are kept in {work}")  # the error names one of them
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     from mpsclip.serve.triton import QUEUE_DELAY_US
 
     result = {

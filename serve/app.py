@@ -18,6 +18,7 @@ import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -26,11 +27,14 @@ from mpsclip.serve import metrics
 from mpsclip.serve.auth import ApiKeyMiddleware, check_api_key
 from mpsclip.serve.batching import Overloaded
 from mpsclip.serve.catalog import LOG, SCORING, Catalog, Store
-from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder
+from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder, probe
+from mpsclip.serve.guard import RequestGuardMiddleware
 from mpsclip.serve.limits import BodyLimitMiddleware
 from mpsclip.serve.quicklook import SceneCatalog, render_quicklook, scene_json
+from mpsclip.serve.redact import public_message, roots_of
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mpsclip.archive.geoparquet import geojson_geometry
 from mpsclip.archive.search import footprint
@@ -96,6 +100,34 @@ def decode_image(data: bytes, field: str) -> Image.Image:
         raise bad(f"{field}: not a readable image ({type(err).__name__})") from err
 
 
+def decode_base64_image(text: str) -> Image.Image:
+    """The image of a request's base64 ``image`` field (run in a worker thread: decoding takes CPU)."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad("image: not valid base64") from err
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise bad(f"image: larger than {MAX_UPLOAD_BYTES} bytes", 413)
+    return decode_image(data, "image")
+
+
+def score_hits(store: Store, vec: torch.Tensor, req: SearchRequest) -> list[dict[str, Any]]:
+    """The top ``req.k`` hits of ``vec`` in ``store`` as the API lists them (run in a worker thread)."""
+    bbox = tuple(req.bbox) if req.bbox is not None else None
+    scores, rows = store.topk(vec[None], req.k, req.mode, bbox)
+    hits: list[dict[str, Any]] = []
+    for score, row in zip(scores[0].tolist(), rows[0].tolist(), strict=True):
+        if row < 0:
+            break
+        item_id, meta = store.ids[row], store.metas[row]
+        hits.append({
+            "rank": len(hits) + 1, "score": float(score), "id": item_id, "store": store.name,
+            "keywords": list(meta.get("keywords") or []), "footprint": polygon(meta),
+            "thumbnail_url": thumbnail_url(store.name, item_id), "scene": meta.get("scene"),
+        })
+    return hits
+
+
 async def watch(catalog: Catalog, every_s: float) -> None:
     """Call :meth:`Catalog.reload` every ``every_s`` seconds, in a thread (reads stay off the event loop)."""
     while True:
@@ -110,19 +142,25 @@ def create_app(
     catalog: Catalog, batching: bool = True, max_batch: int = 32, max_queue: int = 256, *,
     api_key: str | None = None, cors: Sequence[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
     encoder: QueryEncoder | None = None, reload_every_s: float = 0.0,
+    allowed_hosts: Sequence[str] | None = None, any_ip_host: bool = False,
 ) -> FastAPI:
     """The API over ``catalog``. ``api_key`` protects every path but health checks and the page's files
     (:mod:`~mpsclip.serve.auth`); ``cors`` lists the origins allowed to call it from other pages (none: CORS off);
     request bodies over ``max_body_bytes`` get 413. ``encoder`` turns text/image queries into embeddings
     (:mod:`~mpsclip.serve.encoders`: the Triton towers, or by default the towers in this process).
     ``reload_every_s`` > 0 checks the stores' files that often and swaps in changed ones (:meth:`Catalog.reload`);
-    ``POST /admin/reload`` does it at once."""
+    ``POST /admin/reload`` does it at once. ``allowed_hosts`` are the Host names answered (None: any; ``any_ip_host``
+    adds every IP address) and requests that change state must not come from another site
+    (:mod:`~mpsclip.serve.guard`). Start-up sends one real query through the towers; ``/readyz`` answers 200 only
+    once it was answered right (``app.state.ready_error`` says why not). Error bodies name files relative to their
+    store (:mod:`~mpsclip.serve.redact`)."""
     if encoder is None:  # the towers in this process (mpsclip serve --no-triton)
         encoder = InProcessEncoder(batching=batching, max_batch=max_batch, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await encoder.start()
+        app.state.ready_error = await probe(catalog, encoder)
         watcher = asyncio.get_running_loop().create_task(watch(catalog, reload_every_s)) if reload_every_s else None
         yield
         if watcher is not None:
@@ -134,21 +172,28 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.catalog, app.state.encoder = catalog, encoder
+    app.state.ready_error = "starting: the towers have not answered a test query yet"
     if max_body_bytes < 1:
         raise MPSCLIPError(f"--max-body-mib: the body limit must be above 0, got {max_body_bytes} bytes")
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=check_api_key(api_key))
     scenes = SceneCatalog()
+    app.add_middleware(metrics.TimedMiddleware)
 
-    @app.middleware("http")
-    async def _timed(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(endpoint, str(response.status_code)).observe(time.perf_counter() - start)
-        return response
+    def public(text: str) -> str:
+        """``text`` without this machine's absolute paths (each store's files named relative to it)."""
+        roots = roots_of(
+            pair for s in catalog.stores.values()
+            for pair in ((s.info.manifest.get("source_root"), "the store's source folder"),
+                         (s.info.path, f"store {s.name!r}"))
+        )
+        return public_message(text, roots)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        detail = public(exc.detail) if isinstance(exc.detail, str) else exc.detail
+        return await http_exception_handler(request, StarletteHTTPException(exc.status_code, detail, exc.headers))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -192,30 +237,13 @@ def create_app(
         start = time.perf_counter()
         store = get_store(req.store)
         if req.image is not None and image is None:
-            try:
-                data = base64.b64decode(req.image, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise bad("image: not valid base64") from err
-            if len(data) > MAX_UPLOAD_BYTES:
-                raise bad(f"image: larger than {MAX_UPLOAD_BYTES} bytes", 413)
-            image = decode_image(data, "image")
+            image = await run_in_threadpool(decode_base64_image, req.image)
         vec = await query_vector(req, store, image)
         encoded = time.perf_counter()
-        bbox = tuple(req.bbox) if req.bbox is not None else None
-        scores, rows = store.topk(vec[None], req.k, req.mode, bbox)
+        hits = await run_in_threadpool(score_hits, store, vec, req)
         scored = time.perf_counter()
         metrics.STAGES.labels("encode").observe(encoded - start)
         metrics.STAGES.labels("score").observe(scored - encoded)
-        hits = []
-        for score, row in zip(scores[0].tolist(), rows[0].tolist(), strict=True):
-            if row < 0:
-                break
-            item_id, meta = store.ids[row], store.metas[row]
-            hits.append({
-                "rank": len(hits) + 1, "score": float(score), "id": item_id, "store": store.name,
-                "keywords": list(meta.get("keywords") or []), "footprint": polygon(meta),
-                "thumbnail_url": thumbnail_url(store.name, item_id), "scene": meta.get("scene"),
-            })
         total = time.perf_counter() - start
         took = {"encode": 1000 * (encoded - start), "score": 1000 * (scored - encoded), "total": 1000 * total}
         return {"store": store.name, "mode": req.mode, "k": req.k, "took_ms": took, "hits": hits}
@@ -245,22 +273,28 @@ def create_app(
             if len(box) != 4 or box[0] > box[2] or box[1] > box[3]:
                 raise bad("bbox: expected W,S,E,N with W <= E and S <= N")
         req = SearchRequest(image="", k=k, mode=mode, bbox=box, store=store)
-        return await search(req, decode_image(data, "file"))
+        return await search(req, await run_in_threadpool(decode_image, data, "file"))
 
     @app.get("/stores")
     async def get_stores() -> dict[str, Any]:
+        return await run_in_threadpool(list_stores)
+
+    def list_stores() -> dict[str, Any]:
         out = []
         for s in catalog.stores.values():
             m = s.info.manifest
-            listed = await run_in_threadpool(scenes.scenes, s)
+            listed = [{**scene, "error": scene["error"] and public(scene["error"])}
+                      for scene in (scene_json(s.name, found) for found in scenes.scenes(s))]
+            reload = catalog.health[s.name].as_json()
             out.append({
                 "name": s.name, "items": len(s.ids),
                 "model": {"family": m.get("family", "mpsclip"), "arch": m.get("arch")},
                 "checkpoint_sha256": m.get("checkpoint_sha256"), "settings": m.get("settings", {}),
                 "georeferenced": any(footprint(meta) is not None for meta in s.metas[:1000]),
-                "scenes": [scene_json(s.name, scene) for scene in listed],
+                "scenes": listed,
                 "complete": bool(m.get("complete")), "shards": len(s.info.shard_rows),
-                "reload": catalog.health[s.name].as_json(), "index": s.index_status(),
+                "reload": {**reload, "error": reload["error"] and public(reload["error"])},
+                "index": s.index_status(),
             })
         return {"stores": out}
 
@@ -320,7 +354,7 @@ def create_app(
         """Check every store's files now and swap in those that changed; a failed reload keeps the last good
         version (see ``reload`` in ``GET /stores``)."""
         outcome = await asyncio.to_thread(catalog.reload)
-        return {"stores": {n: {"items": len(s.ids), "reload": outcome[n]} for n, s in catalog.stores.items()}}
+        return {"stores": {n: {"items": len(s.ids), "reload": public(outcome[n])} for n, s in catalog.stores.items()}}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -328,8 +362,11 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = bool(catalog.stores)
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        """200 once the stores are loaded and the towers answered a real query at start-up, else 503 and why."""
+        reason = "no stores loaded" if not catalog.stores else app.state.ready_error
+        if reason is None:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": public(reason)}, status_code=503)
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
@@ -348,5 +385,9 @@ def create_app(
             CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
+    app.add_middleware(  # outermost: a foreign Host or a cross-site state change is refused before anything else
+        RequestGuardMiddleware, hosts=["*"] if allowed_hosts is None else allowed_hosts, any_ip=any_ip_host,
+        trusted_origins=cors,
+    )
     return app
 

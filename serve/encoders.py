@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from importlib import metadata
 from typing import Literal, Protocol
 
 import numpy as np
@@ -20,12 +22,15 @@ import torch
 from fastapi import HTTPException
 from mpsclip.serve import metrics
 from mpsclip.serve.batching import Batcher, Overloaded
-from mpsclip.serve.catalog import Store
+from mpsclip.serve.catalog import Catalog, Store
 from mpsclip.serve.towers import Tower, TowerSet
 from PIL import Image
 
 from mpsclip.errors import MPSCLIPError
 
+PROBE_TEXT = "a test query sent at start-up"
+NORM_TOLERANCE = 1e-2
+VERSIONED = ("numpy", "torch", "nvidia-pytriton", "tritonclient")
 Kind = Literal["text", "image"]
 Query = str | Image.Image
 LOG = logging.getLogger(__name__)
@@ -158,3 +163,52 @@ class TritonEncoder:
         finally:
             self.in_flight -= 1
         return torch.from_numpy(np.array(result.as_numpy("embedding")[0], dtype=np.float32))
+
+
+def versions(names: tuple[str, ...] = VERSIONED) -> str:
+    """``numpy 1.26.4, torch 2.11.0, ...``: the installed versions of ``names`` (those missing left out)."""
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+async def probe(catalog: Catalog, encoder: QueryEncoder) -> str | None:
+    """Send :data:`PROBE_TEXT` through ``encoder`` once per checkpoint of the stores that have a model; None when
+    every answer is a finite unit vector of the store's dimension, else why not (the installed versions named)."""
+    tried: set[object] = set()
+    for store in catalog.stores.values():
+        key = store.info.manifest.get("checkpoint_sha256")
+        if store.model is None or key in tried:
+            continue
+        tried.add(key)
+        start = time.perf_counter()
+        try:
+            vec = await encoder.encode(store, "text", PROBE_TEXT)
+            problem = answer_problem(vec, store.info.dim)
+        except Exception as err:  # noqa: BLE001 - whatever broke, the server must not say it is ready
+            detail = err.detail if isinstance(err, HTTPException) else err
+            problem = f"{type(err).__name__}: {detail}"
+        if problem is not None:
+            reason = (f"the towers did not answer a test query for store {store.name!r} right ({problem}); "
+                      f"installed: {versions()}")
+            LOG.error("%s", reason)
+            return reason
+        LOG.info("store %s: the towers answered a test query in %.0f ms", store.name,
+                 1000 * (time.perf_counter() - start))
+    return None
+
+
+def answer_problem(vec: torch.Tensor, dim: int) -> str | None:
+    """What is wrong with an embedding the towers gave back for one query (None: a finite unit vector of ``dim``)."""
+    if tuple(vec.shape) != (dim,):
+        return f"an embedding of shape {tuple(vec.shape)}, expected ({dim},)"
+    if not torch.isfinite(vec).all():
+        return "an embedding with NaN or infinite values"
+    norm = float(vec.norm())
+    if abs(norm - 1) > NORM_TOLERANCE:
+        return f"an embedding of norm {norm:.4g}, expected 1"
+    return None

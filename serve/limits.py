@@ -2,15 +2,20 @@
 
 A ``Content-Length`` over the limit is refused before any byte of the body is read; a body without one
 (chunked, streamed) is read until it passes the limit, then refused. A body within the limit is handed to the
-app as one message, so routes never see a partial body.
+app as one message, so routes never see a partial body. A client that disconnects before its body is whole is
+one INFO line in the log (``mpsclip.serve``) and no answer.
 """
 
 from __future__ import annotations
+
+import logging
 
 from mpsclip.serve import metrics
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LOG = logging.getLogger("mpsclip.serve")
 
 
 def too_large(max_bytes: int) -> JSONResponse:
@@ -43,6 +48,8 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                LOG.info("%s %s: the client went away after %d of %s body bytes; nothing answered",
+                         scope["method"], scope["path"], size, length or "unknown")
                 return None
             body = message.get("body", b"")
             size += len(body)

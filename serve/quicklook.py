@@ -9,7 +9,8 @@ A quicklook is the scene read decimated (GDAL uses the file's overviews when it 
 :data:`MAX_SIDE` pixels on its long side, with the bands and 2-98 % stretch its tiles were embedded with, then
 warped onto a regular lon/lat grid spanning those bounds (so a footprint maps onto it linearly), with square
 ground pixels (width scaled by the cosine of the mid latitude). Nodata and all-zero pixels are transparent.
-PNGs are kept in memory, :data:`CACHE_SIZE` at most, keyed by the file's path, size and modification time.
+PNGs are kept in memory, :data:`CACHE_SIZE` at most, keyed by the file's path, size and modification time; a
+scene asked for while it renders is rendered once (:class:`RenderCache`).
 
 rasterio (``mpsclip[geo]``) is imported only when a scene is opened: stores without GeoTIFF tiles do not need it.
 """
@@ -19,13 +20,16 @@ from __future__ import annotations
 import io
 import math
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+from mpsclip.serve import metrics
 from PIL import Image
 
 from mpsclip.archive.items import resolve_source_path
@@ -109,23 +113,63 @@ def list_scenes(metas: list[dict[str, Any]], manifest: dict[str, Any]) -> list[S
     ]
 
 
+class RenderCache:
+    """At most ``size`` rendered PNGs, least recently used dropped first, and single flight: a key asked for while
+    it renders waits for that render (eight concurrent cold requests of a scene render it once)."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._done: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._running: dict[Hashable, Future[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, render: Callable[[], bytes]) -> bytes:
+        """The PNG of ``key``: from memory, from the render in flight, or ``render()`` now (its error is raised
+        to every request waiting for it)."""
+        with self._lock:
+            if key in self._done:
+                self._done.move_to_end(key)
+                return self._done[key]
+            running = self._running.get(key)
+            if running is None:
+                mine: Future[bytes] = Future()
+                self._running[key] = mine
+        if running is not None:
+            return running.result()
+        try:
+            png = render()
+        except BaseException as err:
+            with self._lock:
+                del self._running[key]
+            mine.set_exception(err)
+            raise
+        with self._lock:
+            self._done[key] = png
+            while len(self._done) > self.size:
+                self._done.popitem(last=False)
+            del self._running[key]
+        mine.set_result(png)
+        return png
+
+
+CACHE = RenderCache()
+
+
 def render_quicklook(scene: Scene) -> bytes:
     """The scene's quicklook PNG (cached; see the module's docstring); raises MPSCLIPError if it cannot be read."""
     if scene.error is not None:
         raise MPSCLIPError(scene.error)
     try:
         stat = scene.path.stat()
-        return _render(str(scene.path), stat.st_size, stat.st_mtime_ns, scene.bands, scene.stretch, scene.bounds,
-                       scene.size)
+        key = (str(scene.path), stat.st_size, stat.st_mtime_ns, scene.bands, scene.stretch, scene.bounds, scene.size)
+        return CACHE.get(key, lambda: render(scene))
     except OSError as err:
         raise MPSCLIPError(f"scene {scene.name!r}: its GeoTIFF {scene.path} cannot be read ({err})") from err
 
 
-@lru_cache(maxsize=CACHE_SIZE)
-def _render(
-    path: str, _bytes: int, _mtime_ns: int, bands: tuple[int, ...], stretch: tuple[tuple[float, float], ...] | None,
-    bounds: BBox, size: tuple[int, int],
-) -> bytes:
+def render(scene: Scene) -> bytes:
+    """The quicklook PNG of ``scene``, rendered from its GeoTIFF now (counted in ``mpsclip_quicklook_renders_total``);
+    OSError if it cannot be read."""
     import rasterio
     from affine import Affine
     from rasterio.enums import Resampling
@@ -135,8 +179,10 @@ def _render(
 
     from mpsclip.archive.geotiff import to_uint8, valid_pixels
 
+    metrics.QUICKLOOK_RENDERS.inc()
+    bands, stretch, bounds, size = scene.bands, scene.stretch, scene.bounds, scene.size
     try:
-        with rasterio.open(path) as src:
+        with rasterio.open(scene.path) as src:
             scale = max(1.0, max(src.width, src.height) / max(size))
             shape = (len(bands), max(1, round(src.height / scale)), max(1, round(src.width / scale)))
             data = src.read(list(bands), out_shape=shape, resampling=Resampling.average)

@@ -1,7 +1,11 @@
 """What ``mpsclip serve`` runs, start to stop: the Triton towers (unless ``--no-triton``), then uvicorn with the API.
 
 Start: the API's socket is bound first (a busy port fails before anything starts), then Triton and its models, then
-the URLs are printed and the API listens. SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests (up
+the app starts and sends one real query through the towers (:func:`~mpsclip.serve.encoders.probe`); only when it was
+answered right are the URLs printed ("serving ...") and ``/readyz`` 200, otherwise the server stops with status 1
+and says why (keeping Triton's log). The log (``mpsclip.serve``, INFO and above) goes to stderr.
+
+SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests (up
 to ``drain_s``) and runs the app's shutdown (the encoder closes its Triton client); then Triton stops (its
 in-flight inferences finish first) and its workspace is removed. Returns 0 once nothing is listening any more.
 
@@ -12,10 +16,12 @@ to this process alone (``kill -INT PID``, systemd, a container runtime) drains e
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -28,6 +34,7 @@ from mpsclip.serve.triton import MAX_BATCH_SIZE, QUEUE_DELAY_US, TritonSettings,
 from mpsclip.errors import MPSCLIPError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOG_FORMAT = "%(levelname)s:    %(message)s"  # as uvicorn's own lines
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,34 @@ def urls(settings: ServerSettings, triton: TritonTowers | None) -> list[str]:
     return lines
 
 
+def announce(server: Any, app: Any, lines: list[str], out: TextIO, failed: list[str], finished: threading.Event
+             ) -> None:
+    """Once uvicorn has started (the app's start-up query answered), print ``lines``; or, when that query failed,
+    say why and stop the server (``failed`` gets the reason)."""
+    while not server.started:
+        if server.should_exit or finished.is_set():
+            return
+        time.sleep(0.05)
+    error = getattr(getattr(app, "state", None), "ready_error", None)
+    if error is not None:
+        failed.append(error)
+        print(f"not serving: {error}", file=out)
+        server.should_exit = True
+    else:
+        print(*lines, sep="\n  ", file=out)
+    out.flush()
+
+
+def log_to(out: TextIO) -> logging.Handler:
+    """Send the ``mpsclip.serve`` log (INFO and above) to ``out``; returns the handler, to remove at the end."""
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("mpsclip.serve")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler
+
+
 def serve(
     catalog: Catalog,
     towers: TowerSet,
@@ -102,6 +137,8 @@ def serve(
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in STOP_SIGNALS}
     sock = bind_socket(settings.host, settings.port)
     triton: TritonTowers | None = None
+    failed: list[str] = []
+    handler = log_to(out)
     try:
         towers.add(catalog)
         encoder: QueryEncoder
@@ -110,7 +147,7 @@ def serve(
             print(f"starting Triton Inference Server (models of {len(towers.towers)} checkpoint(s))...", file=out)
             took = triton.start()
             towers.frozen = True
-            print(f"Triton ready in {took:.1f} s (log: {triton.log_file})", file=out)
+            print(f"Triton started in {took:.1f} s (log: {triton.log_file})", file=out)
             encoder = TritonEncoder(towers, triton.grpc_url, triton.names, max_queue=settings.max_queue)
         else:
             encoder = InProcessEncoder(
@@ -118,19 +155,25 @@ def serve(
             )
         if stopping.is_set():
             return 0
-        config = uvicorn.Config(
-            make_app(encoder), log_level="warning", timeout_graceful_shutdown=int(settings.drain_s)
-        )
+        app = make_app(encoder)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.drain_s))
         server = uvicorn.Server(config)
-        print(f"serving {', '.join(catalog.stores)}; Ctrl-C stops", *urls(settings, triton), sep="\n  ", file=out)
-        out.flush()
-        server.run(sockets=[sock])  # restores our handlers and re-raises the signal it caught: stopping is set
-        return 0 if server.started else 1
+        lines = [f"serving {', '.join(catalog.stores)}; Ctrl-C stops", *urls(settings, triton)]
+        finished = threading.Event()
+        threading.Thread(target=announce, args=(server, app, lines, out, failed, finished), daemon=True).start()
+        try:
+            server.run(sockets=[sock])  # restores our handlers and re-raises the signal it caught: stopping is set
+        finally:
+            finished.set()
+        return 0 if server.started and not failed else 1
     finally:
         sock.close()
+        logging.getLogger("mpsclip.serve").removeHandler(handler)
         if triton is not None:
             print("stopping Triton...", file=out)
-            triton.stop()
+            triton.stop(keep_log=bool(failed))
+            if failed:
+                print(f"Triton's log is kept: {triton.log_file}", file=out)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         print("stopped", file=out)

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,26 @@ def triton_availability() -> str | None:
         import pytriton  # noqa: F401
     except ImportError as err:
         return f"nvidia-pytriton is not installed ({err}); pip install 'mpsclip[serve]'"
+    return numpy_conflict()
+
+
+def numpy_conflict(installed: str | None = None) -> str | None:
+    """Why the installed numpy breaks PyTriton, or None: nvidia-pytriton declares the numpy it works with (0.7:
+    ``numpy<2``), and with numpy 2 its Python backend returns empty outputs (every query fails) while the server
+    reports itself ready. ``installed``: the numpy version to check (default: the one installed)."""
+    from packaging.requirements import Requirement
+
+    installed = installed or metadata.version("numpy")
+    pytriton = metadata.version("nvidia-pytriton")
+    for line in metadata.requires("nvidia-pytriton") or []:
+        requirement = Requirement(line)
+        if requirement.name == "numpy" and requirement.marker is None and installed not in requirement.specifier:
+            return (
+                f"nvidia-pytriton {pytriton} requires numpy{requirement.specifier}, but numpy {installed} is "
+                f"installed (another package, e.g. geopandas>=1.2 or pandas>=3.1, needs numpy 2); with it every "
+                f"query through Triton fails. For Triton: pip install 'numpy{requirement.specifier}' (and packages "
+                "that work with it)"
+            )
     return None
 
 
@@ -228,14 +249,14 @@ class TritonTowers:
         self._triton = triton
         return time.perf_counter() - start
 
-    def stop(self) -> None:
+    def stop(self, keep_log: bool = False) -> None:
         """Stop the server (in-flight inferences finish first, for at most EXIT_TIMEOUT_S) and remove its
-        workspace and, unless the caller named it, its log."""
+        workspace and, unless the caller named it or ``keep_log`` (an error names it), its log."""
         if self._triton is None:
             return
         self._triton.stop()
         self._triton = None
-        if self.settings.log_file is None and self.log_file is not None:
+        if self.settings.log_file is None and self.log_file is not None and not keep_log:
             self.log_file.unlink(missing_ok=True)
             self.log_file = None
 

@@ -196,7 +196,7 @@ def test_bind_warning_and_key_from_environment(store: Path, monkeypatch: pytest.
     monkeypatch.setenv("MPSCLIP_API_KEY", KEY)
     main(argv)
     assert "access control" not in capsys.readouterr().err
-    with TestClient(started[-1]) as c:
+    with TestClient(started[-1], base_url="http://127.0.0.1:8000") as c:  # mpsclip serve answers its own names
         assert c.get("/stores").status_code == 401 and c.get("/stores", headers={"X-API-Key": KEY}).status_code == 200
 
 

@@ -8,7 +8,10 @@ where it can run), also open to any Triton/KServe client on 127.0.0.1 (HTTP and 
 export' folder of the same checkpoint, --engine-dir). Ctrl-C/SIGTERM drains in-flight requests and stops all.
 Every --reload-every seconds (and on POST /admin/reload) the stores' files are checked and a changed store is
 swapped in once read whole: a store being extended by 'mpsclip embed' serves its finished shards; a failed
-reload keeps the last good version (GET /stores reports it). The server binds 127.0.0.1 unless --host says so.
+reload keeps the last good version (GET /stores reports it). The server binds 127.0.0.1 unless --host says so,
+answers only requests naming it in their Host header (--allowed-host adds names) and refuses requests that change
+state (POST /admin/reload) sent by a page of another site. It says "serving" (and /readyz answers 200) once the
+towers answered a real query.
 Scoring is the one of 'mpsclip search': a store with an index ('mpsclip index') answers through it (bbox
 queries aside), read once per store version; --exact scores every query exactly. On a GPU (--device cuda) the
 stores' views are held there and scored by the max-over-views top-k kernel.
@@ -65,6 +68,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                         help="allow browser pages of ORIGIN (e.g. https://maps.example.org) to call the API; "
                         "repeatable (default: CORS off)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host header is NAME (e.g. the server's DNS name behind a "
+                        "proxy); repeatable; '*' answers any (default: 127.0.0.1, localhost, ::1 and --host; with "
+                        "--host 0.0.0.0 also any IP address and this machine's names). Other Hosts get 400: a web "
+                        "page cannot reach the server by DNS rebinding")
     parser.add_argument("--max-body-mib", type=float, default=12.0, metavar="MIB",
                         help="largest request body; bigger ones get 413 (default: 12)")
     parser.add_argument("--source-root", type=Path, action="append", metavar="DIR",
@@ -84,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from mpsclip.serve.app import create_app
     from mpsclip.serve.auth import bind_warning
     from mpsclip.serve.catalog import Catalog
+    from mpsclip.serve.guard import EVERY_INTERFACE, allowed_hosts
     from mpsclip.serve.server import ServerSettings, serve
     from mpsclip.serve.towers import TowerSet
     from mpsclip.serve.triton import triton_availability
@@ -105,11 +114,14 @@ def run(args: argparse.Namespace) -> int:
     if args.triton_queue_delay_us is not None:
         settings = dataclasses.replace(settings, queue_delay_us=args.triton_queue_delay_us)
 
+    hosts = allowed_hosts(args.host, args.allowed_host)
+
     def make_app(encoder):  # noqa: ANN001, ANN202 - the encoder serve() chose
         return create_app(catalog, batching=not args.no_batching, max_batch=args.max_batch,
                           max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
                           max_body_bytes=int(args.max_body_mib * 2**20), encoder=encoder,
-                          reload_every_s=args.reload_every)
+                          reload_every_s=args.reload_every, allowed_hosts=sorted(hosts),
+                          any_ip_host=args.host in EVERY_INTERFACE)
 
     if (warning := bind_warning(args.host, args.api_key)) is not None:
         print(warning, file=sys.stderr)
