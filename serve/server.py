@@ -120,6 +120,7 @@ def log_to(out: TextIO) -> logging.Handler:
     logger = logging.getLogger("mpsclip.serve")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    logger.propagate = False  # once, not again through a root handler someone else set up
     return handler
 
 
@@ -169,6 +170,7 @@ def serve(
     finally:
         sock.close()
         logging.getLogger("mpsclip.serve").removeHandler(handler)
+        logging.getLogger("mpsclip.serve").propagate = True
         if triton is not None:
             print("stopping Triton...", file=out)
             triton.stop(keep_log=bool(failed))
