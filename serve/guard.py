@@ -7,9 +7,10 @@
   it is refused: that is the whole defence against DNS rebinding, and IP-address Hosts cannot be rebound.
 * **No cross-site state changes.** A request that may change state (a method other than GET/HEAD/OPTIONS, on a path
   other than the read-only searches :data:`READ_ONLY_POSTS`) gets 403 when the browser says it comes from another
-  site: an ``Origin`` that is not this server's own (nor one of the ``--cors`` origins), or a ``Sec-Fetch-Site``
-  other than ``same-origin``/``none``. Clients that are not browsers (curl, scripts) send neither header and pass.
-  This holds with or without an API key: a form POST from a foreign page to ``/admin/reload`` is refused.
+  site: an ``Origin`` whose host and port are not the request's ``Host`` (any scheme: TLS may end at a proxy; nor
+  one of the ``--cors`` origins), or a ``Sec-Fetch-Site`` other than ``same-origin``/``none``. Clients that are
+  not browsers (curl, scripts) send neither header and pass. This holds with or without an API key: a form POST
+  from a foreign page to ``/admin/reload`` is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from mpsclip.serve import metrics
 from starlette.datastructures import Headers
@@ -102,8 +104,8 @@ class RequestGuardMiddleware:
             return None
         origin = headers.get("origin")
         if origin is not None:
-            own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
-            if origin == own or origin.rstrip("/") in self.trusted_origins:
+            netloc = urlsplit(origin).netloc.lower()
+            if (netloc and netloc == headers.get("host", "").lower()) or origin.rstrip("/") in self.trusted_origins:
                 return None
             return 403, "cross_site", (
                 f"{scope['method']} {scope['path']}: refused from origin {origin[:100]!r}, another site than this "
