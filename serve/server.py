@@ -144,9 +144,10 @@ def serve(
         towers.add(catalog)
         encoder: QueryEncoder
         if settings.triton:
-            triton = TritonTowers(towers.towers, settings.triton_settings())
+            starting = TritonTowers(towers.towers, settings.triton_settings())
             print(f"starting Triton Inference Server (models of {len(towers.towers)} checkpoint(s))...", file=out)
-            took = triton.start()
+            took = starting.start()  # stops what it started when it fails
+            triton = starting
             towers.frozen = True
             print(f"Triton started in {took:.1f} s (log: {triton.log_file})", file=out)
             encoder = TritonEncoder(towers, triton.grpc_url, triton.names, max_queue=settings.max_queue)
