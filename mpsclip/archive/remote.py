@@ -44,14 +44,13 @@ from mpsclip.archive.items import REMOTE_KINDS, Item, TileSettings, relative_to_
 from mpsclip.errors import MPSCLIPError
 
 SCHEMES = ("http", "https", "s3")
-CLOUD_OPTIONS: dict[str, str] = {
+CLOUD_OPTIONS: dict[str, str | int] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing, no side-car files looked for
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.jpg,.jpeg,.png,.webp",
-    "CPL_VSIL_CURL_USE_HEAD": "NO",  # the first range GET gives the size too: one request less per file
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",  # a COG's header and tile index in the first request
-    "GDAL_CACHEMAX": "256",  # MB of decoded blocks per process
+    "GDAL_CACHEMAX": 256,  # MB of decoded blocks per process (rasterio takes this one as a number)
     "VSI_CACHE": "TRUE",
     "VSI_CACHE_SIZE": str(8 << 20),  # bytes per open file
     "GDAL_HTTP_MAX_RETRY": "3",  # for 429 and 5xx answers and some connection errors
@@ -63,8 +62,6 @@ CLOUD_OPTIONS: dict[str, str] = {
 """GDAL's configuration for cloud reads; ``--gdal-config KEY=VALUE`` overrides or adds keys."""
 READ_ATTEMPTS = 3
 RETRY_DELAY_S = 0.25
-READ_THREADS = 8
-"""Items a reading process reads at once when a batch holds remote items (object store latency overlaps)."""
 WHOLE_MAX_SIDE = 2048
 SECRET_KEYS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GDAL_HTTP_USERPWD")
 PERMANENT = re.compile(r"\b(403|404)\b|not recognized as|does not exist|not a regular file|only .* are read", re.I)
@@ -94,8 +91,11 @@ def set_gdal_config(options: Mapping[str, str]) -> None:
     _user_options.update(options)
 
 
-def gdal_options() -> dict[str, str]:
-    return {**CLOUD_OPTIONS, **_user_options}
+def gdal_options() -> dict[str, str | int]:
+    user: dict[str, str | int] = dict(_user_options)
+    if user.get("GDAL_CACHEMAX", "").isdigit():
+        user["GDAL_CACHEMAX"] = int(user["GDAL_CACHEMAX"])
+    return {**CLOUD_OPTIONS, **user}
 
 
 def gdal_env() -> rasterio.Env:
@@ -155,11 +155,13 @@ def _secrets() -> list[str]:
 
 
 def redact(text: str) -> str:
-    """``text`` with GDAL paths as URLs, every URL as :func:`public_href` and AWS keys' values replaced."""
+    """``text`` with GDAL paths as URLs, every URL as :func:`public_href`, query strings (after any file name)
+    dropped and AWS keys' values replaced."""
     text = re.sub(r"/vsis3/([^\s'\"]+)", r"s3://\1", text)
     text = re.sub(
         r"(?:/vsicurl/)?\b(?:https?|s3)://[^\s'\"<>]+", lambda m: public_href(m[0].removeprefix("/vsicurl/")), text
     )
+    text = re.sub(r"\?[\w.~%-]+=[^\s'\"<>,]*", "", text)  # a query string GDAL names without its URL
     text = re.sub(r"<(AWSAccessKeyId|StringToSign|CanonicalRequest|SignatureProvided)>[^<]*", r"<\1>***", text)
     for secret in _secrets():
         text = text.replace(secret, "***")
@@ -168,9 +170,13 @@ def redact(text: str) -> str:
 
 def failure_reason(err: BaseException) -> str:
     """A one-line reason for a failed read, without credentials (an HTTP status named when GDAL gave one)."""
-    message = redact(" ".join(str(err).split()))
-    status = re.search(r"HTTP (?:response )?code[^0-9]*(\d{3})", message)
-    return f"HTTP {status[1]}: {message}" if status and f"HTTP {status[1]}" not in message else message
+    causes = [str(err)]
+    while err.__cause__ is not None and len(causes) < 4:  # rasterio's "Read failed" keeps GDAL's reason here
+        err = err.__cause__
+        causes.append(str(err))
+    message = redact(" ".join(" - ".join(dict.fromkeys(causes)).split()))
+    status = re.search(r"HTTP response code[^0-9]*(\d{3})", message)
+    return f"HTTP {status[1]} ({message})" if status else message
 
 
 def with_retries(where: str, read: Callable[[], T]) -> T:
