@@ -143,13 +143,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         read_rate(local, args.batch)  # warm-up: imports, the page cache, GDAL's drivers
         traffic: dict[str, list[tuple[str, int]]] = {"listing": [], "reading": []}
+        listing_s: dict[str, list[float]] = {"http": [], "delayed": []}
         with nginx(www, Path(tmp) / "nginx") as server, delaying_proxy(server.port, args.delay_ms / 1000) as port:
             offset = 0
             for r in range(args.rounds):
                 rates["local disk"].append(read_rate(local, args.batch))
                 rates["local disk, 8 at a time"].append(read_rate(local, args.batch, threads=8))
                 for mode, base in (("http", server.url), ("delayed", f"http://127.0.0.1:{port}")):
+                    start = time.perf_counter()
                     items = remote_tiles(f"{base}/{mode}-{r}", names, tiles, www)
+                    listing_s[mode].append((time.perf_counter() - start) / len(names))
                     assert len(items) == len(local), "remote listing differs from the local one"
                     listed, offset = log_since(server.access_log, offset)
                     rate = read_rate(items, args.batch)
@@ -165,13 +168,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
     n_read = len(local) * args.rounds
-    local_median = statistics.median(rates["local disk"])
+
+    def ratio(rates_of: list[float], baseline: str) -> float:
+        """The median of per-round ratios (rounds are interleaved, so each ratio shares the round's load)."""
+        return round(statistics.median(x / b for x, b in zip(rates_of, rates[baseline], strict=True)), 3)
+
     rows = [
         {
             "source": name,
             "items_per_s_median": round(statistics.median(v), 1),
             "items_per_s": [round(x, 1) for x in v],
-            "vs_local": round(statistics.median(v) / local_median, 3),
+            "vs_local": ratio(v, "local disk"),
+            "vs_local_8": ratio(v, "local disk, 8 at a time"),
         }
         for name, v in rates.items()
     ]
@@ -208,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "listing_requests_per_scene": round(len(traffic["listing"]) / (len(names) * args.rounds), 2),
             "listing_bytes_per_scene": round(sum(b for _, b in traffic["listing"]) / (len(names) * args.rounds)),
             "scene_file_bytes": scene_bytes,
+            "listing_seconds_per_scene": {k: round(statistics.median(v), 3) for k, v in listing_s.items()},
         },
     }
 
@@ -250,6 +259,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| HTTP requests per tile | {t['requests_per_tile']:.2f} |",
         f"| listing: requests per scene (header, overview scan) | {t['listing_requests_per_scene']:.2f} |",
         f"| listing: bytes per scene | {t['listing_bytes_per_scene']} (file: {t['scene_file_bytes']}) |",
+        f"| listing: seconds per scene, loopback / +delay (one request at a time: the delay shows) "
+        f"| {t['listing_seconds_per_scene']['http']} / {t['listing_seconds_per_scene']['delayed']} |",
         "",
     ]
     return "\n".join(lines)
