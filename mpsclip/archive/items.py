@@ -5,29 +5,35 @@ An :class:`Item` has an explicit ``kind``:
 * ``file``: a whole image file (meta ``path``);
 * ``tar-member``: the image member of a WebDataset sample (meta ``tar``, ``member``, ``offset``, ``size``);
 * ``geotiff-window``: a tile of a georeferenced scene (meta ``scene``, ``window``, ...; see
-  :mod:`mpsclip.archive.geotiff`).
+  :mod:`mpsclip.archive.geotiff`);
+* ``remote``: a whole raster named by ``hrefs`` (one RGB or grey raster, or red, green and blue single-band
+  rasters), each an ``http(s)://`` or ``s3://`` URL or a local path; ``remote-window``: a tile of such rasters
+  (meta as ``geotiff-window``'s, with ``hrefs`` instead of ``scene``); see :mod:`mpsclip.archive.remote`.
 
 Every path in an item's meta (``path``, ``tar``, ``scene``) is relative to the SOURCE root recorded in the store's
 manifest as ``source_root`` (an absolute path outside the root stays absolute), so a store moved to another folder
 or machine still finds its images: :func:`resolve_source_path` joins them again, :func:`item_from_meta` rebuilds
-the item of a stored row. Reading pixels is :mod:`mpsclip.archive.readers`' job.
+the item of a stored row (a remote item only when its hosts are among those the store's manifest declares,
+``remote_hosts``). Reading pixels is :mod:`mpsclip.archive.readers`' job.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from PIL import Image
 
+from mpsclip.archive.hrefs import REMOTE_KINDS, allowed_remote, gdal_path, host_of, is_url
 from mpsclip.errors import MPSCLIPError
 
-ItemKind = Literal["file", "tar-member", "geotiff-window"]
+ItemKind = Literal["file", "tar-member", "geotiff-window", "remote", "remote-window"]
 ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
 PATH_KEYS: dict[str, str] = {"file": "path", "tar-member": "tar", "geotiff-window": "scene"}
-"""The meta key holding each kind's file (relative to the source root)."""
+"""The meta key holding each local kind's file (relative to the source root)."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
@@ -37,12 +43,15 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class Item:
     """One image of an archive: ``id`` is its path relative to the source (``/`` separators; a tar sample's is
     ``<shard>/<member>``, a GeoTIFF tile's ``<scene>/r<row>_c<col>``), ``path`` the file holding its bytes (the
-    image, the shard or the scene), ``kind`` how to read them and ``meta`` the JSON-able record kept in the store."""
+    image, the shard or the scene; a remote item's first href), ``kind`` how to read them and ``meta`` the
+    JSON-able record kept in the store. A remote item reads ``hrefs``: as given (signed URLs keep their query
+    string, which is never stored nor shown), local paths absolute."""
 
     id: str
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
     kind: ItemKind = "file"
+    hrefs: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ITEM_KINDS:
@@ -65,6 +74,14 @@ class TileSettings:
             raise MPSCLIPError(f"--tile-size and --stride must be 1 or more, got {self.tile_size}, {self.stride}")
         if self.resolution is not None and not self.resolution > 0:
             raise MPSCLIPError(f"--resolution must be a number of metres above 0, got {self.resolution}")
+
+
+def check_regular_file(path: Path) -> int:
+    """The size of ``path``; OSError when it is not a regular file (after symlinks: a FIFO, a device, a folder)."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path}: not a regular file; only regular image files are read")
+    return info.st_size
 
 
 def is_image_file(path: Path) -> bool:
@@ -96,8 +113,36 @@ def resolve_source_path(info_or_root: Any, relative: str | Path) -> Path:
 
 
 def item_from_meta(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Item:
-    """The item of a stored row (``id`` and parsed ``meta``), its file found below the source root."""
+    """The item of a stored row (``id`` and parsed ``meta``), its file found below the source root; a remote
+    item's URLs must be on the hosts the store's manifest declares (``remote_hosts``; not checked when
+    ``info_or_root`` is a plain root folder)."""
     kind = meta.get("kind")
+    if kind in REMOTE_KINDS:
+        hrefs = _stored_hrefs(item_id, meta, info_or_root)
+        return Item(item_id, Path(hrefs[0] if not is_url(hrefs[0]) else meta["hrefs"][0]), meta, kind, hrefs)
     if kind not in PATH_KEYS:
         raise MPSCLIPError(f"item {item_id}: its meta has no item kind ({kind!r}); embed the source again")
     return Item(item_id, resolve_source_path(info_or_root, meta[PATH_KEYS[kind]]), meta, kind)
+
+
+def _stored_hrefs(item_id: str, meta: dict[str, Any], info_or_root: Any) -> tuple[str, ...]:
+    """A stored remote item's hrefs to read: local ones joined to the source root, URLs only on the hosts the
+    store's manifest declares (``remote_hosts``) when ``info_or_root`` is a manifest or store."""
+    hrefs = meta.get("hrefs")
+    if not isinstance(hrefs, list) or len(hrefs) not in (1, 3) or not all(isinstance(h, str) for h in hrefs):
+        raise MPSCLIPError(f"item {item_id}: its meta has no hrefs list of 1 or 3; embed the source again")
+    manifest = getattr(info_or_root, "manifest", info_or_root)
+    allowed = set(manifest.get("remote_hosts") or []) if isinstance(manifest, dict) else None
+    readable = []
+    for href in hrefs:
+        if not is_url(href):
+            gdal_path(href)  # refuses GDAL virtual paths and other schemes
+            readable.append(str(resolve_source_path(info_or_root, href)))
+        elif allowed is None or allowed_remote(href, allowed):
+            readable.append(href)
+        else:
+            raise MPSCLIPError(
+                f"item {item_id}: {host_of(href)} is not among the hosts the store's manifest declares "
+                f"({', '.join(sorted(allowed)) or 'none'}); it is not read"
+            )
+    return tuple(readable)
