@@ -158,11 +158,11 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu", trust_checkpoin
     return Checkpoint(path, kind, state)
 
 
-def load_plain(path: Path, what: str, map_location: str = "cpu") -> Any:
+def load_plain(path: Path, what: str, remedy: str, map_location: str = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never other
-    Python objects; ``what`` names the file's kind in errors ("a checkpoint", "a training state")."""
+    Python objects. Errors name the file's kind (``what``: "a checkpoint") and what to do (``remedy``)."""
     if is_torchscript(path):
-        raise MPSCLIPError(f"{path}: a TorchScript archive, not {what}")
+        raise MPSCLIPError(f"{path}: a TorchScript archive, not {what}; {remedy}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -171,8 +171,7 @@ def load_plain(path: Path, what: str, map_location: str = "cpu") -> Any:
             raise MPSCLIPError(f"{path}: not {what} mpsclip can read (not a readable PyTorch file: {err})") from err
         raise MPSCLIPError(
             f"{path}: not {what} mpsclip can read: besides tensors and plain values it holds the Python object "
-            f"{refused.group(1)}, which mpsclip never unpickles (unpickling it could run code); "
-            "re-save the file as a plain state dict of tensors"
+            f"{refused.group(1)}, which mpsclip never unpickles (unpickling it could run code); {remedy}"
         ) from err
     except Exception as err:  # torch raises many types for foreign files (IndexError, RuntimeError, EOFError ...)
         raise MPSCLIPError(f"{path}: not {what} mpsclip can read (not a PyTorch file: {type(err).__name__})") from err
@@ -199,7 +198,7 @@ def _read_torchscript(path: Path, map_location: str, trust_checkpoint: bool) -> 
 
 def _read_torch_file(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], Kind]:
     """Returns the state dict in our key space for 'authors', or open_clip's key space for 'backbone'."""
-    obj = load_plain(path, "a checkpoint", map_location)
+    obj = load_plain(path, "a checkpoint", "save the weights as a plain state dict of tensors", map_location)
     if not isinstance(obj, Mapping):
         raise MPSCLIPError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, not a state dict)")
     if isinstance(obj.get("model"), Mapping):

@@ -406,7 +406,7 @@ def _end_epoch(
 def _load_state(path: Path, model: MPSCLIP | PriorCLIP, optimizer, scheduler) -> tuple[int, float]:
     """Restore from ``state.pt`` alone (it holds the trainable weights), so a crash between writing the
     checkpoints and the state can never pair weights and optimizer state of different epochs."""
-    state = load_plain(path, "a training state (delete it to start afresh)")
+    state = load_plain(path, "a training state", "delete it to start afresh")
     if not isinstance(state, dict) or not {"trainable", "optimizer", "scheduler", "rng", "epoch", "best"} <= set(state):
         raise MPSCLIPError(f"{path}: not a training state written by mpsclip train; delete it to start afresh")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["trainable"]]
