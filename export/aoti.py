@@ -9,10 +9,12 @@ Running a package in-process is :mod:`mpsclip.engines.aoti`.
 from __future__ import annotations
 
 import copy
+import logging
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +44,42 @@ def require_device(device: str) -> None:
 def compile_tower(
     model: MPSCLIP, tower: str, path: Path, *, precision: str, device: str, min_batch: int, max_batch: int
 ) -> None:
-    """Export ``tower`` with a dynamic batch axis and compile it for ``device`` into the package ``path``."""
+    """Export ``tower`` with a dynamic batch axis and compile it for ``device`` into the package ``path``; says
+    each stage on stderr (compiling takes a minute or more)."""
     require_device(device)
+    if device == "cpu":
+        _import_cpp_extension_quietly()
     module = copy.deepcopy(tower_module(model, tower, precision)).to(device)  # the caller's model stays put
     batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
     inputs = example_input(model, tower, batch=min(max(2, min_batch), max_batch)).to(device)
+    start = time.perf_counter()
     with torch.no_grad(), mha_fast_path_disabled():
+        _stage(f"{tower} tower: capturing the graph (torch.export) ...")
         program = torch.export.export(module, (inputs,), dynamic_shapes=({0: batch},))
+        _stage(f"{tower} tower: compiling for {device} with AOTInductor (a minute or more) ...")
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    _stage(f"{tower} tower: compiled in {time.perf_counter() - start:.0f} s")
+
+
+def _stage(line: str) -> None:
+    print(f"aoti: {line}", file=sys.stderr, flush=True)
+
+
+class _NoCudaRuntimeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Inductor's CPU compiler imports ``torch.utils.cpp_extension``, which warns "No CUDA runtime is found" on
+    any machine with a CUDA toolkit but no GPU: nothing to do with a CPU package, so import it without that line."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaRuntimeWarning()
+    logger.addFilter(quiet)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.removeFilter(quiet)
 
 
 def run_in_fresh_process(

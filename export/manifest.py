@@ -1,4 +1,8 @@
-"""``manifest.json``: what an exported artefact holds and how to feed it."""
+"""``manifest.json``: what an exported artefact holds and how to feed it.
+
+Its tower files are named relative to the folder and stay inside it (:func:`write_manifest` checks, as
+:func:`mpsclip.engines.manifest.read_export` does when reading).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from mpsclip.export.towers import INPUT_NAMES, OUTPUT_NAME, context_length, inpu
 from mpsclip import __version__
 from mpsclip.checkpoints import file_sha256
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD
+from mpsclip.engines.manifest import contained_file
 from mpsclip.io import atomic_write
 from mpsclip.model import MPSCLIP
 
@@ -61,4 +66,6 @@ def build_manifest(
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    for tower, entry in manifest["towers"].items():
+        contained_file(folder, entry["file"], f"{folder / MANIFEST}: towers.{tower}.file")
     return atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")

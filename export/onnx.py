@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,7 +50,10 @@ def write_onnx(model: MPSCLIP, tower: str, path: Path, precision: str = "fp32") 
 
     module = tower_module(model, tower, precision)
     name = INPUT_NAMES[tower]
-    with torch.no_grad(), mha_fast_path_disabled():
+    with torch.no_grad(), mha_fast_path_disabled(), warnings.catch_warnings():
+        # open_clip pools the text tower at its EOT token, x[arange(B), tokens.argmax(-1)]: the indices are never
+        # negative, the one case torch's warning about exporting advanced indexing is about
+        warnings.filterwarnings("ignore", "Exporting aten::index operator of advanced indexing", UserWarning)
         torch.onnx.export(
             module,
             (example_input(model, tower, batch=2),),

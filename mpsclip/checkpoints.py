@@ -6,6 +6,9 @@ Readable formats, detected from the file itself (:func:`read_checkpoint`):
   adapters under ``model.``, the MPR head under ``mpr_head.`` and the buffers ``temp`` and ``*.pos_enc.pe``;
 - foreign state dicts: an open_clip state dict (optionally under ``state_dict`` with a ``module.`` prefix), a
   PriorCLIP release (``state_dict``), or an OpenAI JIT archive.
+Pickles are read as data only (``torch.load(weights_only=True)``: tensors and plain values). TorchScript archives
+(OpenAI, GeoRSCLIP) run code when loaded, so they are read only when trusted (``trust_checkpoint=True`` or the CLI's
+``--trust-checkpoint``, see :mod:`mpsclip.trust`); they are recognised from their zip entries without running them.
 Which family builds a model from what was read is :mod:`mpsclip.factory`'s business. Nothing is ever loaded
 partially in silence: every mismatch is an :class:`MPSCLIPError` naming the file and the first offending keys.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,10 +32,12 @@ from torch import nn
 from mpsclip import __version__
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
+from mpsclip.trust import checkpoints_trusted
 
 FORMAT = "mpsclip"
 _SHOWN = 5  # offending keys listed in an error message
 _RECOMPUTED_SUFFIX = ".pos_enc.pe"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 Kind = Literal["ours", "authors", "backbone"]
 """``ours``: our safetensors + JSON; ``authors``: MPS-CLIP's release layout, already in our key space;
@@ -67,15 +74,25 @@ def config_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def save_checkpoint(module: nn.Module, config: dict[str, Any], family: str, path: str | Path) -> Path:
+def save_checkpoint(
+    module: nn.Module,
+    config: dict[str, Any],
+    family: str,
+    path: str | Path,
+    evaluation: dict[str, Any] | None = None,
+) -> Path:
     """Write ``<path>.safetensors`` and ``<path>.json`` (``family`` + ``config``) atomically; returns the weights
-    path. Tensors whose key ends with ``.pos_enc.pe`` are fixed tables recomputed at load, so not stored."""
+    path. Tensors whose key ends with ``.pos_enc.pe`` are fixed tables recomputed at load, so not stored.
+    ``evaluation``: the settings ``mpsclip train`` evaluated the model with (``max_sub_images``), so that
+    ``mpsclip evaluate`` reproduces its figures."""
     weights = Path(path)
     if weights.suffix != ".safetensors":
         weights = weights.with_name(weights.name + ".safetensors")
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"format": FORMAT, "family": family, "version": __version__, "config": config}
+    if evaluation is not None:
+        meta["evaluation"] = evaluation
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "family": family}))
     atomic_write(config_path(weights), json.dumps(meta, indent=2) + "\n")
     return weights
@@ -115,8 +132,18 @@ def read_saved_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
-    """Read any supported checkpoint file (see the module docstring)."""
+def saved_evaluation(path: str | Path) -> dict[str, Any]:
+    """The evaluation settings saved with our checkpoint by ``mpsclip train`` (empty for any other file)."""
+    weights = resolve_checkpoint(path)
+    if weights.suffix != ".safetensors" or not config_path(weights).exists():
+        return {}
+    evaluation = read_saved_config(weights).get("evaluation")
+    return evaluation if isinstance(evaluation, dict) else {}
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu", trust_checkpoint: bool = False) -> Checkpoint:
+    """Read any supported checkpoint file (see the module docstring). A TorchScript archive runs code when loaded:
+    it is read only with ``trust_checkpoint`` (or inside :func:`mpsclip.trust.trusting_checkpoints`)."""
     path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         meta = read_saved_config(path)
@@ -125,24 +152,53 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise MPSCLIPError(f"{path}: not a readable safetensors file ({err})") from err
         return Checkpoint(path, "ours", state, meta)
+    if is_torchscript(path):
+        return Checkpoint(path, "backbone", _read_torchscript(path, map_location, trust_checkpoint))
     state, kind = _read_torch_file(path, map_location)
     return Checkpoint(path, kind, state)
 
 
+def load_plain(path: Path, what: str, remedy: str, map_location: str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never other
+    Python objects. Errors name the file's kind (``what``: "a checkpoint") and what to do (``remedy``)."""
+    if is_torchscript(path):
+        raise MPSCLIPError(f"{path}: a TorchScript archive, not {what}; {remedy}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused is None:
+            raise MPSCLIPError(f"{path}: not {what} mpsclip can read (not a readable PyTorch file: {err})") from err
+        raise MPSCLIPError(
+            f"{path}: not {what} mpsclip can read: besides tensors and plain values it holds the Python object "
+            f"{refused.group(1)}, which mpsclip never unpickles (unpickling it could run code); {remedy}"
+        ) from err
+    except Exception as err:  # torch raises many types for foreign files (IndexError, RuntimeError, EOFError ...)
+        raise MPSCLIPError(f"{path}: not {what} mpsclip can read (not a PyTorch file: {type(err).__name__})") from err
+
+
+def _read_torchscript(path: Path, map_location: str, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
+    """The state dict (open_clip's key space) of a TorchScript archive, loaded only when trusted."""
+    if not (trust_checkpoint or checkpoints_trusted()):
+        raise MPSCLIPError(
+            f"{path}: a TorchScript archive (like OpenAI's and GeoRSCLIP's CLIP releases); loading one runs code it "
+            "carries, so mpsclip loads it only when asked. If you trust where it came from, pass --trust-checkpoint "
+            "(API: trust_checkpoint=True); to need that only once, save it as a safetensors checkpoint: "
+            f"mpsclip.load_model({str(path)!r}, arch=ARCH, trust_checkpoint=True).save('model')"
+        )
+    try:
+        module = torch.jit.load(str(path), map_location=map_location)
+    except Exception as err:  # torch raises many types for broken archives
+        raise MPSCLIPError(f"{path}: a broken TorchScript archive ({type(err).__name__}: {err})") from err
+    state = dict(module.state_dict())
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    return state
+
+
 def _read_torch_file(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], Kind]:
     """Returns the state dict in our key space for 'authors', or open_clip's key space for 'backbone'."""
-    try:
-        if _is_torchscript(path):
-            obj = torch.jit.load(str(path), map_location=map_location)
-        else:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for foreign files
-        raise MPSCLIPError(f"{path}: not a checkpoint mpsclip can read ({type(err).__name__}: {err})") from err
-    if isinstance(obj, torch.jit.ScriptModule):
-        state = dict(obj.state_dict())
-        for key in ("input_resolution", "context_length", "vocab_size"):
-            state.pop(key, None)
-        return state, "backbone"
+    obj = load_plain(path, "a checkpoint", "save the weights as a plain state dict of tensors", map_location)
     if not isinstance(obj, Mapping):
         raise MPSCLIPError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, not a state dict)")
     if isinstance(obj.get("model"), Mapping):
@@ -160,12 +216,15 @@ def _read_torch_file(path: Path, map_location: str) -> tuple[dict[str, torch.Ten
     return state, "backbone"
 
 
-def _is_torchscript(path: Path) -> bool:
-    """OpenAI's CLIP releases are TorchScript archives: zip files holding a ``code/`` folder."""
-    if not zipfile.is_zipfile(path):
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's and GeoRSCLIP's CLIP releases): a zip holding
+    ``<name>/constants.pkl`` or a ``<name>/code/`` folder. Reads the zip's directory only; runs nothing."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+    return any(name.split("/")[1:] == ["constants.pkl"] or name.split("/")[1:2] == ["code"] for name in names)
 
 
 def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from mpsclip import __version__
 from mpsclip.commands._args import Parser
 from mpsclip.errors import MPSCLIPError
+from mpsclip.trust import trusting_checkpoints
 
 COMMANDS = (
     "mpsclip.commands.synth",
@@ -71,7 +72,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
     except SystemExit as done:  # --help, --version (0) and usage errors (2): a status, so main() always returns one
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     try:
-        return int(args._run(args) or 0)
+        with trusting_checkpoints(getattr(args, "trust_checkpoint", False)):
+            return int(args._run(args) or 0)
     except MPSCLIPError as err:
         print(f"{args._prog}: error: {err}", file=sys.stderr)
         return 2

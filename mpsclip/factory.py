@@ -63,10 +63,17 @@ def create_model(arch: str, family: str = "mpsclip", pretrained: str | None = No
     return get_family(family).create(arch, pretrained=pretrained, **options)
 
 
-def load_model(path: str | Path, arch: str | None = None, map_location: str = "cpu", **options: Any) -> RetrievalModel:
+def load_model(
+    path: str | Path,
+    arch: str | None = None,
+    map_location: str = "cpu",
+    trust_checkpoint: bool = False,
+    **options: Any,
+) -> RetrievalModel:
     """Build whichever family a checkpoint holds (ours, the authors' MPS-CLIP, PriorCLIP releases, open_clip/OpenAI
-    backbones); ``arch`` is needed for foreign files whose architecture is not recorded."""
-    checkpoint = read_checkpoint(path, map_location)
+    backbones); ``arch`` is needed for foreign files whose architecture is not recorded. ``trust_checkpoint``:
+    also load TorchScript archives (OpenAI, GeoRSCLIP), which run code of their own when loaded."""
+    checkpoint = read_checkpoint(path, map_location, trust_checkpoint)
     return build_from(checkpoint, arch, **options)
 
 

@@ -77,10 +77,13 @@ class MPSCLIP(nn.Module):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_checkpoint(cls, path: str | Path, arch: str | None = None, map_location: str = "cpu") -> MPSCLIP:
+    def from_checkpoint(
+        cls, path: str | Path, arch: str | None = None, map_location: str = "cpu", trust_checkpoint: bool = False
+    ) -> MPSCLIP:
         """Load ours (safetensors + JSON), the authors' ``checkpoint_best.pth``, an open_clip state dict or an
-        OpenAI JIT archive (backbone only: adapters then start at identity)."""
-        model = build_from(read_checkpoint(path, map_location), arch)
+        OpenAI JIT archive (backbone only: adapters then start at identity; it runs code when loaded, so only
+        with ``trust_checkpoint``)."""
+        model = build_from(read_checkpoint(path, map_location, trust_checkpoint), arch)
         if not isinstance(model, MPSCLIP):
             family = type(model).__name__
             raise MPSCLIPError(f"{path}: holds a {family} model; load it with mpsclip.{family}.from_checkpoint")

@@ -108,10 +108,12 @@ class PriorCLIP(nn.Module):
         arch: str | None = None,
         belief_weighting: str | None = None,
         map_location: str = "cpu",
+        trust_checkpoint: bool = False,
     ) -> PriorCLIP:
         """Ours (``.safetensors`` + ``.json``) or the authors' ``.pth`` (``state_dict``, ``module.`` prefix).
-        ``belief_weighting=None``: the saved mode for ours, ``"rank"`` for the authors' files."""
-        checkpoint = read_checkpoint(path, map_location)
+        ``belief_weighting=None``: the saved mode for ours, ``"rank"`` for the authors' files. ``trust_checkpoint``:
+        also a TorchScript archive (it runs code when loaded)."""
+        checkpoint = read_checkpoint(path, map_location, trust_checkpoint)
         if not claims(checkpoint):
             raise MPSCLIPError(
                 f"{checkpoint.path}: no res_visual.* / vision_proj_res.* keys and no priorclip config, so not a "

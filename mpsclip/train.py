@@ -3,6 +3,8 @@
 Resume is exact at epoch boundaries: the state saved after each epoch holds the model, optimizer,
 scheduler, epoch and every RNG, and each epoch's shuffling is seeded from ``seed + epoch``. A killed run
 restarted with ``--resume`` therefore loses at most the epoch in progress and ends with the same weights.
+``state.pt`` holds tensors and plain values only, and is read with ``torch.load(weights_only=True)``: a crafted
+file cannot run code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from mpsclip.adapters import AdapterConfig
+from mpsclip.checkpoints import load_plain, save_checkpoint
 from mpsclip.data.annotations import TrainRecord, load_eval, load_train
 from mpsclip.data.collate import Batch, collate
 from mpsclip.data.datasets import TrainDataset
@@ -135,7 +138,16 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (Python's is ints already; NumPy's key becomes a tensor)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy = {
+        "name": str(name),
+        "key": torch.from_numpy(key.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -143,7 +155,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    key = numpy["key"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["name"], key, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -205,15 +219,16 @@ def train(
     if cfg.train_file is None or cfg.image_root is None:
         raise MPSCLIPError("training needs train_file and image_root (config keys or --train-file/--image-root)")
     seed_everything(cfg.seed)
-    model = _build_model(cfg).to(rt.device)
-    if isinstance(model, MPSCLIP):
-        model.freeze_backbone(not cfg.unfreeze_backbone)
     records = load_train(cfg.train_file)
     dataset = TrainDataset(
         records, cfg.image_root, cfg.sub_root, max_sub_images=cfg.max_sub_images, skip_bad_images=cfg.skip_bad_images
     )
     if rt.main and dataset.num_skipped:
         print(f"skipped {dataset.num_skipped} training records whose image could not be read")
+    _require_a_batch(cfg, len(dataset), dataset.num_skipped, rt.world_size)
+    model = _build_model(cfg).to(rt.device)
+    if isinstance(model, MPSCLIP):
+        model.freeze_backbone(not cfg.unfreeze_backbone)
     steps_per_epoch = max(1, len(dataset) // (cfg.batch_size * rt.world_size))
     optimizer = build_optimizer(model, cfg)
     scheduler = linear_warmup_decay(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
@@ -224,6 +239,8 @@ def train(
             print(f"resuming after epoch {start_epoch} (best r_mean so far {best:.2f})")
     net = DistributedDataParallel(model, find_unused_parameters=True) if rt.world_size > 1 else model
     eval_images = load_eval(cfg.eval_file) if cfg.eval_file else None
+    if eval_images is not None and not eval_images:
+        raise MPSCLIPError(f"{cfg.eval_file}: holds no evaluation images; give a non-empty --eval-file or none")
     inputs = _loss_inputs(model, dataset.records)
     summary: dict[str, Any] = {}
     steps = 0
@@ -246,6 +263,19 @@ def train(
     if rt.world_size > 1:
         dist.destroy_process_group()
     return summary
+
+
+def _require_a_batch(cfg: TrainConfig, n_records: int, n_skipped: int, world_size: int) -> None:
+    """An epoch drops its last incomplete batch, so fewer captions than one batch per process would train nothing."""
+    needed = cfg.batch_size * world_size
+    if n_records >= needed:
+        return
+    skipped = f" ({n_skipped} skipped: unreadable images)" if n_skipped else ""
+    per = f" on each of {world_size} processes" if world_size > 1 else ""
+    raise MPSCLIPError(
+        f"{cfg.train_file}: {n_records} training captions{skipped}, fewer than one batch of {cfg.batch_size}{per}, "
+        "so an epoch would train nothing; add data or lower --batch-size"
+    )
 
 
 def _build_model(cfg: TrainConfig) -> MPSCLIP | PriorCLIP:
@@ -346,11 +376,12 @@ def _end_epoch(
     out: Path, model: MPSCLIP | PriorCLIP, optimizer, scheduler, cfg: TrainConfig, epoch: int, stats: dict, best: float
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "last")
+    evaluation = {"max_sub_images": cfg.max_sub_images}  # what `mpsclip evaluate` needs to report the same figures
+    save_checkpoint(model, model.config_dict(), model.family, out / "last", evaluation)
     score = stats.get("r_mean", -stats["total"])  # without an eval set, lower training loss is better
     if score > best:
         best = score
-        model.save(out / "best")
+        save_checkpoint(model, model.config_dict(), model.family, out / "best", evaluation)
     stats["best_r_mean"] = best
     state = {
         "epoch": epoch + 1,
@@ -375,10 +406,9 @@ def _end_epoch(
 def _load_state(path: Path, model: MPSCLIP | PriorCLIP, optimizer, scheduler) -> tuple[int, float]:
     """Restore from ``state.pt`` alone (it holds the trainable weights), so a crash between writing the
     checkpoints and the state can never pair weights and optimizer state of different epochs."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise MPSCLIPError(f"{path}: unreadable training state ({err}); delete it to start afresh") from err
+    state = load_plain(path, "a training state", "delete it to start afresh")
+    if not isinstance(state, dict) or not {"trainable", "optimizer", "scheduler", "rng", "epoch", "best"} <= set(state):
+        raise MPSCLIPError(f"{path}: not a training state written by mpsclip train; delete it to start afresh")
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["trainable"]]
     if missing:
         raise MPSCLIPError(f"{path}: saved by a run with other trainable parameters (e.g. {missing[0]})")

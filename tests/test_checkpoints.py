@@ -68,7 +68,9 @@ def test_backbone_only_jit_archive(tmp_path, batch):
     path = tmp_path / "openai.pt"
     traced = torch.jit.trace(_ClipWrapper(plain), batch["images"][:1], check_trace=False)
     traced.save(str(path))
-    loaded = MPSCLIP.from_checkpoint(path, arch=TINY).eval()
+    with pytest.raises(MPSCLIPError, match="TorchScript archive .* runs code"):
+        MPSCLIP.from_checkpoint(path, arch=TINY)
+    loaded = MPSCLIP.from_checkpoint(path, arch=TINY, trust_checkpoint=True).eval()
     with torch.no_grad():
         assert torch.allclose(
             loaded.encode_image(batch["images"]), plain.encode_image(batch["images"], normalize=True), atol=1e-6

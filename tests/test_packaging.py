@@ -51,9 +51,10 @@ def test_built_wheel_holds_every_package_and_imports_from_itself(tmp_path: Path)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, source]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", wheels, source]
     done = subprocess.run(build, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert "BuildBackendWarning" not in done.stdout + done.stderr  # packages and license as setuptools wants them
     (wheel,) = wheels.glob("mpsclip-*.whl")
     unpacked = tmp_path / "unpacked"
     with zipfile.ZipFile(wheel) as archive:

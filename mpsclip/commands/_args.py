@@ -161,6 +161,18 @@ def add_checkpoint(
     _add_late_required(
         parser, ("--checkpoint",), required=required, positional=positional, type=Path, metavar="CHECKPOINT", help=help
     )
+    add_trust_checkpoint(parser)
+
+
+def add_trust_checkpoint(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--trust-checkpoint``: also load TorchScript checkpoints, which run code of their own when loaded (the CLI
+    runs the command inside :func:`mpsclip.trust.trusting_checkpoints`)."""
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="also load a TorchScript checkpoint (OpenAI's or GeoRSCLIP's .pt JIT files): loading one runs code it "
+        "carries, so give this only for a file whose source you trust",
+    )
 
 
 def add_device(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "") -> None:

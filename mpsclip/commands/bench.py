@@ -37,7 +37,7 @@ import argparse
 from pathlib import Path
 
 from mpsclip.choices import ENGINES, PERSPECTIVES, PRECISIONS
-from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet, add_trust_checkpoint
 
 HELP = "benchmark engines (latency, throughput, ratio to plain open_clip), archive embedding and search"
 REPEATS, REPEATS_WITH_DURATION = 10, 1000
@@ -94,6 +94,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--checkpoint", type=Path, action="append", default=None, metavar="CHECKPOINT",
                         help="checkpoint to benchmark (repeat for several)")
+    add_trust_checkpoint(parser)
     parser.add_argument("--engines", type=_list(str, ENGINES), default=("torch", "optimized", "onnxruntime", "aoti"),
                         help=f"comma list of {', '.join(ENGINES)} (default: torch,optimized,onnxruntime,aoti)")
     parser.add_argument("--towers", type=_list(str, ("image", "text")), default=("image", "text"),

@@ -85,7 +85,11 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
         help=f"image-tower engine: {', '.join(RUNTIMES)} (torch: fast fused runtime on a GPU; others: --engine-dir)",
     )
     group.add_argument(
-        "--engine-dir", type=Path, default=None, metavar="DIR", help="an 'mpsclip export' folder for --engine"
+        "--engine-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="an 'mpsclip export' folder for --engine (its aoti and tensorrt files are code: load folders you trust)",
     )
     group.add_argument("--runtime", dest="engine", action=DeprecatedOption, new="--engine", choices=RUNTIMES)
     group.add_argument(

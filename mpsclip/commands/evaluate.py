@@ -33,13 +33,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_out(parser, "results path without suffix (default: <checkpoint>.eval)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--max-sub-images", type=int)
+    parser.add_argument(
+        "--max-sub-images", type=int, help="cap on sub-images per image (default: what mpsclip train evaluated with)"
+    )
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, counting them")
     add_device(parser)
     add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mpsclip.checkpoints import saved_evaluation
     from mpsclip.data.annotations import load_eval
     from mpsclip.data.synth import dataset_paths
     from mpsclip.devices import resolve_device
@@ -57,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, arch=args.arch).to(device)
     images = load_eval(eval_file)
+    max_sub_images = args.max_sub_images
+    if max_sub_images is None:
+        max_sub_images = saved_evaluation(args.checkpoint).get("max_sub_images")
     emb = embed_eval_set(
-        model, images, image_root, sub_root, args.batch_size, args.num_workers, args.max_sub_images, device,
+        model, images, image_root, sub_root, args.batch_size, args.num_workers, max_sub_images, device,
         skip_bad_images=args.skip_bad_images, progress=not args.quiet,
     )
     results = score_all_modes(emb)

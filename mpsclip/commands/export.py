@@ -3,6 +3,8 @@
 Adapters included, L2-normalised outputs, dynamic batch axis, parity verified against PyTorch. The output
 folder appears only if everything succeeded; it holds manifest.json describing inputs, preprocessing and
 parity figures. The same command is installed as ``mpsclip-export`` and runs as ``python -m mpsclip.export``.
+AOTInductor packages (.pt2, compiled shared libraries) and TensorRT engines (.plan) are code that runs when
+loaded: share them as you would share a program, and load only folders you made or trust.
 
 examples:
   # ONNX, both towers, parity-checked against PyTorch on CPU

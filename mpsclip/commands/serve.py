@@ -53,7 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run the towers on Triton Inference Server (default: yes where its binary can run)")
     parser.add_argument("--engine", choices=SERVE_ENGINES, default="torch",
                         help="what runs the towers (default: torch; the fast runtime on a GPU)")
-    parser.add_argument("--engine-dir", type=Path, metavar="DIR", help="'mpsclip export' folder for --engine")
+    parser.add_argument("--engine-dir", type=Path, metavar="DIR",
+                        help="'mpsclip export' folder for --engine (aoti/tensorrt files are code: trusted ones only)")
     parser.add_argument("--triton-http-port", type=int, metavar="PORT", help="Triton HTTP port (default: --port + 1)")
     parser.add_argument("--triton-grpc-port", type=int, metavar="PORT", help="Triton gRPC port (default: --port + 2)")
     parser.add_argument("--triton-metrics-port", type=int, metavar="PORT",

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from mpsclip.choices import MODEL_FAMILIES
-from mpsclip.commands._args import add_device, add_out, add_quiet
+from mpsclip.commands._args import add_device, add_out, add_quiet, add_trust_checkpoint
 
 HELP = "train MPS-CLIP (adapters + MPR; --unfreeze-backbone for full fine-tuning)"
 
@@ -35,6 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arch", help="open_clip architecture (PriorCLIP: ViT-B-32)")
     parser.add_argument("--init-checkpoint", help="start from this checkpoint (ours, the authors', open_clip)")
+    add_trust_checkpoint(parser)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)

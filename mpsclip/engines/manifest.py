@@ -1,4 +1,10 @@
-"""Reading an ``mpsclip export`` folder for an engine: its tower files, batch range, precision and checkpoint."""
+"""Reading an ``mpsclip export`` folder for an engine: its tower files, batch range, precision and checkpoint.
+
+A manifest names its files relative to its folder, and only files inside it: an absolute path, a ``..`` or a
+symbolic link leading out of the folder is refused, naming the manifest key (:func:`contained_file`). What the
+files hold is code all the same (AOTInductor packages are shared libraries, TensorRT engines run plugins):
+load only exports you made or trust.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ def read_export(folder: str | Path, kind: str, checkpoint_sha256: str | None = N
         )
     suffix = TOWER_SUFFIX[kind]
     towers = manifest.get("towers", {})
-    files = {t: folder / e["file"] for t, e in towers.items() if str(e.get("file", "")).endswith(suffix)}
+    named = {t: contained_file(folder, e.get("file"), f"{path}: towers.{t}.file") for t, e in towers.items()}
+    files = {t: file for t, file in named.items() if file.name.endswith(suffix)}
     if not files:
         raise MPSCLIPError(
             f"--engine {folder}: has no {suffix} tower for the {kind} engine; "
@@ -61,3 +68,23 @@ def read_export(folder: str | Path, kind: str, checkpoint_sha256: str | None = N
         checkpoint_sha256=exported,
         device=manifest.get("device"),
     )
+
+
+def contained_file(folder: Path, name: object, where: str) -> Path:
+    """``folder / name`` for a relative ``name`` that stays inside ``folder``, symbolic links followed; else an
+    error naming ``where`` (the manifest and key)."""
+    if not isinstance(name, str) or not name:
+        raise MPSCLIPError(f"{where}: {name!r} is not a file name; export the checkpoint again")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise MPSCLIPError(
+            f"{where}: {name!r} points outside the export folder; a manifest names only files inside its folder, "
+            "relative to it (export the checkpoint again)"
+        )
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise MPSCLIPError(
+            f"{where}: {name!r} is a symbolic link leading outside the export folder; a manifest names only files "
+            "inside its folder (export the checkpoint again)"
+        )
+    return path
