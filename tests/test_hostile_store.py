@@ -19,7 +19,15 @@ from PIL import Image
 from mpsclip.archive.items import item_from_meta
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import exact_topk, search_store
-from mpsclip.archive.store import ShardRows, open_store, shard_path, verify_store, write_manifest, write_shard
+from mpsclip.archive.store import (
+    ShardRows,
+    open_store,
+    read_manifest,
+    shard_path,
+    verify_store,
+    write_manifest,
+    write_shard,
+)
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 
@@ -159,7 +167,9 @@ def test_item_paths_outside_the_source_are_refused_naming_the_item(tmp_path: Pat
         "tar": {"kind": "tar-member", "tar": "/etc/passwd", "member": "x.png", "offset": 0, "size": 9},
     }
     store = _crafted(tmp_path / "s", _unit_rows(list(metas), list(metas.values())), source)
-    manifest = open_store(store).manifest
+    with pytest.raises(MPSCLIPError, match=r"shard-00000\.parquet: item absolute: its path .* is absolute"):
+        open_store(store)  # what search and serve open first
+    manifest = read_manifest(store)
     assert item_from_meta("ok", metas["ok"], manifest).path == source / "ok.png"
     for item_id, why in (("absolute", "is absolute"), ("climbing", "'..'"), ("linked", "symbolic link"),
                          ("tar", "is absolute")):
@@ -168,11 +178,12 @@ def test_item_paths_outside_the_source_are_refused_naming_the_item(tmp_path: Pat
 
     problems = verify_store(store).problems
     assert len(problems) == 4 and all("shard-00000.parquet: item " in p for p in problems)
-    with TestClient(create_app(Catalog([store]))) as client:
-        assert client.get("/items/s/ok/thumbnail").status_code == 200
-        for item_id in ("absolute", "climbing", "linked"):
-            answer = client.get(f"/items/s/{item_id}/thumbnail")
-            assert answer.status_code == 404 and f"item {item_id}" in answer.text
+
+    linked = _crafted(tmp_path / "linked", _unit_rows(["ok", "linked"], [metas["ok"], metas["linked"]]), source)
+    with TestClient(create_app(Catalog([linked]))) as client:  # a link is seen when it is followed
+        assert client.get("/items/linked/ok/thumbnail").status_code == 200
+        answer = client.get("/items/linked/linked/thumbnail")
+        assert answer.status_code == 404 and "item linked: its path link.png leads outside" in answer.text
 
 
 def test_embed_refuses_a_source_with_a_link_or_a_path_outside_it(ckpt: Path, tmp_path: Path) -> None:

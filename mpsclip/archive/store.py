@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -213,10 +214,37 @@ def check_shard(path: Path, record: dict[str, Any]) -> None:
         )
 
 
+_PATHS_CHECKED: dict[Path, tuple[int, int]] = {}
+"""Shards whose item paths were checked, with the ``(size, mtime_ns)`` they had then."""
+
+
+def check_item_paths(path: Path, source_root: str | Path) -> None:
+    """Refuse a shard holding an item whose ``source_path`` is absolute or climbs out with ``..``, naming the
+    item (links are followed when an item is opened: :func:`~mpsclip.archive.items.contained_path`). Shards
+    written before the lifted columns are left to that check."""
+    from mpsclip.archive.items import contained_path
+
+    with reading(path):
+        stat = path.stat()
+    key = path.absolute()
+    if _PATHS_CHECKED.get(key) == (stat.st_size, stat.st_mtime_ns):
+        return
+    if "source_path" in _column_names(path):
+        table = _read_table(path, ["id", "source_path"])
+        paths = table.column("source_path")
+        suspect = pc.or_kleene(pc.starts_with(paths, "/"), pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)"))
+        for row in table.filter(pc.fill_null(suspect, False)).to_pylist():
+            try:
+                contained_path(source_root, row["source_path"], row["id"])
+            except MPSCLIPError as err:
+                raise MPSCLIPError(f"{path}: {err}") from err
+    _PATHS_CHECKED[key] = (stat.st_size, stat.st_mtime_ns)
+
+
 def shard_rows(store: Path, manifest: dict[str, Any], n_shards: int) -> tuple[int, ...]:
     """The rows of shards ``0..n_shards-1``; those the manifest records are checked against their record (a shard
     written since, which 'mpsclip embed' records next, and the shards of stores made before records are counted
-    from their footer)."""
+    from their footer). Every shard's item paths are checked (:func:`check_item_paths`)."""
     records = manifest.get("shards") or []
     rows = []
     for shard in range(n_shards):
@@ -226,6 +254,7 @@ def shard_rows(store: Path, manifest: dict[str, Any], n_shards: int) -> tuple[in
             rows.append(int(records[shard]["rows"]))
         else:
             rows.append(shard_num_rows(path))
+        check_item_paths(path, manifest.get("source_root", store))
     return tuple(rows)
 
 
