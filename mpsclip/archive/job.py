@@ -27,6 +27,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -136,7 +137,7 @@ def list_items(source: Path, settings: EmbedSettings) -> list[Item]:
     if not items:
         raise MPSCLIPError(f"{source}: no JPEG/PNG/TIFF images found")
     items.sort(key=lambda item: item.id)
-    for before, item in zip(items, items[1:], strict=False):
+    for before, item in pairwise(items):
         if before.id == item.id:
             raise MPSCLIPError(f"{source}: item id {item.id} is listed twice; give each image once")
     _check_contained(items, source_root(source))
