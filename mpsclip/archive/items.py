@@ -85,10 +85,10 @@ def contained_path(root: str | Path, relative: str | Path, item_id: str | None =
     """``relative`` joined to ``root``; raises :class:`MPSCLIPError` naming the item when it is absolute, has a
     ``..`` part or, symlinks followed, lies outside ``root``."""
     name = f"item {item_id}" if item_id is not None else f"item path {relative}"
-    parts = PurePosixPath(str(relative)).parts
-    if Path(relative).is_absolute() or PurePosixPath(str(relative)).is_absolute():
+    posix = PurePosixPath(str(relative))  # meta paths use '/' separators
+    if posix.is_absolute():
         problem = f"its path {relative} is absolute"
-    elif ".." in parts:
+    elif ".." in posix.parts:
         problem = f"its path {relative} climbs out of the source folder with '..'"
     else:
         path = Path(root) / relative

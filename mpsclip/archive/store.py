@@ -477,7 +477,8 @@ def check_norms(path: Path, name: str, values: np.ndarray, positions: np.ndarray
     (rows ``positions`` of the shard, None: all in order) has no unit norm within :data:`NORM_TOLERANCE`."""
     if values.size == 0:
         return
-    norms = np.linalg.norm(values.astype(np.float32), axis=-1).reshape(len(values), -1)
+    flat = torch.from_numpy(values.reshape(-1, values.shape[-1]))
+    norms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32).numpy().reshape(len(values), -1)
     bad = ~(np.abs(norms - 1.0) <= NORM_TOLERANCE).all(axis=1)  # NaN is bad too
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
