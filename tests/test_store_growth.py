@@ -138,7 +138,13 @@ def test_killed_run_with_failures_resumes_to_the_same_files(
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     embed(source, whole)
     embed(source, killed, 2)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]  # killed after shard 1 was renamed in, before the manifest recorded it
+    (killed / "manifest.json").write_text(json.dumps(manifest))
+    stale = killed / ".shard-00002.parquet.k1ll3d.tmp"  # and what a kill while writing a shard leaves
+    stale.write_bytes(b"PAR1 half")
     resumed = embed(source, killed)
+    assert not stale.exists()
     assert resumed.complete and resumed.n_failed == 1 and resumed.n_embedded == 5
     assert _shards(killed) == _shards(whole) and _files(killed)["manifest.json"] == _files(whole)["manifest.json"]
     failures = [[(f["id"], f["shard"]) for f in read_failures(store)] for store in (killed, whole)]
