@@ -13,7 +13,7 @@ import torch
 
 from mpsclip.archive.embedder import Embedder
 from mpsclip.archive.job import EmbedSettings, EmbedSummary, LocalExecutor, open_job, run_job
-from mpsclip.archive.search import search_store
+from mpsclip.archive.search import search_store, to_hits
 from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import load_store, open_store, pruned_rows, read_failures, read_pruned
 from mpsclip.cli import main
@@ -185,6 +185,8 @@ def test_embed_cli_prune_and_searches_skip_pruned_items(
     for mode in ("fused", "global", "max-response"):
         hits = search_store(info, query, 10, mode)[0]
         assert len(hits) == 5 and names[3] not in {h.id for h in hits}
+    hits = to_hits(info, torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[3, 0, 5]]))[0]  # as an index answers
+    assert [(h.rank, h.id) for h in hits] == [(1, names[0]), (2, names[5])]
     assert main(["search", str(store), "a harbor", "-k", "10", "--format", "json", "--device", "cpu"]) == 0
     assert names[3] not in capsys.readouterr().out
     shutil.copy(synth / "images" / names[3], source / names[3])  # back again: no longer pruned, not embedded twice

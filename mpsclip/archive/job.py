@@ -291,14 +291,14 @@ def open_job(
     ``decode`` is the JPEG decoding the executor resolved (``cpu`` or ``device``)."""
     items = items if items is not None else list_items(source, settings)
     identity = _identity(model_identity(checkpoint, arch), settings, decode, source)
+    for name in ("shard-*", MANIFEST, FAILURES, PRUNED):  # left by a killed run; removed first, so that a folder
+        remove_stale_temporaries(store, name)  # holding only them is not refused as not a store
     old = _check_resumable(store, identity)
     manifest = {**identity, "source_root": str(source_root(source)), "mpsclip_version": __version__}
     manifest["unit_norm"] = True
     if old is not None and "dim" in old:
         manifest |= {"dim": old["dim"], "views": old["views"]}
     store.mkdir(parents=True, exist_ok=True)
-    for name in ("shard-*", MANIFEST, FAILURES, PRUNED):
-        remove_stale_temporaries(store, name)
     plan = _plan(store, items, retry_failed)
     manifest["shards"] = _shard_records(store, old, plan.done)
     pruned = _pruned(store, plan, items, prune)

@@ -223,8 +223,10 @@ def _prefetched(
 
 
 def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:
-    """Hits (best first) of ``(scores, rows)`` from :func:`exact_topk`, with ids and metas read from the store."""
-    wanted = [int(r) for r in rows.flatten().tolist() if r >= 0]
+    """Hits (best first) of ``(scores, rows)`` from :func:`exact_topk` (or an index), with ids and metas read from
+    the store; pruned items are left out."""
+    pruned = set(pruned_rows(info).tolist())
+    wanted = [int(r) for r in rows.flatten().tolist() if r >= 0 and r not in pruned]
     found = read_ids_metas(info, wanted)
     results = []
     for q_scores, q_rows in zip(scores.tolist(), rows.tolist(), strict=True):
@@ -232,6 +234,8 @@ def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[l
         for score, row in zip(q_scores, q_rows, strict=True):
             if row < 0:
                 break
+            if row in pruned:
+                continue
             item_id, meta = found[row]
             hits.append(Hit(rank=len(hits) + 1, score=float(score), id=item_id, meta=meta))
         results.append(hits)
