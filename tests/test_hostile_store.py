@@ -149,6 +149,14 @@ def test_an_embedding_off_the_unit_sphere_is_an_error_naming_shard_and_row(tmp_p
     assert len(report.problems) == 1 and "row 2 has a 'retrieval' embedding" in report.problems[0]
 
 
+def test_a_shard_of_another_layout_is_an_error_naming_it(tmp_path: Path) -> None:
+    store = _crafted(tmp_path / "s", _unit_rows(["a", "b"], [{}, {}]), tmp_path)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "dim": 2 * DIM}))  # the shard holds 8-d rows
+    with pytest.raises(MPSCLIPError, match=r"shard-00000\.parquet: its columns are not those of a shard with .* 16"):
+        search_store(open_store(store), _query(2 * DIM), 1, "fused")
+
+
 def _png(path: Path) -> None:
     Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
 

@@ -493,21 +493,31 @@ def check_norms(path: Path, name: str, values: np.ndarray, positions: np.ndarray
 def _decode(
     info: StoreInfo, table: pa.Table, columns: list[str], path: Path, positions: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name in columns:
-        if name == "meta":
-            out[name] = np.array([json.dumps(m, sort_keys=True) for m in merged_metas(table)], dtype=object)
-        elif name == "id":
-            out[name] = np.array(table.column(name).to_pylist(), dtype=object)
-        elif name == "valid":
-            out[name] = _column(table, name, info.views, np.bool_)
-        elif name == "perspectives":
-            out[name] = _column(table, name, info.views * info.dim, np.float16).reshape(-1, info.views, info.dim)
-        else:
-            out[name] = _column(table, name, info.dim, np.float16)
-        if name in EMBEDDING_COLUMNS and unit_norm(info.manifest):
+    """``columns`` of a shard's ``table`` as :func:`read_shard` gives them, embedding norms checked; a column that
+    is not what the manifest says (width, JSON) is an error naming the shard ``path``."""
+    try:
+        out = {name: _decoded(info, table, name) for name in columns}
+    except (ValueError, KeyError, TypeError, pa.ArrowException) as err:  # JSONDecodeError is a ValueError
+        raise MPSCLIPError(
+            f"{path}: its columns are not those of a shard with the manifest's dim {info.manifest.get('dim')} and "
+            f"views {info.manifest.get('views')} ({type(err).__name__}: {err}); " + _what_to_do(path)
+        ) from err
+    if unit_norm(info.manifest):
+        for name in [c for c in EMBEDDING_COLUMNS if c in columns]:
             check_norms(path, name, out[name], positions)
     return out
+
+
+def _decoded(info: StoreInfo, table: pa.Table, name: str) -> np.ndarray:
+    if name == "meta":
+        return np.array([json.dumps(m, sort_keys=True) for m in merged_metas(table)], dtype=object)
+    if name == "id":
+        return np.array(table.column(name).to_pylist(), dtype=object)
+    if name == "valid":
+        return _column(table, name, info.views, np.bool_)
+    if name == "perspectives":
+        return _column(table, name, info.views * info.dim, np.float16).reshape(-1, info.views, info.dim)
+    return _column(table, name, info.dim, np.float16)
 
 
 def read_ids_metas(info: StoreInfo, rows: list[int]) -> dict[int, tuple[str, dict[str, Any]]]:
