@@ -28,6 +28,7 @@ COMMANDS = (
     "mpsclip.commands.embed",
     "mpsclip.commands.index",
     "mpsclip.commands.search",
+    "mpsclip.commands.verify",
     "mpsclip.commands.serve",
     "mpsclip.commands.export",
     "mpsclip.commands.bench",

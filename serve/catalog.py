@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from mpsclip.archive.geoparquet import footprint_array, footprints_meeting
@@ -45,6 +44,7 @@ from mpsclip.archive.store import (
     read_shard,
     relocate_source,
     shard_path,
+    shard_rows,
 )
 from mpsclip.errors import MPSCLIPError
 
@@ -108,7 +108,7 @@ def open_snapshot(path: Path) -> StoreInfo:
         return open_store(path)
     if "dim" not in manifest:
         raise MPSCLIPError(f"{path}: 'mpsclip embed' has not finished a shard of it yet; reload once it has")
-    rows = tuple(pq.read_metadata(shard_path(path, i)).num_rows for i in range(count_complete_shards(path)))
+    rows = shard_rows(path, manifest, count_complete_shards(path))
     if sum(rows) == 0:
         raise MPSCLIPError(f"{path}: the shards finished so far hold no embeddings; reload once more are written")
     return StoreInfo(path, manifest, rows)

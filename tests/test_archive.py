@@ -128,6 +128,9 @@ def test_shards_with_fp16_list_columns_read_the_same(store: Path, tmp_path: Path
         lists = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
         table = table.set_column(table.schema.get_field_index(name), name, lists)
     pq.write_table(table, copy / "shard-00000.parquet")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["shards"]  # such stores were made before the manifest recorded shard digests
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     old = read_shard(open_store(copy), 0, ["retrieval", "global", "perspectives", "valid"])
     for name, values in new.items():
         np.testing.assert_array_equal(old[name], values)

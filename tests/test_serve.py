@@ -333,8 +333,9 @@ def test_reload_serves_finished_shards_and_keeps_the_last_good_version(
         broken.write_bytes(b"PAR1 not a parquet file")
         with caplog.at_level("WARNING", logger="mpsclip.serve"):
             failed = reload()
-        assert failed["items"] == 3 and failed["reload"].startswith("failed: ArrowInvalid")
-        assert listed()["reload"]["error"].startswith("ArrowInvalid") and listed()["reload"]["failed_at"]
+        assert failed["items"] == 3 and failed["reload"].startswith("failed: MPSCLIPError")
+        assert "shard-00001.parquet: cannot be read as a shard" in failed["reload"]  # the file named, no raw pyarrow
+        assert listed()["reload"]["error"].startswith("MPSCLIPError") and listed()["reload"]["failed_at"]
         assert "reload failed, still serving" in caplog.text
         assert len(c.post("/search", json={"text": "a harbor", "k": 6}).json()["hits"]) == 3
         broken.unlink()

@@ -11,10 +11,11 @@ An :class:`Item` has an explicit ``kind``:
   (meta as ``geotiff-window``'s, with ``hrefs`` instead of ``scene``); see :mod:`mpsclip.archive.remote`.
 
 Every path in an item's meta (``path``, ``tar``, ``scene``) is relative to the SOURCE root recorded in the store's
-manifest as ``source_root`` (an absolute path outside the root stays absolute), so a store moved to another folder
-or machine still finds its images: :func:`resolve_source_path` joins them again, :func:`item_from_meta` rebuilds
-the item of a stored row (a remote item only when its hosts are among those the store's manifest declares,
-``remote_hosts``). Reading pixels is :mod:`mpsclip.archive.readers`' job.
+manifest as ``source_root``, so a store moved to another folder or machine still finds its images:
+:func:`resolve_source_path` joins them again, :func:`item_from_meta` rebuilds the item of a stored row (a remote
+item only when its hosts are among those the store's manifest declares, ``remote_hosts``). A store is untrusted
+input: a meta path that is absolute, climbs out with ``..`` or leads outside the root through a symlink is
+refused, naming the item (:func:`contained_path`). Reading pixels is :mod:`mpsclip.archive.readers`' job.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
 from PIL import Image
@@ -97,9 +98,30 @@ def relative_to_root(path: Path, root: Path) -> str:
         return str(absolute)
 
 
-def resolve_source_path(info_or_root: Any, relative: str | Path) -> Path:
+def contained_path(root: str | Path, relative: str | Path, item_id: str | None = None) -> Path:
+    """``relative`` joined to ``root``; raises :class:`MPSCLIPError` naming the item when it is absolute, has a
+    ``..`` part or, symlinks followed, lies outside ``root``."""
+    name = f"item {item_id}" if item_id is not None else f"item path {relative}"
+    posix = PurePosixPath(str(relative))  # meta paths use '/' separators
+    if posix.is_absolute():
+        problem = f"its path {relative} is absolute"
+    elif ".." in posix.parts:
+        problem = f"its path {relative} climbs out of the source folder with '..'"
+    else:
+        path = Path(root) / relative
+        if path.resolve().is_relative_to(Path(root).resolve()):
+            return path
+        problem = f"its path {relative} leads outside the source folder through a symbolic link"
+    raise MPSCLIPError(
+        f"{name}: {problem}; an item's file must lie inside the store's source folder {root}. The store was altered "
+        "or the source holds such a link: remove the link (or copy the file in) and embed the source again"
+    )
+
+
+def resolve_source_path(info_or_root: Any, relative: str | Path, item_id: str | None = None) -> Path:
     """The file a meta path names: ``relative`` joined to the source root, given as a path, a store manifest
-    (dict with ``source_root``) or a :class:`~mpsclip.archive.store.StoreInfo`; an absolute path stays as is."""
+    (dict with ``source_root``) or a :class:`~mpsclip.archive.store.StoreInfo`; refused (naming ``item_id``) when it
+    does not lie inside the root (:func:`contained_path`)."""
     root = info_or_root
     if hasattr(root, "manifest"):
         root = root.manifest
@@ -109,7 +131,7 @@ def resolve_source_path(info_or_root: Any, relative: str | Path) -> Path:
                 "the store's manifest has no source_root (made before stores recorded it); embed the source again"
             )
         root = root["source_root"]
-    return Path(root) / relative
+    return contained_path(root, relative, item_id)
 
 
 def item_from_meta(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Item:
@@ -122,7 +144,7 @@ def item_from_meta(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Ite
         return Item(item_id, Path(hrefs[0] if not is_url(hrefs[0]) else meta["hrefs"][0]), meta, kind, hrefs)
     if kind not in PATH_KEYS:
         raise MPSCLIPError(f"item {item_id}: its meta has no item kind ({kind!r}); embed the source again")
-    return Item(item_id, resolve_source_path(info_or_root, meta[PATH_KEYS[kind]]), meta, kind)
+    return Item(item_id, resolve_source_path(info_or_root, meta[PATH_KEYS[kind]], item_id), meta, kind)
 
 
 def _stored_hrefs(item_id: str, meta: dict[str, Any], info_or_root: Any) -> tuple[str, ...]:
@@ -137,7 +159,7 @@ def _stored_hrefs(item_id: str, meta: dict[str, Any], info_or_root: Any) -> tupl
     for href in hrefs:
         if not is_url(href):
             gdal_path(href)  # refuses GDAL virtual paths and other schemes
-            readable.append(str(resolve_source_path(info_or_root, href)))
+            readable.append(str(resolve_source_path(info_or_root, href, item_id)))
         elif allowed is None or allowed_remote(href, allowed):
             readable.append(href)
         else:

@@ -27,8 +27,17 @@ import torch
 
 from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
 from mpsclip.archive.items import Item
-from mpsclip.archive.job import EmbedSummary, Job, LocalExecutor, ShardResult, list_items, open_job, run_job
-from mpsclip.archive.store import count_complete_shards, read_manifest
+from mpsclip.archive.job import (
+    EmbedSummary,
+    Job,
+    LocalExecutor,
+    ShardResult,
+    list_items,
+    open_job,
+    pending_items,
+    run_job,
+)
+from mpsclip.archive.store import read_manifest
 from mpsclip.checkpoints import resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
@@ -155,9 +164,8 @@ class RayExecutor:
             yield int(row["shard"]), shard_rows, failed
 
 
-def _all_done(store: Path, n_items: int, settings: EmbedSettings) -> bool:
-    n_shards = (n_items + settings.shard_size - 1) // settings.shard_size
-    return read_manifest(store) is not None and count_complete_shards(store) >= n_shards
+def _all_done(store: Path, items: list[Item], retry_failed: bool) -> bool:
+    return read_manifest(store) is not None and not pending_items(store, items, retry_failed)
 
 
 def _decode_without_cluster(store: Path, settings: EmbedSettings) -> str:
@@ -180,6 +188,8 @@ def embed_archive_ray(
     num_actors: int | None = None,
     gpus_per_actor: float | None = None,
     progress: bool = True,
+    prune: bool = False,
+    retry_failed: bool = False,
 ) -> EmbedSummary:
     """Embed ``source`` into ``store`` (resuming a partial store) with a Ray Data actor pool.
 
@@ -187,7 +197,8 @@ def embed_archive_ray(
     local instance (shut down at the end), ``"auto"`` joins a running cluster; an address where nothing answers
     fails within :data:`CONNECT_TIMEOUT_S`. ``num_actors`` defaults to one actor per GPU (``gpus_per_actor``,
     default 1 when the cluster has GPUs), else to the CPUs divided by each actor's share (1 +
-    ``settings.workers``). A store whose shards are all done is closed without starting Ray."""
+    ``settings.workers``). A store whose shards are all done is closed without starting Ray; ``prune`` and
+    ``retry_failed`` as in :func:`~mpsclip.archive.job.open_job`."""
     ray = _import_ray()
     if num_actors is not None and num_actors < 1:
         raise MPSCLIPError(f"--ray-actors must be 1 or more, got {num_actors}")
@@ -196,8 +207,9 @@ def embed_archive_ray(
     source, store = Path(source), Path(store)
     items = list_items(source, settings)
     ckpt = resolve_checkpoint(checkpoint)
-    if _all_done(store, len(items), settings):
-        job = open_job(source, store, ckpt, arch, settings, _decode_without_cluster(store, settings), items)
+    grow = {"prune": prune, "retry_failed": retry_failed}
+    if _all_done(store, items, retry_failed):
+        job = open_job(source, store, ckpt, arch, settings, _decode_without_cluster(store, settings), items, **grow)
         return run_job(job, LocalExecutor(ckpt, arch, settings), progress)  # nothing left to embed
     started = not ray.is_initialized()
     if started:
@@ -205,7 +217,7 @@ def embed_archive_ray(
     try:
         actors = _plan_actors(ray, settings, num_actors, gpus_per_actor)
         decode = resolve_decode(actors.settings.decode, torch.device(actors.settings.device))
-        job = open_job(source, store, ckpt, arch, settings, decode, items)
+        job = open_job(source, store, ckpt, arch, settings, decode, items, **grow)
         return run_job(job, RayExecutor(ray, ckpt, arch, actors), progress)
     finally:
         if started:

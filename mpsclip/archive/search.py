@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mpsclip.archive.geoparquet import footprint_intersects, valid_footprint
 from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
-from mpsclip.archive.store import StoreInfo, read_ids_metas, read_shard, read_shard_in_bbox
+from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_in_bbox
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
@@ -168,7 +168,8 @@ def exact_topk(
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive top-``k`` per query over the store, streamed shard by shard on the queries' device:
-    ``(scores [Q, k], store rows [Q, k])`` on the CPU, sorted by (score desc, row asc); padding row ``-1``."""
+    ``(scores [Q, k], store rows [Q, k])`` on the CPU, sorted by (score desc, row asc); padding row ``-1``.
+    Pruned items (:func:`~mpsclip.archive.store.pruned_rows`) are skipped."""
     from mpsclip.kernels.maxsim import merge_topk
 
     if k < 1:
@@ -179,9 +180,13 @@ def exact_topk(
     device, n_queries = queries.device, queries.shape[0]
     best_s = torch.full((n_queries, 0), float("-inf"), device=device)
     best_i = torch.full((n_queries, 0), -1, dtype=torch.int64, device=device)
+    skip = pruned_rows(info)
     for offset, (positions, cols) in _prefetched(info, columns, bbox, progress):
         views, valid = mode_views(cols, mode)
         rows = torch.arange(offset, offset + len(views)) if positions is None else torch.from_numpy(positions) + offset
+        if len(skip):
+            keep = torch.from_numpy(~np.isin(rows.numpy(), skip))
+            views, valid, rows = views[keep], None if valid is None else valid[keep], rows[keep]
         if len(rows) == 0:
             continue
         s, i = scored_topk(queries, views, valid, rows, k)
@@ -218,8 +223,10 @@ def _prefetched(
 
 
 def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:
-    """Hits (best first) of ``(scores, rows)`` from :func:`exact_topk`, with ids and metas read from the store."""
-    wanted = [int(r) for r in rows.flatten().tolist() if r >= 0]
+    """Hits (best first) of ``(scores, rows)`` from :func:`exact_topk` (or an index), with ids and metas read from
+    the store; pruned items are left out."""
+    pruned = set(pruned_rows(info).tolist())
+    wanted = [int(r) for r in rows.flatten().tolist() if r >= 0 and r not in pruned]
     found = read_ids_metas(info, wanted)
     results = []
     for q_scores, q_rows in zip(scores.tolist(), rows.tolist(), strict=True):
@@ -227,6 +234,8 @@ def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[l
         for score, row in zip(q_scores, q_rows, strict=True):
             if row < 0:
                 break
+            if row in pruned:
+                continue
             item_id, meta = found[row]
             hits.append(Hit(rank=len(hits) + 1, score=float(score), id=item_id, meta=meta))
         results.append(hits)

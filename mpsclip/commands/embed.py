@@ -1,8 +1,11 @@
 """Embed an image archive (folders, path lists, WebDataset shards, GeoTIFF scenes) into a Parquet store for search.
 
 The store is a folder of shard-NNNNN.parquet files (fp16 embeddings) with manifest.json and failures.jsonl.
-A killed run resumes where it stopped when started again with the same arguments; a store made with another
-checkpoint or other settings is refused. Unreadable images are skipped and listed in failures.jsonl.
+Shards are made from item ids: running embed again on a source that gained items embeds only the new items, into
+new shards, and leaves the existing shards as they are; a killed run resumes where it stopped when started again
+with the same arguments; a store made with another checkpoint or other settings is refused. Unreadable images
+are skipped and listed in failures.jsonl (--retry-failed tries them again); --prune lists the stored items whose
+source disappeared in pruned.jsonl, and searches skip them. Every item's file must lie inside SOURCE.
 With --tile-size, georeferenced GeoTIFF scenes are cut into tiles (needs rasterio: pip install 'mpsclip[geo]');
 each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpsclip search --bbox/--format geojson');
 --resolution M reads tiles resampled to M-metre pixels (projected CRS only).
@@ -11,6 +14,7 @@ one item per sample with a jpg/png/tif image; .tar shards inside a folder are re
 
 example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
+  mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors --prune --retry-failed
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
   mpsclip embed images/ --out store --checkpoint best.safetensors --engine onnxruntime --engine-dir exported/
@@ -44,6 +48,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_checkpoint(parser, required=True)
     parser.add_argument("--arch", default=None, help="architecture, for checkpoints that do not record it")
     add_quiet(parser)
+    parser.add_argument(
+        "--prune", action="store_true", help="list stored items whose source disappeared in pruned.jsonl (skipped)"
+    )
+    parser.add_argument("--retry-failed", action="store_true", help="embed the items of failures.jsonl again")
     _perspective_arguments(parser.add_argument_group("perspectives (sub-images)"))
     _speed_arguments(parser.add_argument_group("speed and engines"))
     _tile_arguments(parser.add_argument_group("GeoTIFF scenes (needs rasterio)"))
@@ -215,20 +223,25 @@ def run(args: argparse.Namespace) -> int:
             address=args.ray_address,
             num_actors=args.ray_actors,
             progress=not args.quiet,
+            prune=args.prune,
+            retry_failed=args.retry_failed,
         )
     elif args.ray_address is not None or args.ray_actors is not None:
         raise MPSCLIPError("--ray-address and --ray-actors are only used with --ray; add it or drop them")
     else:
         summary = embed_archive(
-            args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
+            args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet,
+            prune=args.prune, retry_failed=args.retry_failed,
         )
-    rate = (summary.n_embedded / summary.seconds) if summary.seconds > 0 else 0.0
+    rate = (summary.n_new / summary.seconds) if summary.seconds > 0 else 0.0
     print(
         f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in "
         f"{summary.n_shards} shards ({summary.seconds:.1f} s, {rate:.1f} items/s overall)"
     )
     if summary.n_resumed_shards:
-        print(f"  resumed after {summary.n_resumed_shards} existing shards")
+        print(f"  {summary.n_new} new items embedded after {summary.n_resumed_shards} existing shards")
+    if summary.n_pruned:
+        print(f"  {summary.n_pruned} stored items whose source disappeared are pruned (searches skip them)")
     if summary.n_failed:
         print(f"  {summary.n_failed} unreadable items skipped, listed in {summary.store / 'failures.jsonl'}")
     return 0
