@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from mpsclip import __version__
 from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode, resolve_device
+from mpsclip.archive.hrefs import REMOTE_KINDS, remote_hosts
 from mpsclip.archive.items import PATH_KEYS, Item, TileSettings, contained_path
 from mpsclip.archive.sources import iter_items, source_root
 from mpsclip.archive.store import (
@@ -296,6 +297,9 @@ def open_job(
     old = _check_resumable(store, identity)
     manifest = {**identity, "source_root": str(source_root(source)), "mpsclip_version": __version__}
     manifest["unit_norm"] = True
+    hosts = set((old or {}).get("remote_hosts") or []) | set(remote_hosts(items))
+    if hosts:  # the only hosts a stored remote item is read from again (thumbnails, renders, re-embedding)
+        manifest["remote_hosts"] = sorted(hosts)
     if old is not None and "dim" in old:
         manifest |= {"dim": old["dim"], "views": old["views"]}
     store.mkdir(parents=True, exist_ok=True)
@@ -314,6 +318,11 @@ def open_job(
     return Job(store, items, settings, manifest, plan.done, chunks, plan.failures, pruned, stored_rows)
 
 
+def _public_path(item: Item) -> str:
+    """What ``failures.jsonl`` names: the file, or a remote item's URLs as stored (no credentials, no query)."""
+    return ", ".join(item.meta["hrefs"]) if item.kind in REMOTE_KINDS else str(item.path)
+
+
 def record_shard(job: Job, shard: int, rows: ShardRows, failed: list[tuple[Item, str]]) -> None:
     """Write shard ``shard`` (shards must be recorded in order); its failures are listed first and its record
     (rows, SHA-256) is added to the manifest after. The first shard recorded gives the manifest its ``dim`` and
@@ -323,7 +332,7 @@ def record_shard(job: Job, shard: int, rows: ShardRows, failed: list[tuple[Item,
         raise MPSCLIPError(f"{job.store}: shard {shard} recorded out of order (next is {expected})")
     if "dim" not in job.manifest:
         job.manifest |= {"dim": int(rows.retrieval.shape[1]), "views": int(rows.perspectives.shape[1])}
-    job.failures += [{"id": it.id, "path": str(it.path), "error": err, "shard": shard} for it, err in failed]
+    job.failures += [{"id": it.id, "path": _public_path(it), "error": err, "shard": shard} for it, err in failed]
     write_failures(job.store, job.failures)  # before the shard: a complete shard always has its failures listed
     path = shard_path(job.store, shard)
     write_shard(path, rows, job.manifest["dim"], job.manifest["views"])
