@@ -324,7 +324,10 @@ function downloadGeoJSON() {
       type: "Feature",
       id: hit.id,
       geometry: hit.footprint,
-      properties: { rank: hit.rank, score: hit.score, id: hit.id, store: hit.store, keywords: hit.keywords, scene: hit.scene },
+      properties: {
+        rank: hit.rank, score: hit.score, id: hit.id, store: hit.store, keywords: hit.keywords, scene: hit.scene,
+        datetime: hit.datetime,
+      },
     }));
   const blob = new Blob([JSON.stringify({ type: "FeatureCollection", features }, null, 2)], { type: "application/geo+json" });
   const link = el("a", { href: URL.createObjectURL(blob), download: "mpsclip-hits.geojson" });
