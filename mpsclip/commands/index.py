@@ -5,7 +5,7 @@ and IVF<about 4 sqrt(n) lists>,PQ<dim/8> above. The index is trained on a seeded
 (--train-rows) and written into the store folder: index.faiss, index.<column>.npy (a memory-mapped copy of
 the embeddings, used to re-rank candidates exactly; about the size of the shards) and index.json (factory,
 nprobe, store identity, recall). 'mpsclip search' then uses it unless given --exact; an index whose store
-has changed is refused until rebuilt. Needs faiss: pip install 'mpsclip[index]'.
+has changed is refused until 'mpsclip index' runs again. Needs faiss: pip install 'mpsclip[index]'.
 After building, recall@10 against exact search on the same store is measured and recorded, per mode, for a
 seeded sample of the store's own global embeddings as queries and for --queries-file text queries if given.
 A store that grew ('mpsclip embed' appended new shards) keeps its index: running 'mpsclip index' again adds the new
@@ -38,7 +38,9 @@ HELP = "build a FAISS index over a store for fast approximate search"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", type=Path, metavar="STORE", help="store folder made by 'mpsclip embed'")
-    parser.add_argument("--faiss", default=None, metavar="FACTORY", help="faiss index_factory string (default: auto)")
+    parser.add_argument(
+        "--faiss", default=None, metavar="FACTORY", help="faiss index_factory string (default: the index's, or auto)"
+    )
     parser.add_argument("--nprobe", type=int, default=None, help="default inverted lists visited per search")
     parser.add_argument("--train-rows", type=int, default=100_000, help="training sample size (default: 100000)")
     parser.add_argument("--recall-queries", type=int, default=200, help="store rows used as recall queries")
