@@ -48,7 +48,7 @@ def test_datetimes_are_utc_and_round_trip() -> None:
 )
 def test_intervals(text: str, start: datetime | None, stop: datetime | None) -> None:
     interval = parse_interval(text)
-    assert (interval.start, interval.stop, str(interval)) == (start, stop, text)
+    assert (interval.start, interval.stop) == (start, stop)
 
 
 @pytest.mark.parametrize(

@@ -92,14 +92,10 @@ def _bounds(text: str) -> tuple[datetime, datetime]:
 
 @dataclass(frozen=True)
 class Interval:
-    """Datetimes ``start <= t < stop`` (UTC); None: open on that side. ``text``: as the user wrote it."""
+    """Datetimes ``start <= t < stop`` (UTC); None: open on that side."""
 
     start: datetime | None
     stop: datetime | None
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
 
 
 def parse_interval(text: str) -> Interval:
@@ -111,12 +107,12 @@ def parse_interval(text: str) -> Interval:
         if parts[0] in OPEN:
             raise DateError(f"{text!r}: expected START/END, {EXAMPLES}")
         start, stop = _bounds(parts[0])
-        return Interval(start, stop, text)
+        return Interval(start, stop)
     start = None if parts[0].strip() in OPEN else _bounds(parts[0])[0]
     stop = None if parts[1].strip() in OPEN else _bounds(parts[1])[1]
     if start is not None and stop is not None and start >= stop:
         raise DateError(f"{text!r}: START {parts[0]} is after END {parts[1]}")
-    return Interval(start, stop, text)
+    return Interval(start, stop)
 
 
 def interval_arg(text: str) -> Interval:
