@@ -13,7 +13,6 @@ from mpsclip.archive.dates import (
     interval_arg,
     parse_datetime,
     parse_interval,
-    percent_arg,
 )
 
 UTC = timezone.utc  # noqa: UP017 - the project supports Python 3.10
@@ -72,11 +71,7 @@ def test_bad_intervals_say_what_is_wrong(text: str, says: str) -> None:
     assert says in str(err.value)
 
 
-def test_argparse_types() -> None:
+def test_argparse_type() -> None:
     assert interval_arg("2024-05-01").start == utc(2024, 5, 1)
     with pytest.raises(argparse.ArgumentTypeError, match="month must be in 1..12"):
         interval_arg("2024-13-01")
-    assert percent_arg("12.5") == 12.5
-    for bad in ("-1", "101", "cloudy"):
-        with pytest.raises(argparse.ArgumentTypeError, match="percentage"):
-            percent_arg(bad)

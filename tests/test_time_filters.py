@@ -207,6 +207,8 @@ def test_cli_search_datetime_and_max_cloud(dated: Path, capsys: pytest.CaptureFi
     assert "--datetime: '2024-05-01T10:00:00': no time offset; add Z for UTC" in capsys.readouterr().err
     assert main(["search", str(dated), "a harbor", "--max-cloud", "120"]) == 2
     assert "--max-cloud: '120': expected a percentage from 0 to 100" in capsys.readouterr().err
+    assert main(["search", str(dated), "a harbor", "--max-cloud", "cloudy"]) == 2
+    assert "--max-cloud: 'cloudy': expected a percentage, a number from 0 to 100" in capsys.readouterr().err
 
 
 def test_post_search_datetime(dated: Path) -> None:

@@ -122,13 +122,3 @@ def interval_arg(text: str) -> Interval:
     except DateError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
 
-
-def percent_arg(text: str) -> float:
-    """A percentage 0..100 as an argparse type (``--max-cloud``)."""
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage, a number from 0 to 100") from err
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage from 0 to 100")
-    return value

@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mpsclip.archive.dates import interval_arg, percent_arg
+from mpsclip.archive.dates import interval_arg
 from mpsclip.choices import MODES, SEARCH_FORMATS
 from mpsclip.commands._args import add_bbox, add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
@@ -52,6 +52,17 @@ if TYPE_CHECKING:
     from mpsclip.archive.store import StoreInfo
 
 HELP = "search an embedding store with text or image queries"
+
+
+def percent(text: str) -> float:
+    """A percentage 0..100 as an argparse type (``--max-cloud``)."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage, a number from 0 to 100") from err
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage from 0 to 100")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +81,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or datetime; dates are whole UTC days, ends included); items without a date are left out",
     )
     parser.add_argument(
-        "--max-cloud", type=percent_arg, default=None, metavar="PCT",
+        "--max-cloud", type=percent, default=None, metavar="PCT",
         help="keep items whose eo:cloud_cover is at most PCT percent; items without one are left out",
     )
     add_checkpoint(parser, "model (default: the store's)")
