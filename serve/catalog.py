@@ -154,10 +154,6 @@ class Store:
             self.arrays = meta_arrays(self.metas)
         return self.arrays
 
-    def footprint_array(self) -> np.ndarray:
-        """The items' footprints ``[n, 4]`` (NaN without one), made once per store version."""
-        return self.filter_arrays().footprints
-
     def index_status(self) -> dict[str, Any]:
         """What ``GET /stores`` says of the store's index: whether queries use it (``exact``: the server was
         started with --exact), its factory and nprobe, and why it is not used (``error``)."""
