@@ -27,6 +27,7 @@ from mpsclip.archive.dates import DateError, format_datetime, parse_datetime
 from mpsclip.archive.geoparquet import GEOMETRY, BBox, footprint_from_wkb, valid_footprint
 from mpsclip.archive.items import PATH_KEYS
 
+DATETIME, CLOUD_COVER = "datetime", "eo:cloud_cover"
 COLUMNS: dict[str, pa.DataType] = {
     "kind": pa.string(),
     "source_path": pa.string(),
@@ -37,12 +38,11 @@ COLUMNS: dict[str, pa.DataType] = {
     "stac_item": pa.string(),
     "collection": pa.string(),
     "platform": pa.string(),
-    "datetime": pa.timestamp("us", tz="UTC"),
-    "eo:cloud_cover": pa.float64(),
+    DATETIME: pa.timestamp("us", tz="UTC"),
+    CLOUD_COVER: pa.float64(),
     "hrefs": pa.list_(pa.string()),
 }
 """The lifted columns (besides the geometry) and their Arrow types."""
-DATETIME, CLOUD_COVER = "datetime", "eo:cloud_cover"
 STATISTICS = ["kind", "source_path", "scene", "crs", "stac_item", "collection", "platform", DATETIME, CLOUD_COVER]
 """Lifted columns whose row-group statistics are written (what filters compare)."""
 
