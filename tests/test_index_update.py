@@ -74,7 +74,7 @@ def test_grown_store_gets_its_new_items_without_retraining(full: Path, tmp_path:
                                            r"'mpsclip index .*store'"):
         load_index(info)
 
-    assert main(["index", str(store), "--quiet"]) == 0  # the factory and nprobe of the index are kept
+    assert main(["index", str(store), "--recall-queries", "40", "--quiet"]) == 0  # the factory and nprobe are kept
     record = json.loads((store / INDEX_JSON).read_text())
     assert record["store"] == store_identity(info) and record["factory"] == "IVF8,PQ8x4fs" and record["nprobe"] == 2
     assert record["rows_at_training"] == ROWS and record["train_rows"] == built.record["train_rows"]
@@ -118,7 +118,7 @@ def test_index_is_built_again_when_it_cannot_be_extended(full: Path, tmp_path: P
     shutil.copy(shard_path(full, 4), shard_path(store, 3))  # a covered shard rewritten (same row count)
     again = update_index(open_store(store), IndexSettings(recall_queries=5), progress=False)
     assert again.action == "built" and again.reason == "shards the index covers were rewritten since it was built"
-    assert main(["index", str(store), "--rebuild", "--quiet"]) == 0
+    assert main(["index", str(store), "--rebuild", "--recall-queries", "5", "--quiet"]) == 0
     assert json.loads((store / INDEX_JSON).read_text())["rows_at_training"] == GROWN
 
 
@@ -133,7 +133,7 @@ def test_server_picks_up_the_updated_index(full: Path, tmp_path: Path) -> None:
     assert catalog.reload() == {"store": "reloaded"}
     status = catalog.get(None).index_status()
     assert len(catalog.get(None).ids) == GROWN and not status["used"] and "mpsclip index" in status["error"]
-    assert main(["index", str(store), "--quiet"]) == 0
+    assert main(["index", str(store), "--recall-queries", "10", "--quiet"]) == 0
     assert catalog.reload() == {"store": "reloaded"}
     served = catalog.get(None)
     assert served.index is not None and served.index.index.ntotal == GROWN and served.index_status()["used"]
