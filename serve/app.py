@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mpsclip.archive.dates import DateError, parse_interval
 from mpsclip.archive.geoparquet import geojson_geometry
 from mpsclip.archive.search import footprint
 from mpsclip.errors import MPSCLIPError
@@ -56,6 +57,10 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=1000)
     mode: Mode = "fused"
     bbox: list[float] | None = Field(None, min_length=4, max_length=4, description="[west, south, east, north]")
+    datetime: str | None = Field(
+        None, max_length=100, description="RFC 3339 START/END ('..' open; a date is a whole UTC day): items dated in it"
+    )
+    max_cloud: float | None = Field(None, ge=0, le=100, description="largest eo:cloud_cover, percent")
     store: str | None = None
 
     @model_validator(mode="after")
@@ -65,6 +70,11 @@ class SearchRequest(BaseModel):
             raise ValueError(f"give exactly one of text, image, item_id, embedding (got {', '.join(given) or 'none'})")
         if self.bbox is not None and (self.bbox[0] > self.bbox[2] or self.bbox[1] > self.bbox[3]):
             raise ValueError("bbox: expected [west, south, east, north] with west <= east and south <= north")
+        if self.datetime is not None:
+            try:
+                parse_interval(self.datetime)
+            except DateError as err:
+                raise ValueError(f"datetime: {err}") from err
         return self
 
 
@@ -114,7 +124,8 @@ def decode_base64_image(text: str) -> Image.Image:
 def score_hits(store: Store, vec: torch.Tensor, req: SearchRequest) -> list[dict[str, Any]]:
     """The top ``req.k`` hits of ``vec`` in ``store`` as the API lists them (run in a worker thread)."""
     bbox = tuple(req.bbox) if req.bbox is not None else None
-    scores, rows = store.topk(vec[None], req.k, req.mode, bbox)
+    interval = parse_interval(req.datetime) if req.datetime is not None else None
+    scores, rows = store.topk(vec[None], req.k, req.mode, bbox, interval, req.max_cloud)
     hits: list[dict[str, Any]] = []
     for score, row in zip(scores[0].tolist(), rows[0].tolist(), strict=True):
         if row < 0:
@@ -124,6 +135,7 @@ def score_hits(store: Store, vec: torch.Tensor, req: SearchRequest) -> list[dict
             "rank": len(hits) + 1, "score": float(score), "id": item_id, "store": store.name,
             "keywords": list(meta.get("keywords") or []), "footprint": polygon(meta),
             "thumbnail_url": thumbnail_url(store.name, item_id), "scene": meta.get("scene"),
+            "datetime": meta.get("datetime"),
         })
     return hits
 
@@ -260,6 +272,7 @@ def create_app(
     async def post_upload(
         file: UploadFile = File(...), k: int = Form(10, ge=1, le=1000), mode: Mode = Form("fused"),
         bbox: str | None = Form(None), store: str | None = Form(None),
+        datetime: str | None = Form(None, max_length=100), max_cloud: float | None = Form(None, ge=0, le=100),
     ) -> dict[str, Any]:
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -272,7 +285,13 @@ def create_app(
                 raise bad("bbox: expected W,S,E,N numbers") from err
             if len(box) != 4 or box[0] > box[2] or box[1] > box[3]:
                 raise bad("bbox: expected W,S,E,N with W <= E and S <= N")
-        req = SearchRequest(image="", k=k, mode=mode, bbox=box, store=store)
+        if datetime:
+            try:
+                parse_interval(datetime)
+            except DateError as err:
+                raise bad(f"datetime: {err}") from err
+        req = SearchRequest(image="", k=k, mode=mode, bbox=box, store=store, datetime=datetime or None,
+                            max_cloud=max_cloud)
         return await search(req, await run_in_threadpool(decode_image, data, "file"))
 
     @app.get("/stores")

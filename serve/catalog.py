@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mpsclip.archive.geoparquet import footprint_array, footprints_meeting
+from mpsclip.archive.dates import Interval
+from mpsclip.archive.filters import FilterArrays, item_filter, meta_arrays
 from mpsclip.archive.index import (
     CANDIDATE_FACTOR,
     INDEX_JSON,
@@ -34,7 +35,7 @@ from mpsclip.archive.index import (
     index_answers,
     load_index,
 )
-from mpsclip.archive.search import BBox, footprint, mode_views, scored_topk
+from mpsclip.archive.search import BBox, mode_views, scored_topk
 from mpsclip.archive.store import (
     MANIFEST,
     StoreInfo,
@@ -58,7 +59,8 @@ ScoringPath = Literal["index", "maxsim-kernel", "numpy-product", "maxsim-referen
 SCORING = (
     "Hits are scored as 'mpsclip search' scores them: a store with a FAISS index ('mpsclip index STORE') answers "
     f"through it (the index's top {CANDIDATE_FACTOR} x k rows, at the nprobe it was built with, scored exactly in "
-    "the request's mode), except for a request with a bbox, which is scored exactly among the items in the box. A "
+    "the request's mode), except for a request with a bbox, datetime or max_cloud, which is scored exactly among the "
+    "items that pass them. A "
     "server started with 'mpsclip serve --exact' scores every request exactly, like 'mpsclip search --exact': exact "
     "scoring is a choice of the server, so that every client of a store gets the same answers. Exact scoring runs on "
     "the GPU with the fused max-over-views top-k kernel when the server has one (--device cuda), else on the CPU. "
@@ -128,7 +130,7 @@ class Store:
     model: Any = None
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     version: DiskVersion | None = None
-    footprints: np.ndarray | None = None
+    arrays: FilterArrays | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     index: StoreIndex | None = None
     index_error: str | None = None
@@ -145,12 +147,12 @@ class Store:
             self.cache[mode] = views.to(self.device).float(), on_device
         return self.cache[mode]
 
-    def footprint_array(self) -> np.ndarray:
-        """The items' footprints ``[n, 4]`` (NaN without one), made once per store version: a bbox filter is then
-        a few numpy comparisons, not a loop over the metas."""
-        if self.footprints is None:
-            self.footprints = footprint_array([footprint(meta) for meta in self.metas])
-        return self.footprints
+    def filter_arrays(self) -> FilterArrays:
+        """The items' footprints, dates and cloud covers, made once per store version: a bbox, date or cloud filter
+        is then a few numpy comparisons, not a loop over the metas."""
+        if self.arrays is None:
+            self.arrays = meta_arrays(self.metas)
+        return self.arrays
 
     def index_status(self) -> dict[str, Any]:
         """What ``GET /stores`` says of the store's index: whether queries use it (``exact``: the server was
@@ -160,15 +162,18 @@ class Store:
                 "nprobe": record.get("nprobe"), "error": self.index_error}
 
     def topk(
-        self, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None
+        self, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None,
+        interval: Interval | None = None, max_cloud: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [Q, k], rows [Q, k])`` on the CPU, padding row -1, as 'mpsclip search' answers: through the
-        index where :func:`scoring_path` says so, else exactly as :func:`mpsclip.archive.search.exact_topk`."""
-        path = scoring_path(self.device, mode, self.index is not None, self.exact, bbox)
-        return self.topk_by(path, queries, k, mode, bbox)
+        index where :func:`scoring_path` says so, else exactly as :func:`mpsclip.archive.search.exact_topk`
+        (among the items passing ``bbox``, ``interval`` and ``max_cloud``)."""
+        path = scoring_path(self.device, mode, self.index is not None, self.exact, bbox, interval, max_cloud)
+        return self.topk_by(path, queries, k, mode, bbox, interval, max_cloud)
 
     def topk_by(
-        self, path: ScoringPath, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None
+        self, path: ScoringPath, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None,
+        interval: Interval | None = None, max_cloud: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`topk` along ``path`` (a :func:`scoring_path` answer)."""
         if path == "index":
@@ -177,8 +182,9 @@ class Store:
             return self.index.search(queries, k, mode)
         views, valid = self.views(mode)
         rows = torch.from_numpy(np.arange(len(self.ids)))  # numpy: torch.arange took 9 ms for 100k rows here
-        if bbox is not None:
-            keep = torch.from_numpy(footprints_meeting(self.footprint_array(), bbox))
+        where = item_filter(bbox, interval, max_cloud)
+        if where is not None:
+            keep = torch.from_numpy(where.rows(self.filter_arrays()))
             rows = rows[keep]
             keep_on_device = keep.to(self.device)
             views = views[keep_on_device]
@@ -194,13 +200,14 @@ class Store:
 
 
 def scoring_path(
-    device: torch.device, mode: str, indexed: bool, exact: bool, bbox: BBox | None
+    device: torch.device, mode: str, indexed: bool, exact: bool, bbox: BBox | None,
+    interval: Interval | None = None, max_cloud: float | None = None,
 ) -> ScoringPath:
     """How a query is scored: through the store's index where 'mpsclip search' would use it
     (:func:`~mpsclip.archive.index.index_answers`); else on a CUDA device by the max-over-views top-k kernel
     (:func:`~mpsclip.kernels.maxsim.maxsim_topk`: no ``[Q, N]`` score tensor, views held there once); on the CPU
     fused/global by a numpy matrix product, max-response by the chunked exact reference."""
-    if indexed and index_answers(exact, bbox):
+    if indexed and index_answers(exact, bbox, interval, max_cloud):
         return "index"
     if device.type == "cuda":
         return "maxsim-kernel"

@@ -300,3 +300,18 @@ def test_errors_are_explained(page, server_url: str) -> None:  # noqa: ANN001
     page.click("#bbox-clear")  # the same search without the box: the page's default k
     page.wait_for_function("document.querySelectorAll('.hit').length === 10")
     assert "bbox" not in url_state(page.url) and "10 results for “forest”" in page.locator("#message").inner_text()
+
+
+def test_date_range_filters_and_is_kept_in_the_url(page, server_url: str) -> None:  # noqa: ANN001
+    """The page's date range goes into POST /search as ``datetime`` (dates: whole UTC days); these tiles carry no
+    date, so a range leaves none of them, and clearing it brings the hits back."""
+    page.goto(server_url + "/?q=forest&from=2030-01-01&cloud=20")
+    wait_for_search(page, "forest")
+    assert page.input_value("#date-from") == "2030-01-01" and page.input_value("#max-cloud") == "20"
+    message = page.locator("#message").inner_text()
+    assert "No results for “forest” in the date range with at most 20% cloud: widen or clear the dates" in message
+    assert url_state(page.url)["from"] == "2030-01-01"
+    page.fill("#max-cloud", "")
+    page.fill("#date-from", "")
+    page.wait_for_function("document.querySelectorAll('.hit').length === 10")
+    assert "from" not in url_state(page.url) and "10 results for “forest”" in page.locator("#message").inner_text()

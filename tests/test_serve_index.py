@@ -190,7 +190,7 @@ def test_kernel_path_equals_the_reference(mode: str, tmp_path: Path) -> None:
     for box in (None, (-180.0, -85.0, 0.0, 0.0)):
         keep = torch.arange(len(views))
         if box is not None:  # the rows whose footprint meets the box
-            keep = torch.from_numpy(footprints_meeting(store.footprint_array(), box))
+            keep = torch.from_numpy(footprints_meeting(store.filter_arrays().footprints, box))
             assert 0 < len(keep) < len(views)
         want_s, found = maxsim_topk_reference(q, views[keep], K, valid[keep] if valid is not None else None)
         want_r = keep[found]

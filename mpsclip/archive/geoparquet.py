@@ -208,12 +208,18 @@ def row_groups_in_bbox(metadata: pq.FileMetaData, box: BBox) -> list[int]:
     return kept
 
 
-def rows_in_box(table: pa.Table, box: BBox) -> np.ndarray:
-    """Positions of the rows of ``table`` (with ``bbox`` and ``geometry`` columns) whose footprint meets ``box``:
-    the covering is the footprint itself except for a footprint split at the antimeridian (covering -180..180),
-    whose geometry gives it back; :func:`footprints_meeting` then tests every row (no footprint: NaN, never)."""
+def table_footprints(table: pa.Table) -> np.ndarray:
+    """The :func:`footprint_array` of a ``table`` with ``bbox`` and ``geometry`` columns: the covering is the
+    footprint itself except for a footprint split at the antimeridian (covering -180..180), whose geometry gives it
+    back (no footprint: a NaN row)."""
     bbox = table.column(BBOX).combine_chunks()
     footprints = np.stack([pc.struct_field(bbox, name).to_numpy(zero_copy_only=False) for name in BBOX_FIELDS], axis=1)
     for row in np.flatnonzero((footprints[:, 0] == -180.0) & (footprints[:, 2] == 180.0)):
         footprints[row] = footprint_from_wkb(table.column(GEOMETRY)[int(row)].as_py())
-    return footprints_meeting(footprints, box)
+    return footprints
+
+
+def rows_in_box(table: pa.Table, box: BBox) -> np.ndarray:
+    """Positions of the rows of ``table`` (with ``bbox`` and ``geometry`` columns) whose footprint meets ``box``
+    (:func:`footprints_meeting` on its :func:`table_footprints`)."""
+    return footprints_meeting(table_footprints(table), box)

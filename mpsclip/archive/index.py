@@ -5,6 +5,10 @@ metric), ``index.<column>.npy`` (the store's embeddings as memory-mapped fp16 ar
 ``index.json`` (factory, nprobe, the store's identity and the recall@10 measured against exact search). A search
 takes the index's top candidates for the query and scores them exactly in the chosen mode, so the only
 approximation is which rows become candidates. An index whose store has changed is refused.
+
+Stores grow by new shards appended after unchanged ones; :func:`update_index` then adds the new shards' rows to the
+index as it is (a trained IVF keeps its centroids and codebooks: no retraining), extends the ``.npy`` copies,
+measures recall again and records it. An index covering only the first shards of a store is refused until updated.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mpsclip.archive.dates import Interval
+from mpsclip.archive.filters import item_filter
 from mpsclip.archive.search import MODE_COLUMNS, MODES, BBox, check_mode, exact_topk, mode_views, scored_topk
-from mpsclip.archive.store import MANIFEST, StoreInfo, read_shard
+from mpsclip.archive.store import MANIFEST, StoreInfo, read_shard, shard_path
+from mpsclip.checkpoints import file_sha256
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 
@@ -88,6 +95,11 @@ def store_identity(info: StoreInfo) -> dict[str, Any]:
     return {"manifest_sha256": digest, "shard_rows": list(info.shard_rows), "rows": info.n_rows}
 
 
+def shard_digests(info: StoreInfo, shards: range) -> list[str]:
+    """sha256 of the files of ``shards``: what :func:`update_index` checks before adding to an index."""
+    return [file_sha256(shard_path(info.path, shard)) for shard in shards]
+
+
 def _column_shape(info: StoreInfo, column: str) -> tuple[tuple[int, ...], type]:
     if column in ("retrieval", "global"):
         return (info.n_rows, info.dim), np.float16
@@ -96,14 +108,22 @@ def _column_shape(info: StoreInfo, column: str) -> tuple[tuple[int, ...], type]:
     return (info.n_rows, info.views), np.bool_
 
 
-def _write_vectors(info: StoreInfo, column: str, progress: bool) -> None:
-    """The store's ``column`` as one ``.npy`` array (streamed shard by shard, written atomically)."""
+def _write_vectors(info: StoreInfo, column: str, progress: bool, kept_shards: int = 0) -> None:
+    """The store's ``column`` as one ``.npy`` array (streamed shard by shard, written atomically); the rows of the
+    first ``kept_shards`` shards are copied from the present array instead of the shards."""
     shape, dtype = _column_shape(info, column)
+    kept_rows = sum(info.shard_rows[:kept_shards])
 
     def fill(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        shards = zip(range(len(info.shard_rows)), info.offsets(), strict=True)
-        for shard, offset in tqdm(list(shards), desc=f"copy {column}", unit="shard", disable=not progress):
+        if kept_rows:
+            present = np.load(vector_path(info.path, column), mmap_mode="r")
+            for start in range(0, kept_rows, ADD_CHUNK):
+                stop = min(kept_rows, start + ADD_CHUNK)
+                out[start:stop] = present[start:stop]
+            del present
+        shards = list(zip(range(len(info.shard_rows)), info.offsets(), strict=True))[kept_shards:]
+        for shard, offset in tqdm(shards, desc=f"copy {column}", unit="shard", disable=not progress):
             values = read_shard(info, shard, [column])[column]
             out[offset : offset + len(values)] = values
         out.flush()
@@ -162,12 +182,14 @@ class StoreIndex:
         return scores, rows
 
 
-def index_answers(exact: bool, bbox: BBox | None) -> bool:
+def index_answers(
+    exact: bool, bbox: BBox | None, interval: Interval | None = None, max_cloud: float | None = None
+) -> bool:
     """Whether a query is answered through its store's index, when the store has one (every mode is: the index
     proposes candidates, the mode scores them): not when exact scoring is asked for (``--exact``), nor with a
-    ``bbox``, which is searched exhaustively among the items in the box. 'mpsclip search' and 'mpsclip serve'
-    both decide here."""
-    return not exact and bbox is None
+    ``bbox``, a date ``interval`` or a ``max_cloud``, which are searched exhaustively among the items that pass.
+    'mpsclip search' and 'mpsclip serve' both decide here."""
+    return not exact and item_filter(bbox, interval, max_cloud) is None
 
 
 def load_index(info: StoreInfo, vectors: dict[str, np.ndarray] | None = None) -> StoreIndex | None:
@@ -180,6 +202,13 @@ def load_index(info: StoreInfo, vectors: dict[str, np.ndarray] | None = None) ->
     record = json.loads(record_path.read_text(encoding="utf-8"))
     redo = f"rebuild it with 'mpsclip index {info.path}', or search with --exact"
     if record.get("store") != store_identity(info):
+        covered = _covered_shards(record, info)
+        if covered is not None and covered < len(info.shard_rows):
+            raise MPSCLIPError(
+                f"{record_path}: the index covers the first {covered} of the store's {len(info.shard_rows)} shards "
+                f"({record['store']['rows']} of {info.n_rows} items); add the new shards to it with "
+                f"'mpsclip index {info.path}', or search with --exact"
+            )
         raise MPSCLIPError(f"{record_path}: the index was built for another state of the store; {redo}")
     files = [info.path / INDEX_FILE, *(vector_path(info.path, c) for c in VECTOR_COLUMNS)]
     missing = [path.name for path in files if not path.exists()]
@@ -196,9 +225,9 @@ def _new_index(info: StoreInfo, factory: str) -> Any:
         raise MPSCLIPError(f"--faiss {factory!r}: not a FAISS index_factory string for {info.dim}-d vectors") from err
 
 
-def _train_and_fill(info: StoreInfo, index: Any, factory: str, settings: IndexSettings, progress: bool) -> int:
-    """Train ``index`` on a seeded sample of the retrieval embeddings and add them all (FAISS id = store row);
-    returns the number of training rows."""
+def _train(info: StoreInfo, index: Any, factory: str, settings: IndexSettings) -> int:
+    """Train ``index`` (if it needs training) on a seeded sample of the retrieval embeddings; returns the number
+    of training rows."""
     vectors = np.load(vector_path(info.path, "retrieval"), mmap_mode="r")
     rng = np.random.default_rng(settings.seed)
     sample = np.sort(rng.choice(info.n_rows, size=min(info.n_rows, settings.train_rows), replace=False))
@@ -210,9 +239,19 @@ def _train_and_fill(info: StoreInfo, index: Any, factory: str, settings: IndexSe
                 f"--faiss {factory!r}: FAISS cannot train it on {len(sample)} vectors ({str(err).splitlines()[-1]}); "
                 "use fewer inverted lists or PQ codes, or 'Flat' for a small store"
             ) from err
-    for start in tqdm(range(0, info.n_rows, ADD_CHUNK), desc="index", unit="chunk", disable=not progress):
-        index.add(np.asarray(vectors[start : start + ADD_CHUNK], dtype=np.float32))
     return len(sample)
+
+
+def _add_rows(info: StoreInfo, index: Any, first_row: int, progress: bool) -> None:
+    """Add the retrieval embeddings of store rows ``first_row`` onwards to ``index`` (FAISS id = store row)."""
+    vectors = np.load(vector_path(info.path, "retrieval"), mmap_mode="r")
+    for start in tqdm(range(first_row, info.n_rows, ADD_CHUNK), desc="index", unit="chunk", disable=not progress):
+        index.add(np.asarray(vectors[start : start + ADD_CHUNK], dtype=np.float32))
+
+
+def _check_nprobe(settings: IndexSettings, index: Any, factory: str) -> None:
+    if settings.nprobe is not None and _ivf(index) is None:
+        raise MPSCLIPError(f"--nprobe: the index {factory!r} has no inverted lists to probe; drop --nprobe")
 
 
 def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -238,34 +277,18 @@ def measure_recall(
     return recall
 
 
-def build_index(
-    info: StoreInfo, settings: IndexSettings, text_queries: torch.Tensor | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Build and write the store's index (``index.json`` last, so a killed build leaves no usable index) and
-    return its record, with recall@10 for a seeded sample of the store's global embeddings as queries and,
-    if given, for ``text_queries``."""
+def _write_index(
+    info: StoreInfo,
+    index: Any,
+    record: dict[str, Any],
+    settings: IndexSettings,
+    text_queries: torch.Tensor | None,
+    progress: bool,
+) -> None:
+    """Write ``index.faiss`` and measure recall@10 into ``record`` for a seeded sample of the store's global
+    embeddings as queries and, if given, for ``text_queries`` (``index.json`` is the caller's, written last)."""
     faiss = import_faiss()
-    start = time.perf_counter()
-    factory = settings.factory or default_factory(info.n_rows, info.dim)
-    index = _new_index(info, factory)
-    if settings.nprobe is not None and _ivf(index) is None:
-        raise MPSCLIPError(f"--nprobe: the index {factory!r} has no inverted lists to probe; drop --nprobe")
-    (info.path / INDEX_JSON).unlink(missing_ok=True)
-    for column in VECTOR_COLUMNS:
-        _write_vectors(info, column, progress)
-    n_train = _train_and_fill(info, index, factory, settings, progress)
-    nprobe = settings.nprobe or default_nprobe(index)
     atomic_write(info.path / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
-    record: dict[str, Any] = {
-        "factory": factory,
-        "metric": "inner_product",
-        "embedding": "retrieval",
-        "nprobe": nprobe,
-        "candidate_factor": CANDIDATE_FACTOR,
-        "train_rows": n_train,
-        "store": store_identity(info),
-        "faiss_version": faiss.__version__,
-    }
     loaded = StoreIndex(info, index, record)
     rng = np.random.default_rng(settings.seed + 1)
     sample = np.sort(rng.choice(info.n_rows, size=min(info.n_rows, settings.recall_queries), replace=False))
@@ -276,6 +299,116 @@ def build_index(
     record[f"recall@{RECALL_K}"] = {
         name: measure_recall(loaded, q, progress=progress) for name, q in query_sets.items()
     }
-    record["build_seconds"] = round(time.perf_counter() - start, 2)
+
+
+def _write_record(info: StoreInfo, record: dict[str, Any]) -> None:
     atomic_write(info.path / INDEX_JSON, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def build_index(
+    info: StoreInfo, settings: IndexSettings, text_queries: torch.Tensor | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Build and write the store's index (``index.json`` last, so a killed build leaves no usable index) and
+    return its record, with recall@10 for a seeded sample of the store's global embeddings as queries and,
+    if given, for ``text_queries``."""
+    faiss = import_faiss()
+    start = time.perf_counter()
+    factory = settings.factory or default_factory(info.n_rows, info.dim)
+    index = _new_index(info, factory)
+    _check_nprobe(settings, index, factory)
+    (info.path / INDEX_JSON).unlink(missing_ok=True)
+    for column in VECTOR_COLUMNS:
+        _write_vectors(info, column, progress)
+    n_train = _train(info, index, factory, settings)
+    _add_rows(info, index, 0, progress)
+    record: dict[str, Any] = {
+        "factory": factory,
+        "metric": "inner_product",
+        "embedding": "retrieval",
+        "nprobe": settings.nprobe or default_nprobe(index),
+        "candidate_factor": CANDIDATE_FACTOR,
+        "train_rows": n_train,
+        "rows_at_training": info.n_rows,
+        "store": store_identity(info),
+        "shard_sha256": shard_digests(info, range(len(info.shard_rows))),
+        "faiss_version": faiss.__version__,
+    }
+    _write_index(info, index, record, settings, text_queries, progress)
+    record["build_seconds"] = round(time.perf_counter() - start, 2)
+    _write_record(info, record)
     return record
+
+
+@dataclass(frozen=True)
+class IndexUpdate:
+    """What :func:`update_index` did: ``action`` is ``built`` (from scratch, ``reason`` says why), ``added`` (the
+    new shards' rows added, ``rows_added``) or ``current`` (nothing to do); ``record`` is the index's record."""
+
+    record: dict[str, Any]
+    action: str
+    reason: str = ""
+    rows_added: int = 0
+
+
+def _covered_shards(record: dict[str, Any], info: StoreInfo) -> int | None:
+    """How many of the store's first shards the index was built over, if its shard row counts are those of the
+    store's first shards (the store may have grown since), else None."""
+    rows = record.get("store", {}).get("shard_rows")
+    if not isinstance(rows, list) or rows != list(info.shard_rows[: len(rows)]):
+        return None
+    return len(rows)
+
+
+def _why_not_extendable(info: StoreInfo, settings: IndexSettings, record: dict[str, Any] | None) -> str | None:
+    """Why the store's index cannot be updated by adding rows (then it is built again), or None if it can."""
+    if record is None:
+        return "the store has no index yet"
+    if settings.factory is not None and settings.factory != record.get("factory"):
+        return f"--faiss {settings.factory!r} differs from the index's {record.get('factory')!r}"
+    covered = _covered_shards(record, info)
+    if covered is None or "shard_sha256" not in record:
+        return "the index was built for another state of the store (not the same first shards)"
+    files = [info.path / INDEX_FILE, *(vector_path(info.path, c) for c in VECTOR_COLUMNS)]
+    if not all(path.exists() for path in files):
+        return "index files are missing"
+    if record["shard_sha256"] != shard_digests(info, range(covered)):
+        return "shards the index covers were rewritten since it was built"
+    return None
+
+
+def update_index(
+    info: StoreInfo, settings: IndexSettings, text_queries: torch.Tensor | None = None, progress: bool = True
+) -> IndexUpdate:
+    """Bring the store's index up to date: when the store only gained shards after those the index covers
+    (checked by their sha256), add the new rows to the index as it is (no retraining), extend the ``.npy``
+    copies, measure recall again and record it with the update; otherwise :func:`build_index`. Nothing is
+    written when the index already covers the store as it is (unless ``settings.nprobe`` or ``text_queries``
+    ask for a new record)."""
+    faiss = import_faiss()
+    start = time.perf_counter()
+    record_path = info.path / INDEX_JSON
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.exists() else None
+    reason = _why_not_extendable(info, settings, record)
+    index = None
+    if reason is None and record is not None:
+        index = faiss.read_index(str(info.path / INDEX_FILE))
+        if index.ntotal != record["store"]["rows"]:
+            reason = f"index.faiss holds {index.ntotal} rows, index.json says {record['store']['rows']}"
+    if reason is not None or record is None or index is None:
+        return IndexUpdate(build_index(info, settings, text_queries, progress), "built", reason or "")
+    _check_nprobe(settings, index, record["factory"])
+    nprobe = settings.nprobe or record["nprobe"]
+    if record["store"] == store_identity(info) and nprobe == record["nprobe"] and text_queries is None:
+        return IndexUpdate(record, "current", "the index covers every item of the store")
+    covered, old_rows = len(record["store"]["shard_rows"]), index.ntotal
+    for column in VECTOR_COLUMNS:
+        _write_vectors(info, column, progress, kept_shards=covered)
+    _add_rows(info, index, old_rows, progress)
+    digests = record["shard_sha256"] + shard_digests(info, range(covered, len(info.shard_rows)))
+    record = {**record, "nprobe": nprobe, "store": store_identity(info), "shard_sha256": digests}
+    _write_index(info, index, record, settings, text_queries, progress)
+    added = info.n_rows - old_rows
+    update = {"rows_added": added, "rows": info.n_rows, "seconds": round(time.perf_counter() - start, 2)}
+    record["updates"] = [*record.get("updates", []), update]
+    _write_record(info, record)
+    return IndexUpdate(record, "added", rows_added=added)

@@ -68,7 +68,8 @@ def to_geojson(queries: list[str], results: list[list[Hit]]) -> tuple[dict[str, 
                 {
                     "type": "Feature",
                     "geometry": geojson_geometry(fp),
-                    "properties": {"query": query, "rank": hit.rank, "score": hit.score, "id": hit.id},
+                    "properties": {"query": query, "rank": hit.rank, "score": hit.score, "id": hit.id,
+                                   "datetime": hit.meta.get("datetime")},
                 }
             )
     return {"type": "FeatureCollection", "features": features}, skipped

@@ -1,5 +1,7 @@
 """Exact search of an embedding store with text or image queries, streamed shard by shard.
 
+Filters (:mod:`mpsclip.archive.filters`: a bbox, a date interval, a largest cloud cover) are pushed down to the
+Parquet reader: row groups whose statistics exclude them are not decoded.
 Scores: ``fused`` = retrieval·q, ``global`` = global·q, ``max-response`` = max over the global embedding and
 the valid perspectives. Each shard's top-k comes from :func:`mpsclip.kernels.maxsim_topk` (Triton on a GPU, an
 exact chunked torch path on CPU) and is merged into a running top-k, ties going to the lower store row, so only
@@ -21,10 +23,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mpsclip.archive.dates import Interval
+from mpsclip.archive.filters import ItemFilter, item_filter
 from mpsclip.archive.geoparquet import footprint_intersects, valid_footprint
 from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
-from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_in_bbox
+from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_where
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
@@ -166,10 +170,13 @@ def exact_topk(
     mode: str = "fused",
     bbox: BBox | None = None,
     progress: bool = False,
+    interval: Interval | None = None,
+    max_cloud: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive top-``k`` per query over the store, streamed shard by shard on the queries' device:
     ``(scores [Q, k], store rows [Q, k])`` on the CPU, sorted by (score desc, row asc); padding row ``-1``.
-    Pruned items (:func:`~mpsclip.archive.store.pruned_rows`) are skipped."""
+    Only items passing the :class:`~mpsclip.archive.filters.ItemFilter` of ``bbox``, ``interval`` and
+    ``max_cloud`` are scored; pruned items (:func:`~mpsclip.archive.store.pruned_rows`) are skipped."""
     from mpsclip.kernels.maxsim import merge_topk
 
     if k < 1:
@@ -181,7 +188,8 @@ def exact_topk(
     best_s = torch.full((n_queries, 0), float("-inf"), device=device)
     best_i = torch.full((n_queries, 0), -1, dtype=torch.int64, device=device)
     skip = pruned_rows(info)
-    for offset, (positions, cols) in _prefetched(info, columns, bbox, progress):
+    where = item_filter(bbox, interval, max_cloud)
+    for offset, (positions, cols) in _prefetched(info, columns, where, progress):
         views, valid = mode_views(cols, mode)
         rows = torch.arange(offset, offset + len(views)) if positions is None else torch.from_numpy(positions) + offset
         if len(skip):
@@ -199,26 +207,26 @@ ShardPart = tuple[np.ndarray | None, dict[str, np.ndarray]]
 """The positions in its shard of the rows read (None: all of them) and their columns."""
 
 
-def _read_part(info: StoreInfo, shard: int, columns: list[str], bbox: BBox | None) -> ShardPart:
-    """A shard's ``columns``; with ``bbox``, of its items whose footprint meets it (the box pushed down to the
-    Parquet reader: row groups outside it are not decoded)."""
-    if bbox is None:
+def _read_part(info: StoreInfo, shard: int, columns: list[str], where: ItemFilter | None) -> ShardPart:
+    """A shard's ``columns``; with ``where``, of its items that pass it (pushed down to the Parquet reader: row
+    groups whose statistics exclude it are not decoded)."""
+    if where is None:
         return None, read_shard(info, shard, columns)
-    return read_shard_in_bbox(info, shard, columns, bbox)
+    return read_shard_where(info, shard, columns, where)
 
 
 def _prefetched(
-    info: StoreInfo, columns: list[str], bbox: BBox | None, progress: bool
+    info: StoreInfo, columns: list[str], where: ItemFilter | None, progress: bool
 ) -> Iterator[tuple[int, ShardPart]]:
     """``(first row, part)`` of every shard in order, decoding the next shards in threads meanwhile."""
     offsets = info.offsets()
     with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
         ahead = range(min(READ_AHEAD, len(offsets)))
-        pending = deque(pool.submit(_read_part, info, s, columns, bbox) for s in ahead)
+        pending = deque(pool.submit(_read_part, info, s, columns, where) for s in ahead)
         for shard in tqdm(range(len(offsets)), desc="search", unit="shard", disable=not progress):
             part = pending.popleft().result()
             if shard + READ_AHEAD < len(offsets):
-                pending.append(pool.submit(_read_part, info, shard + READ_AHEAD, columns, bbox))
+                pending.append(pool.submit(_read_part, info, shard + READ_AHEAD, columns, where))
             yield offsets[shard], part
 
 
@@ -249,6 +257,9 @@ def search_store(
     mode: str = "fused",
     bbox: BBox | None = None,
     progress: bool = False,
+    interval: Interval | None = None,
+    max_cloud: float | None = None,
 ) -> list[list[Hit]]:
-    """Exact top-``k`` hits per query, best first (ties: store order); ``bbox`` keeps intersecting footprints."""
-    return to_hits(info, *exact_topk(info, queries, k, mode, bbox, progress))
+    """Exact top-``k`` hits per query, best first (ties: store order); ``bbox`` keeps intersecting footprints,
+    ``interval`` items dated within it, ``max_cloud`` items with at most that cloud cover (percent)."""
+    return to_hits(info, *exact_topk(info, queries, k, mode, bbox, progress, interval, max_cloud))

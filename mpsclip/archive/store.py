@@ -38,18 +38,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from mpsclip.archive.filters import ItemFilter, meta_arrays, table_arrays
 from mpsclip.archive.geoparquet import (
     BBOX,
     BBOX_FIELDS,
     GEOMETRY,
     ROW_GROUP_ROWS,
     BBox,
-    footprint_array,
-    footprints_meeting,
     geo_metadata,
     geometry_column,
-    row_groups_in_bbox,
-    rows_in_box,
     valid_footprint,
 )
 from mpsclip.archive.meta_columns import STATISTICS, lifted_arrays, merged_metas, meta_columns_of, split_meta
@@ -427,23 +424,30 @@ def read_shard_in_bbox(
     info: StoreInfo, shard: int, columns: list[str], box: BBox
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(positions in the shard, columns)`` of the shard's items whose footprint meets ``box`` (west, south,
-    east, north; west <= east), as :func:`read_shard` gives them. Only the row groups whose ``bbox`` statistics
-    may meet the box are read; a shard written before GeoParquet columns is read whole and filtered on its JSON."""
+    east, north; west <= east): :func:`read_shard_where` with only a box."""
+    return read_shard_where(info, shard, columns, ItemFilter(bbox=box))
+
+
+def read_shard_where(
+    info: StoreInfo, shard: int, columns: list[str], where: ItemFilter
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(positions in the shard, columns)`` of the shard's items that pass ``where``, as :func:`read_shard` gives
+    them. Only the row groups whose statistics may hold such items are read; a shard written before GeoParquet
+    columns is read whole and filtered on its JSON."""
     path = shard_path(info.path, shard)
     with reading(path):
         file = pq.ParquetFile(path, page_checksum_verification=True)
         names = file.schema_arrow.names
         if BBOX not in names:
             cols = read_shard(info, shard, list(dict.fromkeys([*columns, "meta"])))
-            footprints = [valid_footprint(json.loads(m).get("footprint")) for m in cols["meta"]]
-            keep = footprints_meeting(footprint_array(footprints), box)
+            keep = where.rows(meta_arrays([json.loads(m) for m in cols["meta"]]))
             return keep, {c: cols[c][keep] for c in columns}
-        groups = row_groups_in_bbox(file.metadata, box)
-        stored = list(dict.fromkeys([*_stored_columns(columns, names), BBOX, GEOMETRY]))
+        groups = where.row_groups(file.metadata)
+        stored = list(dict.fromkeys([*_stored_columns(columns, names), *where.columns(names)]))
         starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)])
         table = file.read_row_groups(groups, columns=stored)
     positions = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups] or [np.zeros(0, np.int64)])
-    keep = rows_in_box(table, box)
+    keep = where.rows(table_arrays(table))
     positions = positions[keep].astype(np.int64)
     return positions, _decode(info, table.take(pa.array(keep, pa.int64())), columns, path, positions)
 

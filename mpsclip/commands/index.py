@@ -5,14 +5,21 @@ and IVF<about 4 sqrt(n) lists>,PQ<dim/8> above. The index is trained on a seeded
 (--train-rows) and written into the store folder: index.faiss, index.<column>.npy (a memory-mapped copy of
 the embeddings, used to re-rank candidates exactly; about the size of the shards) and index.json (factory,
 nprobe, store identity, recall). 'mpsclip search' then uses it unless given --exact; an index whose store
-has changed is refused until rebuilt. Needs faiss: pip install 'mpsclip[index]'.
+has changed is refused until 'mpsclip index' runs again. Needs faiss: pip install 'mpsclip[index]'.
 After building, recall@10 against exact search on the same store is measured and recorded, per mode, for a
 seeded sample of the store's own global embeddings as queries and for --queries-file text queries if given.
+A store that grew ('mpsclip embed' appended new shards) keeps its index: running 'mpsclip index' again adds the new
+shards' items to it without training again (a trained IVF keeps its centroids and codes; Flat just adds), measures
+recall again and records it with the update in index.json; until then searches refuse the index and say to run it.
+The index is built from scratch instead with --rebuild, with another --faiss, or when shards it covers changed
+(it checks their sha256). After much growth, --rebuild retrains the IVF on the store as it is now.
 
 example:
   mpsclip index archive.store
   mpsclip index archive.store --faiss "IVF1024,PQ64" --nprobe 32 --queries-file queries.txt
   mpsclip index archive.store --faiss "HNSW32,Flat"
+  mpsclip index archive.store            # again after 'mpsclip embed' appended shards: adds their items
+  mpsclip index archive.store --rebuild  # train the index again on the whole store
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ HELP = "build a FAISS index over a store for fast approximate search"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", type=Path, metavar="STORE", help="store folder made by 'mpsclip embed'")
-    parser.add_argument("--faiss", default=None, metavar="FACTORY", help="faiss index_factory string (default: auto)")
+    parser.add_argument(
+        "--faiss", default=None, metavar="FACTORY", help="faiss index_factory string (default: the index's, or auto)"
+    )
     parser.add_argument("--nprobe", type=int, default=None, help="default inverted lists visited per search")
     parser.add_argument("--train-rows", type=int, default=100_000, help="training sample size (default: 100000)")
     parser.add_argument("--recall-queries", type=int, default=200, help="store rows used as recall queries")
@@ -39,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_checkpoint(parser, "model for --queries-file (default: the store's)")
     add_device(parser, "model for --queries-file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training and query samples")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="build from scratch even if the index can take the new shards"
+    )
     add_quiet(parser)
 
 
@@ -52,7 +64,7 @@ def _text_queries(args: argparse.Namespace, manifest: dict[str, Any]) -> torch.T
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpsclip.archive.index import IndexSettings, build_index
+    from mpsclip.archive.index import IndexSettings, IndexUpdate, build_index, update_index
     from mpsclip.archive.store import open_store
     from mpsclip.errors import MPSCLIPError
 
@@ -63,9 +75,23 @@ def run(args: argparse.Namespace) -> int:
     info = open_store(args.store)
     texts = _text_queries(args, info.manifest) if args.queries_file is not None else None
     settings = IndexSettings(args.faiss, args.nprobe, args.train_rows, args.recall_queries, args.seed)
-    record = build_index(info, settings, texts, progress=not args.quiet)
+    if args.rebuild:
+        done = IndexUpdate(build_index(info, settings, texts, progress=not args.quiet), "built", "--rebuild")
+    else:
+        done = update_index(info, settings, texts, progress=not args.quiet)
+    record = done.record
     probe = f", nprobe {record['nprobe']}" if record["nprobe"] is not None else ""
-    print(f"index {record['factory']}{probe} over {info.n_rows} items in {record['build_seconds']:.1f}s")
+    if done.action == "current":
+        print(f"index {record['factory']}{probe}: already covers all {info.n_rows} items; nothing to add "
+              "(--rebuild builds it again)")
+        return 0
+    if done.action == "added":
+        seconds = record["updates"][-1]["seconds"]
+        print(f"index {record['factory']}{probe}: added {done.rows_added} new items (not retrained; trained on "
+              f"{record['rows_at_training']} items), now {info.n_rows} items, in {seconds:.1f}s")
+    else:
+        why = f" ({done.reason})" if done.reason else ""
+        print(f"index {record['factory']}{probe} over {info.n_rows} items in {record['build_seconds']:.1f}s{why}")
     for name, recall in record["recall@10"].items():
         figures = ", ".join(f"{mode} {value:.3f}" for mode, value in recall.items())
         print(f"recall@10 against exact search ({record['recall_queries'][name]} {name} queries): {figures}")

@@ -9,7 +9,11 @@ Exhaustive search streams the store shard by shard (bounded memory) and scores o
 If the store has an index made by 'mpsclip index', it is used: the index's top --candidates rows (default
 10 x -k) are scored exactly in the chosen mode; --exact searches exhaustively instead. --bbox always searches
 exhaustively among the items whose footprint intersects it, reading only the shards' row groups whose bbox
-statistics meet the box.
+statistics meet the box. --datetime START/END (RFC 3339: 2024-05-01T10:20:30Z or a date 2024-05-01, meaning that
+whole day in UTC; '..' for an open end; both ends included) keeps the items dated within it, --max-cloud PCT those
+whose eo:cloud_cover is at most PCT percent; items without a date (or cloud cover) are left out when the filter is
+given. Like --bbox, they search exhaustively and skip the row groups whose statistics exclude them; all three
+combine.
 --format geojson writes the hits that have a 'footprint' ([west, south, east, north], EPSG:4326) as RFC 7946
 polygons (lon/lat, counter-clockwise; a footprint across the antimeridian as a MultiPolygon split at 180°);
 --format html writes a contact sheet of the hits' thumbnails (inline PNG) with rank, score, id and keywords,
@@ -23,6 +27,8 @@ example:
   mpsclip search archive.store --image example.png "an airport" --mode max-response
   mpsclip search tiles.store "an airport" --bbox 5.9,45.8,10.5,47.8 --format geojson > hits.geojson
   mpsclip search tiles.store "a marina" --bbox -78.9,23.5,-77.7,25.5 --format geojson --out hits.geojson
+  mpsclip search s2.store "a flooded field" --datetime 2024-05-01/2024-05-31 --max-cloud 20
+  mpsclip search s2.store "a wildfire scar" --datetime 2024-07-01T00:00:00Z/.. --bbox 5.9,45.8,10.5,47.8
   mpsclip search tiles.store "ships in a harbor" -k 24 --format html --out hits.html
   mpsclip search /mnt/copy/tiles.store "ships" --format html --source-root /mnt/copy/tiles --out hits.html
   mpsclip search big.store "a stadium" --candidates 500 --nprobe 64      # with an index from 'mpsclip index'
@@ -36,6 +42,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mpsclip.archive.dates import interval_arg
 from mpsclip.choices import MODES, SEARCH_FORMATS
 from mpsclip.commands._args import add_bbox, add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
@@ -45,6 +52,17 @@ if TYPE_CHECKING:
     from mpsclip.archive.store import StoreInfo
 
 HELP = "search an embedding store with text or image queries"
+
+
+def percent(text: str) -> float:
+    """A percentage 0..100 as an argparse type (``--max-cloud``)."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage, a number from 0 to 100") from err
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a percentage from 0 to 100")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +75,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_out(parser, "write to FILE (default: stdout)", metavar="FILE")
     add_bbox(parser, "west,south,east,north (EPSG:4326 degrees, negative west/south): keep items whose footprint "
              "intersects")
+    parser.add_argument(
+        "--datetime", type=interval_arg, default=None, metavar="START/END",
+        help="keep items dated in this RFC 3339 interval (2024-05-01/2024-05-31, 2024-05-01T10:00:00Z/.., one date "
+        "or datetime; dates are whole UTC days, ends included); items without a date are left out",
+    )
+    parser.add_argument(
+        "--max-cloud", type=percent, default=None, metavar="PCT",
+        help="keep items whose eo:cloud_cover is at most PCT percent; items without one are left out",
+    )
     add_checkpoint(parser, "model (default: the store's)")
     parser.add_argument(
         "--image", type=Path, action="append", default=[], metavar="PATH", help="an image query (repeatable)"
@@ -105,13 +132,16 @@ def emit(text: str, out: Path | None) -> None:
 
 
 def open_index(args: argparse.Namespace, info: StoreInfo) -> StoreIndex | None:
-    """The store's index, unless there is none or --exact or --bbox asks for exhaustive search."""
+    """The store's index, unless there is none or --exact or a filter (--bbox, --datetime, --max-cloud) asks for
+    exhaustive search."""
     from mpsclip.archive.index import index_answers, load_index
 
-    index = load_index(info) if index_answers(args.exact, args.bbox) else None
+    answers = index_answers(args.exact, args.bbox, args.datetime, args.max_cloud)
+    index = load_index(info) if answers else None
     if index is None and (args.candidates is not None or args.nprobe is not None):
         raise MPSCLIPError(
-            "--candidates and --nprobe are only used with an index ('mpsclip index'), without --exact or --bbox"
+            "--candidates and --nprobe are only used with an index ('mpsclip index'), without --exact, --bbox, "
+            "--datetime or --max-cloud"
         )
     if index is not None:
         record = index.record
@@ -140,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_search_model(info.manifest, args.checkpoint, resolve_device(args.device))
     queries = torch.cat([encode_queries(model, texts), encode_images(model, args.image)])
     if index is None:
-        scores, rows = exact_topk(info, queries, args.k, args.mode, args.bbox, progress=not args.quiet)
+        scores, rows = exact_topk(
+            info, queries, args.k, args.mode, args.bbox, not args.quiet, args.datetime, args.max_cloud
+        )
     else:
         scores, rows = index.search(queries, args.k, args.mode, args.candidates, args.nprobe)
     results = to_hits(info, scores, rows)

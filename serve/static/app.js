@@ -58,6 +58,9 @@ function readUrl() {
   if (params.has("mode")) $("mode").value = params.get("mode");
   if (params.has("k")) $("k").value = params.get("k");
   state.like = params.get("like");
+  $("date-from").value = params.get("from") || "";
+  $("date-to").value = params.get("to") || "";
+  $("max-cloud").value = params.get("cloud") || "";
   const bbox = (params.get("bbox") || "").split(",").map(Number);
   state.bbox = bbox.length === 4 && bbox.every(Number.isFinite) ? bbox : null;
   return params.get("store");
@@ -72,6 +75,9 @@ function writeUrl() {
   params.set("k", $("k").value);
   if ($("store").value) params.set("store", $("store").value);
   if (state.bbox) params.set("bbox", state.bbox.map((v) => v.toFixed(5)).join(","));
+  if ($("date-from").value) params.set("from", $("date-from").value);
+  if ($("date-to").value) params.set("to", $("date-to").value);
+  if ($("max-cloud").value) params.set("cloud", $("max-cloud").value);
   history.replaceState(null, "", `${location.pathname}?${params}`);
 }
 
@@ -81,6 +87,10 @@ function common() {
   const body = { k: Number($("k").value) || 10, mode: $("mode").value };
   if ($("store").value) body.store = $("store").value;
   if (state.bbox) body.bbox = state.bbox;
+  const from = $("date-from").value;
+  const to = $("date-to").value;
+  if (from || to) body.datetime = `${from || ".."}/${to || ".."}`; // dates: whole UTC days, both included
+  if ($("max-cloud").value !== "") body.max_cloud = Number($("max-cloud").value);
   return body;
 }
 
@@ -126,6 +136,8 @@ function searchFile(file) {
   form.append("mode", body.mode);
   if (body.store) form.append("store", body.store);
   if (body.bbox) form.append("bbox", body.bbox.join(","));
+  if (body.datetime) form.append("datetime", body.datetime);
+  if (body.max_cloud !== undefined) form.append("max_cloud", String(body.max_cloud));
   return run(`by image ${file.name}`, () => api("/search/upload", { method: "POST", body: form }));
 }
 
@@ -142,8 +154,11 @@ function renderResults(result, label) {
   $("details").hidden = true;
   if (result) {
     const ms = result.took_ms ? ` in ${Math.round(result.took_ms.total)} ms` : "";
-    const where = state.bbox ? " inside the box" : "";
-    const none = state.bbox ? `No results ${label}${where}: clear the box or draw a bigger one.` : `No results ${label}.`;
+    const dated = $("date-from").value || $("date-to").value ? " in the date range" : "";
+    const cloudy = $("max-cloud").value !== "" ? ` with at most ${$("max-cloud").value}% cloud` : "";
+    const where = (state.bbox ? " inside the box" : "") + dated + cloudy;
+    const hint = state.bbox ? "clear the box or draw a bigger one" : "widen or clear the dates and cloud cover";
+    const none = where ? `No results ${label}${where}: ${hint}.` : `No results ${label}.`;
     message(result.hits.length ? `${result.hits.length} results ${label}${where}${ms}` : none);
   }
   state.hits.forEach((hit, index) => {
@@ -153,6 +168,7 @@ function renderResults(result, label) {
     caption.append(
       el("div", { class: "score" }, `#${hit.rank} · ${hit.score.toFixed(4)}`),
       el("div", { class: "id" }, hit.id),
+      el("div", { class: "date" }, hit.datetime ? hit.datetime.replace("T", " ").replace("Z", " UTC") : ""),
       el("div", { class: "keywords" }, (hit.keywords || []).join(", ")),
     );
     card.append(img, caption);
@@ -308,7 +324,10 @@ function downloadGeoJSON() {
       type: "Feature",
       id: hit.id,
       geometry: hit.footprint,
-      properties: { rank: hit.rank, score: hit.score, id: hit.id, store: hit.store, keywords: hit.keywords, scene: hit.scene },
+      properties: {
+        rank: hit.rank, score: hit.score, id: hit.id, store: hit.store, keywords: hit.keywords, scene: hit.scene,
+        datetime: hit.datetime,
+      },
     }));
   const blob = new Blob([JSON.stringify({ type: "FeatureCollection", features }, null, 2)], { type: "application/geo+json" });
   const link = el("a", { href: URL.createObjectURL(blob), download: "mpsclip-hits.geojson" });
@@ -364,6 +383,7 @@ function wire() {
     if (checkEmpty() && state.last) state.last();
   });
   $("mode").addEventListener("change", rerun);
+  for (const id of ["date-from", "date-to", "max-cloud"]) $(id).addEventListener("change", rerun);
   $("more-like-this").addEventListener("click", () => {
     if (state.selected !== null) searchItem(state.hits[state.selected].id);
   });
