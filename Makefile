@@ -1,9 +1,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench
+EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench,stac
 
-.PHONY: test demo lint venv clean chromium
+.PHONY: test demo lint venv clean chromium nginx
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,14 @@ chromium:
 		apt-get update -qq && apt-get install -y -qq chromium; } || { \
 		echo "make test: cannot install chromium (needs root and apt); install it and rerun" >&2; exit 1; }
 
-test: venv chromium
+# The cloud-archive tests serve COGs and STAC catalogs with Debian's nginx (tests/servers.py).
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+		echo "make test: installing Debian's nginx for the cloud-archive tests (tests/servers.py)"; \
+		apt-get update -qq && apt-get install -y -qq nginx; } || { \
+		echo "make test: cannot install nginx (needs root and apt); install it and rerun" >&2; exit 1; }
+
+test: venv chromium nginx
 	$(BIN)/ruff check .
 	MPSCLIP_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q  # the extras are installed: a missing one fails
 

@@ -1,0 +1,213 @@
+"""STAC sources: static catalogs from disk, over HTTP (nginx) and S3 (moto), stac-geoparquet and a STAC API search
+(rustac's server), all listed through pystac / pystac-client / stac-geoparquet; servers run on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.extras import require
+
+pystac = require("pystac", "pip install 'mpsclip[stac]'")
+require("pystac_client", "pip install 'mpsclip[stac]'")
+require("rasterio", "pip install 'mpsclip[geo]'")
+
+from mpsclip.archive import stac  # noqa: E402
+from mpsclip.errors import MPSCLIPError  # noqa: E402
+from tests import servers  # noqa: E402
+
+BANDS = {"B04": "red", "B03": "green", "B02": "blue"}
+SCENES: dict[str, dict[str, Any]] = {
+    "scene-0": {"when": datetime(2024, 5, 1, 10, 20, 30, tzinfo=timezone.utc), "cloud": 5.0, "visual": True},
+    "scene-1": {"start": datetime(2024, 5, 10, 12, 0, tzinfo=timezone.utc), "cloud": 40.0, "visual": True},
+    "scene-2": {"when": datetime(2024, 6, 1, 9, 0, tzinfo=timezone.utc), "cloud": 12.5, "visual": False},
+}
+"""scene-1 has only start/end datetimes; scene-2 has band assets but no visual one."""
+DATA_URL = "https://data.example"
+
+
+def scene_pixels(index: int) -> np.ndarray:
+    rng = np.random.default_rng(index)
+    return rng.integers(1, 255, size=(3, 64, 64), dtype=np.uint8)
+
+
+def write_catalog(folder: Path) -> Path:
+    """catalog.json -> collection ``s2`` -> the :data:`SCENES`, with a ``visual`` RGB COG (not scene-2) and B04/B03/B02
+    single-band COGs (``eo:bands`` common names); relative hrefs throughout. Returns the catalog file."""
+    catalog = pystac.Catalog("archive", "a tiny Sentinel-2-like archive")
+    extent = pystac.Extent(pystac.SpatialExtent([[15.0, 45.0, 15.03, 45.01]]), pystac.TemporalExtent([[None, None]]))
+    collection = pystac.Collection("s2", "Sentinel-2-like scenes", extent)
+    catalog.add_child(collection)
+    for index, (name, scene) in enumerate(SCENES.items()):
+        west = 15.0 + 0.01 * index
+        box = [west, 45.0, west + 0.01, 45.01]
+        geometry = {"type": "Polygon", "coordinates": [[[box[0], box[1]], [box[2], box[1]], [box[2], box[3]],
+                                                        [box[0], box[3]], [box[0], box[1]]]]}
+        props: dict[str, Any] = {"platform": "sentinel-2a", "eo:cloud_cover": scene["cloud"]}
+        if "start" in scene:
+            props |= {"start_datetime": scene["start"].isoformat(), "end_datetime": scene["start"].isoformat()}
+        item = pystac.Item(name, geometry, box, scene.get("when"), props)
+        pixels = scene_pixels(index)
+        scene_dir = folder / "s2" / name
+        if scene["visual"]:
+            servers.write_cog(scene_dir / "visual.tif", pixels, tuple(box))
+            item.add_asset("visual", pystac.Asset(str(scene_dir / "visual.tif"), media_type=pystac.MediaType.COG,
+                                                  roles=["visual"]))
+        for band, (key, common) in enumerate(BANDS.items()):
+            servers.write_cog(scene_dir / f"{key}.tif", pixels[band : band + 1], tuple(box))
+            asset = pystac.Asset(str(scene_dir / f"{key}.tif"), media_type=pystac.MediaType.COG, roles=["data"],
+                                 extra_fields={"eo:bands": [{"name": key, "common_name": common}]})
+            item.add_asset(key, asset)
+        collection.add_item(item)
+    catalog.normalize_hrefs(str(folder))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return folder / "catalog.json"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of :func:`write_catalog` (read-only)."""
+    folder = tmp_path_factory.mktemp("archive")
+    write_catalog(folder)
+    return folder
+
+
+def hrefs_below(listing: stac.Listing, prefix: str) -> dict[str, tuple[str, ...]]:
+    """Each record's hrefs with ``prefix`` cut off (to compare listings of one archive from different places)."""
+    assert all(h.startswith(prefix) for r in listing.records for h in r.hrefs), listing.records
+    return {r.item_id: tuple(h[len(prefix) :] for h in r.hrefs) for r in listing.records}
+
+
+def test_local_catalog_gives_one_record_per_item_with_assets_and_meta(archive: Path) -> None:
+    listing = stac.list_records(str(archive / "catalog.json"))
+    assert [r.item_id for r in listing.records] == ["s2/scene-0", "s2/scene-1", "s2/scene-2"]
+    assert listing.missing == []
+    by_id = {r.item_id: r for r in listing.records}
+    assert by_id["s2/scene-0"].hrefs == (str(archive / "s2/scene-0/visual.tif"),)
+    assert by_id["s2/scene-2"].hrefs == tuple(str(archive / f"s2/scene-2/{k}.tif") for k in BANDS)  # no visual
+    assert by_id["s2/scene-0"].meta == {
+        "stac_item": "scene-0", "collection": "s2", "datetime": "2024-05-01T10:20:30Z", "platform": "sentinel-2a",
+        "eo:cloud_cover": 5.0, "assets": ["visual"],
+    }
+    assert by_id["s2/scene-1"].meta["datetime"] == "2024-05-10T12:00:00Z"  # start_datetime, no datetime
+    assert by_id["s2/scene-2"].meta["assets"] == list(BANDS)
+
+
+def test_assets_by_key_or_band_common_name(archive: Path) -> None:
+    source = str(archive / "catalog.json")
+    rgb = stac.list_records(stac.with_assets(source, ["red", "green", "blue"]))
+    assert [r.meta["assets"] for r in rgb.records] == [list(BANDS)] * 3
+    assert rgb.records[0].hrefs == tuple(str(archive / f"s2/scene-0/{k}.tif") for k in BANDS)
+    assert stac.list_records(stac.with_assets(source, ["B04", "B03", "B02"])).records == rgb.records
+
+    visual = stac.list_records(stac.with_assets(source, ["visual"]))
+    assert [r.item_id for r in visual.records] == ["s2/scene-0", "s2/scene-1"]
+    assert [i for i, _ in visual.missing] == ["s2/scene-2"] and "no asset visual" in visual.missing[0][1]
+
+    with pytest.raises(MPSCLIPError, match=r"none of its 3 items has the assets.*no asset nir.*--assets"):
+        stac.list_records(stac.with_assets(source, ["nir"]))
+    with pytest.raises(MPSCLIPError, match="give one asset"):
+        stac.split_assets(source + "#assets=red,green")
+
+
+def test_catalog_item_and_item_collection_over_http_from_nginx(archive: Path, tmp_path: Path) -> None:
+    local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
+    collection = pystac.ItemCollection([pystac.Item.from_file(str(archive / f"s2/{n}/{n}.json")) for n in SCENES])
+    with servers.nginx(archive, tmp_path / "nginx") as url:
+        assert hrefs_below(stac.list_records(f"{url}/catalog.json"), url) == local
+        one = stac.list_records(f"{url}/s2/scene-1/scene-1.json")
+        assert hrefs_below(one, url) == {"s2/scene-1": local["s2/scene-1"]}
+
+        features = collection.to_dict()
+        for feature in features["features"]:  # absolute hrefs: an ItemCollection has no self link
+            for asset in feature["assets"].values():
+                asset["href"] = f"{url}/s2/{feature['id']}/{Path(asset['href']).name}"
+        (archive / "found.json").write_text(json.dumps(features), encoding="utf-8")
+        try:
+            assert hrefs_below(stac.list_records(f"{url}/found.json"), url) == local
+        finally:
+            (archive / "found.json").unlink()
+
+        with pytest.raises(MPSCLIPError, match=r"/nowhere\.json: cannot read it as STAC.*404") as err:
+            stac.list_records(f"{url}/nowhere.json?X-Amz-Signature=secret")
+        assert "secret" not in str(err.value)
+    access = (tmp_path / "nginx" / "access.log").read_text(encoding="utf-8")
+    assert "GET /s2/collection.json" in access and "GET /s2/scene-2/scene-2.json" in access
+
+
+def test_catalog_over_s3_from_moto(archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require("boto3", "pip install 'mpsclip[stac]'")
+    local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
+    with servers.moto_s3(monkeypatch):
+        servers.upload_folder(archive, "archive")
+        monkeypatch.delenv("AWS_ENDPOINT_URL")  # GDAL's AWS_S3_ENDPOINT/AWS_HTTPS alone must do
+        assert stac.s3_endpoint() == f"http://{servers.os.environ['AWS_S3_ENDPOINT']}"
+        listing = stac.list_records("s3://archive/catalog.json#assets=red,green,blue")
+        assert [r.hrefs[0] for r in listing.records] == [f"s3://archive/s2/{n}/B04.tif" for n in SCENES]
+        assert hrefs_below(stac.list_records("s3://archive/catalog.json"), "s3://archive") == local
+        with pytest.raises(MPSCLIPError, match=r"s3://archive/missing\.json: cannot read it as STAC.*NoSuchKey"):
+            stac.list_records("s3://archive/missing.json")
+
+
+def test_stac_geoparquet_lists_as_the_catalog(archive: Path, tmp_path: Path) -> None:
+    import pyarrow.fs  # noqa: F401  (stac-geoparquet 0.8 uses pyarrow.fs without importing it)
+
+    require("stac_geoparquet", "pip install 'mpsclip[stac]'")
+    from stac_geoparquet.arrow import parse_stac_items_to_arrow, to_parquet
+
+    catalog = pystac.Catalog.from_file(str(archive / "catalog.json"))
+    items = [item.clone() for item in catalog.get_items(recursive=True)]
+    for item in items:
+        item.make_asset_hrefs_absolute()
+    to_parquet(parse_stac_items_to_arrow(items), tmp_path / "items.parquet")
+    from_parquet = stac.list_records(str(tmp_path / "items.parquet"))
+    assert from_parquet == stac.list_records(str(archive / "catalog.json"))
+
+
+def test_stac_api_search_through_pystac_client_against_rustac(archive: Path, tmp_path: Path) -> None:
+    local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
+    collection = pystac.Catalog.from_file(str(archive / "catalog.json")).get_child("s2")
+    items = []
+    for item in collection.get_items():
+        feature = item.to_dict(include_self_link=False, transform_hrefs=False)
+        for asset in feature["assets"].values():  # as an API serves them: absolute URLs
+            asset["href"] = f"{DATA_URL}/s2/{item.id}/{Path(asset['href']).name}"
+        items.append(feature)
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}), "utf-8")
+    coll = {**collection.to_dict(include_self_link=False), "links": []}
+    (tmp_path / "collection.json").write_text(json.dumps(coll), encoding="utf-8")
+    with servers.stac_api([tmp_path / "collection.json", tmp_path / "items.json"], tmp_path / "api") as url:
+        everything = stac.list_records(stac.StacSearch(url, collections=("s2",)).url())
+        assert hrefs_below(everything, DATA_URL) == local
+        may = stac.StacSearch(url, ("s2",), datetime="2024-05-01T00:00:00Z/2024-05-31T23:59:59Z")
+        assert [r.item_id for r in stac.list_records(may.url()).records] == ["s2/scene-0", "s2/scene-1"]
+        june = stac.StacSearch(url, ("s2",), datetime="2024-06-01T00:00:00Z/..")
+        assert [r.item_id for r in stac.list_records(june.url()).records] == ["s2/scene-2"]
+        east = stac.StacSearch(url, ("s2",), bbox=(15.021, 45.0, 15.05, 45.01))
+        assert [r.item_id for r in stac.list_records(east.url()).records] == ["s2/scene-2"]
+        with pytest.raises(MPSCLIPError, match="no STAC items found"):
+            stac.list_records(stac.StacSearch(url, ("s2",), datetime="2025-01-01T00:00:00Z/..").url())
+
+
+def test_search_urls_and_hrefs_keep_no_secrets() -> None:
+    search = stac.StacSearch("https://stac.example/v1/", ("sentinel-2-l2a", "landsat"), (1.0, 2.5, 3.0, 4.0),
+                             "2024-01-01/2024-02-01", {"eo:cloud_cover": {"lt": 20}}, "eo:cloud_cover < 20")
+    url = search.url()
+    assert url.startswith("https://stac.example/v1/search?collections=sentinel-2-l2a%2Clandsat&bbox=1%2C2.5%2C3%2C4")
+    assert stac.StacSearch.from_url(url) == replace(search, api="https://stac.example/v1")
+    cql2 = {"op": "<", "args": [{"property": "eo:cloud_cover"}, 20]}
+    assert stac.StacSearch.from_url(replace(search, filter=cql2).url()).filter == cql2
+    assert stac.strip_query("https://user:pw@h.example:8443/a/b.tif?sig=abc&se=2024#frag") == "https://h.example:8443/a/b.tif"
+    assert stac.strip_query("s3://bucket/a.tif?versionId=1") == "s3://bucket/a.tif"
+    assert stac.strip_query("/data/a.tif") == "/data/a.tif"
+    assert stac.parse_query(["eo:cloud_cover<20"]) == ["eo:cloud_cover<20"]
+    assert stac.parse_query(['{"eo:cloud_cover": {"lt": 20}}']) == {"eo:cloud_cover": {"lt": 20}}
+    with pytest.raises(MPSCLIPError, match="--bbox"):
+        stac.parse_bbox("1,2,3")
