@@ -211,3 +211,29 @@ def test_search_urls_and_hrefs_keep_no_secrets() -> None:
     assert stac.parse_query(['{"eo:cloud_cover": {"lt": 20}}']) == {"eo:cloud_cover": {"lt": 20}}
     with pytest.raises(MPSCLIPError, match="--bbox"):
         stac.parse_bbox("1,2,3")
+
+
+def test_embed_flags_give_the_source_a_store_records(archive: Path) -> None:
+    from mpsclip.cli import build_parser
+    from mpsclip.commands.embed import embed_source
+
+    def source(*argv: str) -> str:
+        return embed_source(build_parser().parse_args(["embed", *argv, "--out", "o", "--checkpoint", "c"]))
+
+    url = source("--stac-api", "http://127.0.0.1:9/v1", "--collections", "s2,l8", "--bbox", "15,45,15.1,45.1",
+                 "--datetime", "2024-05-01T00:00:00Z/..", "--query", "eo:cloud_cover<20", "--assets", "red,green,blue")
+    search = stac.StacSearch.from_url(stac.split_assets(url)[0])
+    assert search == stac.StacSearch("http://127.0.0.1:9/v1", ("s2", "l8"), (15, 45, 15.1, 45.1),
+                                     "2024-05-01T00:00:00Z/..", ["eo:cloud_cover<20"])
+    assert stac.split_assets(url)[1] == ("red", "green", "blue")
+    catalog = str(archive / "catalog.json")
+    assert source(catalog, "--assets", "visual") == catalog + "#assets=visual"
+    assert source("s3://b/catalog.json") == "s3://b/catalog.json"
+    with pytest.raises(MPSCLIPError, match="not both"):
+        source(catalog, "--stac-api", "http://127.0.0.1:9/v1")
+    with pytest.raises(MPSCLIPError, match="--collections, --datetime: only used with --stac-api"):
+        source(catalog, "--collections", "s2", "--datetime", "2024")
+    with pytest.raises(MPSCLIPError, match="--assets: .* is not a STAC"):
+        source(str(archive), "--assets", "visual")
+    with pytest.raises(MPSCLIPError, match="give a SOURCE"):
+        source()
