@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         raise MPSCLIPError(f"--workers must be 0 or more, got {args.workers}")
     if args.max_sub_images is not None and args.max_sub_images < 1:
         raise MPSCLIPError(f"--max-sub-images must be 1 or more, got {args.max_sub_images}")
-    source = embed_source(args)
+    args.source = embed_source(args)
     settings = EmbedSettings(
         perspectives=args.perspectives,
         sub_root=args.sub_root,
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         from mpsclip.archive.ray_executor import embed_archive_ray
 
         summary = embed_archive_ray(
-            source,
+            args.source,
             args.out,
             args.checkpoint,
             arch=args.arch,
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         raise MPSCLIPError("--ray-address and --ray-actors are only used with --ray; add it or drop them")
     else:
         summary = embed_archive(
-            source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
+            args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
         )
     rate = (summary.n_embedded / summary.seconds) if summary.seconds > 0 else 0.0
     print(
