@@ -16,6 +16,7 @@ in the same pass
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from mpsclip.archive.items import READ_ERRORS, Item, TileSettings, is_image_file
+from mpsclip.archive.items import READ_ERRORS, REMOTE_KINDS, Item, TileSettings, is_image_file
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.readers import jpeg_bytes, open_item, open_rgb
 from mpsclip.archive.store import ShardRows
@@ -42,6 +43,8 @@ from mpsclip.family import RetrievalModel
 
 PERSPECTIVES = ("none", "zero-shot", "from-dir")
 DECODERS = ("auto", "cpu", "device")
+READ_THREADS = 8
+"""Items of a batch read at once when it holds remote items, so object-store latency overlaps."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class EmbedSettings:
     engine: Path | None = None
     decode: str = "auto"
     zero_shot: ZeroShotSettings = ZeroShotSettings()
+    gdal_config: tuple[tuple[str, str], ...] = ()
+    """``--gdal-config KEY=VALUE`` pairs for remote reads (:func:`mpsclip.archive.remote.set_gdal_config`)."""
 
     def check(self) -> None:
         """Raise :class:`MPSCLIPError` for inconsistent settings (named as the CLI flags)."""
@@ -116,6 +121,13 @@ class _ItemDataset(Dataset[_Loaded]):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getitems__(self, indices: list[int]) -> list[_Loaded]:
+        """A batch (the DataLoader's call): remote items are read READ_THREADS at a time, others one by one."""
+        if len(indices) < 2 or not any(self.items[i].kind in REMOTE_KINDS for i in indices):
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(min(READ_THREADS, len(indices)), thread_name_prefix="mpsclip-read") as pool:
+            return list(pool.map(self.__getitem__, indices))
 
     def __getitem__(self, index: int) -> _Loaded:
         item = self.items[index]
@@ -204,6 +216,10 @@ class Embedder:
     def __init__(self, model: RetrievalModel, settings: EmbedSettings, checkpoint_sha256: str) -> None:
         settings.check()
         self.settings = settings
+        if settings.gdal_config:  # before the reading processes fork, and in each Ray actor
+            from mpsclip.archive.remote import set_gdal_config
+
+            set_gdal_config(dict(settings.gdal_config))
         self.checkpoint_sha256 = checkpoint_sha256
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)

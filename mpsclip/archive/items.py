@@ -5,12 +5,16 @@ An :class:`Item` has an explicit ``kind``:
 * ``file``: a whole image file (meta ``path``);
 * ``tar-member``: the image member of a WebDataset sample (meta ``tar``, ``member``, ``offset``, ``size``);
 * ``geotiff-window``: a tile of a georeferenced scene (meta ``scene``, ``window``, ...; see
-  :mod:`mpsclip.archive.geotiff`).
+  :mod:`mpsclip.archive.geotiff`);
+* ``remote``: a whole raster named by ``hrefs`` (one RGB or grey raster, or red, green and blue single-band
+  rasters), each an ``http(s)://`` or ``s3://`` URL or a local path; ``remote-window``: a tile of such rasters
+  (meta as ``geotiff-window``'s, with ``hrefs`` instead of ``scene``); see :mod:`mpsclip.archive.remote`.
 
 Every path in an item's meta (``path``, ``tar``, ``scene``) is relative to the SOURCE root recorded in the store's
 manifest as ``source_root`` (an absolute path outside the root stays absolute), so a store moved to another folder
 or machine still finds its images: :func:`resolve_source_path` joins them again, :func:`item_from_meta` rebuilds
-the item of a stored row. Reading pixels is :mod:`mpsclip.archive.readers`' job.
+the item of a stored row (a remote item only when its hosts are among those the store's manifest declares,
+``remote_hosts``). Reading pixels is :mod:`mpsclip.archive.readers`' job.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from PIL import Image
 
 from mpsclip.errors import MPSCLIPError
 
-ItemKind = Literal["file", "tar-member", "geotiff-window"]
+ItemKind = Literal["file", "tar-member", "geotiff-window", "remote", "remote-window"]
 ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
 PATH_KEYS: dict[str, str] = {"file": "path", "tar-member": "tar", "geotiff-window": "scene"}
-"""The meta key holding each kind's file (relative to the source root)."""
+"""The meta key holding each local kind's file (relative to the source root)."""
+REMOTE_KINDS = ("remote", "remote-window")
+"""Kinds whose meta ``hrefs`` name their rasters: URLs (no query string, no user info) or paths below the root."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
@@ -37,12 +43,15 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 class Item:
     """One image of an archive: ``id`` is its path relative to the source (``/`` separators; a tar sample's is
     ``<shard>/<member>``, a GeoTIFF tile's ``<scene>/r<row>_c<col>``), ``path`` the file holding its bytes (the
-    image, the shard or the scene), ``kind`` how to read them and ``meta`` the JSON-able record kept in the store."""
+    image, the shard or the scene; a remote item's first href), ``kind`` how to read them and ``meta`` the
+    JSON-able record kept in the store. A remote item reads ``hrefs``: as given (signed URLs keep their query
+    string, which is never stored nor shown), local paths absolute."""
 
     id: str
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
     kind: ItemKind = "file"
+    hrefs: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ITEM_KINDS:
@@ -96,8 +105,14 @@ def resolve_source_path(info_or_root: Any, relative: str | Path) -> Path:
 
 
 def item_from_meta(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Item:
-    """The item of a stored row (``id`` and parsed ``meta``), its file found below the source root."""
+    """The item of a stored row (``id`` and parsed ``meta``), its file found below the source root; a remote
+    item's URLs must be on the hosts the store's manifest declares (``remote_hosts``; not checked when
+    ``info_or_root`` is a plain root folder)."""
     kind = meta.get("kind")
+    if kind in REMOTE_KINDS:
+        from mpsclip.archive.remote import stored_item
+
+        return stored_item(item_id, meta, info_or_root)
     if kind not in PATH_KEYS:
         raise MPSCLIPError(f"item {item_id}: its meta has no item kind ({kind!r}); embed the source again")
     return Item(item_id, resolve_source_path(info_or_root, meta[PATH_KEYS[kind]]), meta, kind)

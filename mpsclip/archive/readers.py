@@ -1,36 +1,72 @@
-"""Reading an item's pixels: a whole file, a tar member (one seek) or a GeoTIFF window; the one dispatch on
-:attr:`~mpsclip.archive.items.Item.kind`. A broken item raises one of :data:`~mpsclip.archive.items.READ_ERRORS`."""
+"""Reading an item's pixels: a whole file, a tar member (one seek), a GeoTIFF window or a remote raster (whole or a
+window, :mod:`mpsclip.archive.remote`); the one dispatch on :attr:`~mpsclip.archive.items.Item.kind`. A broken
+item raises one of :data:`~mpsclip.archive.items.READ_ERRORS`.
+
+Only regular files are opened (a FIFO, a device such as ``/dev/zero`` or a folder fails at once with OSError,
+before any read), and a file or member larger than :data:`MAX_IMAGE_BYTES` is refused rather than read.
+"""
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from PIL import Image
 
 from mpsclip.archive import webdataset
-from mpsclip.archive.items import Item
+from mpsclip.archive.items import REMOTE_KINDS, Item
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+MAX_IMAGE_BYTES = 1 << 30
+"""The largest image file (or tar member) read whole: 1 GiB."""
+
+
+def check_regular_file(path: Path) -> int:
+    """The size of ``path``; OSError when it is not a regular file (after symlinks) or cannot be stat'ed."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path}: not a regular file; only regular image files are read")
+    return info.st_size
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES (OSError otherwise)."""
+    size = check_regular_file(path)
+    if size > MAX_IMAGE_BYTES:
+        raise OSError(f"{path}: {size} bytes, more than the {MAX_IMAGE_BYTES} an image file may have")
+    with open(path, "rb") as f:
+        return f.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
 
 
 def open_rgb(path: Path | IO[bytes]) -> Image.Image:
+    if isinstance(path, (str, Path)):
+        path = io.BytesIO(read_file(Path(path)))
     with Image.open(path) as img:
         return img.convert("RGB")
 
 
 def encoded_bytes(item: Item) -> bytes | None:
-    """The undecoded image bytes of a file or tar member; None for a GeoTIFF window (it is read resampled)."""
+    """The undecoded image bytes of a file or tar member; None for a GeoTIFF window or a remote raster (they are
+    read resampled)."""
     if item.kind == "file":
-        return item.path.read_bytes()
+        return read_file(item.path)
     if item.kind == "tar-member":
+        check_regular_file(item.path)
+        if not 0 <= item.meta["size"] <= MAX_IMAGE_BYTES:
+            raise OSError(f"{item.path}: member {item.meta.get('member')!r} of {item.meta['size']} bytes is refused")
         return webdataset.read_member(item.path, item.meta["offset"], item.meta["size"])
     return None
 
 
 def open_item(item: Item) -> Image.Image:
     """An item's RGB pixels (see the module's docstring)."""
+    if item.kind in REMOTE_KINDS:
+        from mpsclip.archive.remote import read_remote
+
+        return read_remote(item)
     data = encoded_bytes(item)
     if data is None:
         from mpsclip.archive.geotiff import read_tile
@@ -41,6 +77,8 @@ def open_item(item: Item) -> Image.Image:
 
 def jpeg_bytes(item: Item) -> bytes | None:
     """The undecoded bytes of a JPEG item (a whole file or a tar member), for decoding on a device; None else."""
+    if item.kind not in ("file", "tar-member"):
+        return None
     name = item.meta["member"] if item.kind == "tar-member" else item.path.name
     if PurePosixPath(name).suffix.lower() not in JPEG_SUFFIXES:
         return None

@@ -61,6 +61,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _perspective_arguments(parser.add_argument_group("perspectives (sub-images)"))
     _speed_arguments(parser.add_argument_group("speed and engines"))
     _tile_arguments(parser.add_argument_group("GeoTIFF scenes (needs rasterio)"))
+    parser.add_argument(
+        "--gdal-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a GDAL option for remote reads (repeatable), e.g. GDAL_HTTP_TIMEOUT=60 or AWS_S3_ENDPOINT=host:port",
+    )
     _stac_arguments(parser.add_argument_group("STAC catalogs and APIs (pip install 'mpsclip[stac]')"))
     _ray_arguments(parser.add_argument_group("Ray Data (needs ray)"))
 
@@ -227,6 +234,15 @@ def tile_settings(args: argparse.Namespace) -> TileSettings | None:
     return TileSettings(args.tile_size, args.stride or args.tile_size, bands, args.resolution)
 
 
+def gdal_config(pairs: list[str]) -> dict[str, str]:
+    """``--gdal-config KEY=VALUE`` flags as a dict (parsed without importing rasterio)."""
+    if not pairs:
+        return {}
+    from mpsclip.archive.remote import parse_gdal_config
+
+    return parse_gdal_config(pairs)
+
+
 def run(args: argparse.Namespace) -> int:
     from mpsclip.archive.job import EmbedSettings, embed_archive
     from mpsclip.archive.perspectives import ZeroShotSettings
@@ -254,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.keywords_threshold,
             saliency_k=args.saliency_k,
         ),
+        gdal_config=tuple(gdal_config(args.gdal_config).items()),
     )
     if args.ray:
         from mpsclip.archive.ray_executor import embed_archive_ray
