@@ -237,3 +237,44 @@ def test_embed_flags_give_the_source_a_store_records(archive: Path) -> None:
         source(str(archive), "--assets", "visual")
     with pytest.raises(MPSCLIPError, match="give a SOURCE"):
         source()
+
+
+def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
+    archive: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mpsclip embed`` of the catalog served by nginx (visual assets, 32 px tiles) gives the embeddings of the
+    same COGs embedded from a local folder; scene-2 (no visual asset) is left out and named; no query string or
+    key is written."""
+    from mpsclip.archive.store import load_store
+    from mpsclip.cli import main
+
+    disk = tmp_path / "disk"
+    for name in ("scene-0", "scene-1"):
+        (disk / name).mkdir(parents=True)
+        (disk / name / "visual.tif").write_bytes((archive / "s2" / name / "visual.tif").read_bytes())
+    flags = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--quiet", "--tile-size", "32"]
+    with servers.nginx(archive, tmp_path / "nginx") as url:
+        source = f"{url}/catalog.json"
+        assert main(["embed", source, "--assets", "visual", "--out", str(tmp_path / "http.store"), *flags]) == 0
+    assert "item s2/scene-2 left out: no asset visual" in capsys.readouterr().err
+    assert main(["embed", str(disk), "--out", str(tmp_path / "disk.store"), *flags]) == 0
+
+    http, local = load_store(tmp_path / "http.store"), load_store(tmp_path / "disk.store")
+    assert len(http.ids) == len(local.ids) == 8  # 2 scenes of 64 px in 32 px tiles
+    local_rows = {i.replace("/visual.tif", ""): row for row, i in enumerate(local.ids)}
+    order = [local_rows[i.removeprefix("s2/")] for i in http.ids]
+    assert np.array_equal(http.retrieval.numpy(), local.retrieval[order].numpy())
+    meta = http.metas[http.ids.index("s2/scene-1/" + http.ids[-1].rsplit("/", 1)[1])]
+    assert meta["stac_item"] == "scene-1" and meta["collection"] == "s2" and meta["datetime"] == "2024-05-10T12:00:00Z"
+    assert meta["hrefs"] == [f"{url}/s2/scene-1/visual.tif"] and meta["eo:cloud_cover"] == 40.0
+
+
+def test_a_signed_catalog_url_is_refused_as_source() -> None:
+    from mpsclip.cli import build_parser
+    from mpsclip.commands.embed import embed_source
+
+    argv = ["embed", "https://h.example/c.json?sig=s3cr3t", "--out", "o", "--checkpoint", "c"]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(MPSCLIPError, match=r"https://h.example/c.json: a query string .* manifest") as err:
+        embed_source(args)
+    assert "s3cr3t" not in str(err.value)

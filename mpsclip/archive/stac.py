@@ -173,6 +173,18 @@ def strip_query(href: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def checked_source(source: str) -> str:
+    """``source``, refused when it is a URL with a query string (other than a search's parameters): the store's
+    manifest records its SOURCE, and signatures or tokens must not land there."""
+    base = split_assets(source)[0]
+    if is_url(base) and urlsplit(base).query and not urlsplit(base).path.rstrip("/").endswith("/search"):
+        raise MPSCLIPError(
+            f"{strip_query(base)}: a query string (a signature or token?) in SOURCE would be recorded in the store's "
+            "manifest; give the URL without it and credentials through the environment (AWS_*, ~/.netrc)"
+        )
+    return source
+
+
 def split_assets(source: str) -> tuple[str, tuple[str, ...] | None]:
     """``SOURCE#assets=a,b`` as ``(SOURCE, ("a", "b"))``; ``(source, None)`` without the suffix."""
     if ASSETS_FRAGMENT not in source:

@@ -191,7 +191,7 @@ def embed_source(args: argparse.Namespace) -> str:
         flags = ", ".join("--" + f for f in searching)
         raise MPSCLIPError(f"{flags}: only used with --stac-api URL; add it or drop them")
     else:
-        source = str(args.source)
+        source = stac.checked_source(str(args.source))
     if args.assets is None:
         return source
     if not stac.is_stac_source(source):
