@@ -19,6 +19,7 @@ require("pystac_client", "pip install 'mpsclip[stac]'")
 require("rasterio", "pip install 'mpsclip[geo]'")
 
 from mpsclip.archive import stac  # noqa: E402
+from mpsclip.archive.items import TileSettings  # noqa: E402
 from mpsclip.errors import MPSCLIPError  # noqa: E402
 from tests import servers  # noqa: E402
 
@@ -30,6 +31,9 @@ SCENES: dict[str, dict[str, Any]] = {
 }
 """scene-1 has only start/end datetimes; scene-2 has band assets but no visual one."""
 DATA_URL = "https://data.example"
+TILES = TileSettings(32, 32)
+TILE_NAMES = ["r000000_c000000", "r000000_c000032", "r000032_c000000", "r000032_c000032"]
+"""The 32 px tiles of a 64 px scene, in id order."""
 
 
 def scene_pixels(index: int) -> np.ndarray:
@@ -278,3 +282,25 @@ def test_a_signed_catalog_url_is_refused_as_source() -> None:
     with pytest.raises(MPSCLIPError, match=r"https://h.example/c.json: a query string .* manifest") as err:
         embed_source(args)
     assert "s3cr3t" not in str(err.value)
+
+
+def test_url_lists_and_one_image_url_give_remote_items(archive: Path, tmp_path: Path) -> None:
+    from mpsclip.archive.sources import iter_items
+
+    with servers.nginx(archive, tmp_path / "nginx") as url:
+        scene0, scene1 = f"{url}/s2/scene-0/visual.tif", f"{url}/s2/scene-1/visual.tif"
+        listed = tmp_path / "urls.txt"
+        listed.write_text(f"# two COGs\n{scene1}?se=2030&sig=s3cr3t\n\n{scene0}\n", encoding="utf-8")
+        items = list(iter_items(listed))
+        assert [(i.id, i.kind, i.meta["hrefs"]) for i in items] == [
+            (scene0, "remote", [scene0]), (scene1, "remote", [scene1])
+        ]
+        tiles = list(iter_items(scene0, TILES))
+        assert [i.id for i in tiles] == [f"{scene0}/{t}" for t in TILE_NAMES]
+        from_stac = list(iter_items(f"{url}/catalog.json#assets=red,green,blue", TILES))
+        assert len(from_stac) == 3 * 4 and from_stac[0].id == f"s2/scene-0/{TILE_NAMES[0]}"
+        assert from_stac[0].meta["hrefs"] == [f"{url}/s2/scene-0/{k}.tif" for k in BANDS]
+        assert from_stac[0].meta["datetime"] == "2024-05-01T10:20:30Z"
+    listed.write_text(f"{scene0}\n{scene0}?token=1\n", encoding="utf-8")
+    with pytest.raises(MPSCLIPError, match="line 2: .* is listed twice"):
+        list(iter_items(listed))
