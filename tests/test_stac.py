@@ -159,6 +159,15 @@ def test_catalog_over_s3_from_moto(archive: Path, monkeypatch: pytest.MonkeyPatc
         with pytest.raises(MPSCLIPError, match=r"s3://archive/missing\.json: cannot read it as STAC.*NoSuchKey"):
             stac.list_records("s3://archive/missing.json")
 
+        from mpsclip.archive.readers import open_item
+        from mpsclip.archive.sources import iter_items
+
+        tiles = list(iter_items("s3://archive/catalog.json#assets=visual", TILES))  # GDAL's /vsis3/ lists them
+        assert [t.id for t in tiles] == [f"s2/{n}/{t}" for n in ("scene-0", "scene-1") for t in TILE_NAMES]
+        assert tiles[0].meta["hrefs"] == ["s3://archive/s2/scene-0/visual.tif"]
+        tile = np.asarray(open_item(tiles[0]).convert("RGB"))
+        assert np.array_equal(tile, scene_pixels(0)[:, :32, :32].transpose(1, 2, 0))
+
 
 def test_stac_geoparquet_lists_as_the_catalog(archive: Path, tmp_path: Path) -> None:
     import pyarrow.fs  # noqa: F401  (stac-geoparquet 0.8 uses pyarrow.fs without importing it)
@@ -304,3 +313,17 @@ def test_url_lists_and_one_image_url_give_remote_items(archive: Path, tmp_path: 
     listed.write_text(f"{scene0}\n{scene0}?token=1\n", encoding="utf-8")
     with pytest.raises(MPSCLIPError, match="line 2: .* is listed twice"):
         list(iter_items(listed))
+
+
+def test_source_identity_keeps_urls_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpsclip.archive.sources import source_identity, source_root
+
+    monkeypatch.chdir(tmp_path)
+    assert source_identity(Path("https://h.example/stac/catalog.json#assets=visual")) == (
+        "https://h.example/stac/catalog.json#assets=visual"  # what Path() made of it, repaired
+    )
+    assert source_identity("s3://bucket/catalog.json") == "s3://bucket/catalog.json"
+    assert source_identity("mirror/catalog.json#assets=red,green,blue") == (
+        f"{tmp_path.resolve()}/mirror/catalog.json#assets=red,green,blue"
+    )
+    assert source_root("mirror/catalog.json#assets=visual") == tmp_path / "mirror"

@@ -97,6 +97,14 @@ def source_text(source: str | Path) -> str:
     return URL_MANGLED.sub(r"\1://", str(source))
 
 
+def source_identity(source: str | Path) -> str:
+    """How a store's manifest records ``source``: a URL (or STAC API search) as given, a path made absolute
+    (an ``#assets=...`` choice kept in both)."""
+    text = source_text(source)
+    base, assets = stac.split_assets(text)
+    return text if stac.is_url(base) else stac.with_assets(str(Path(base).resolve()), assets)
+
+
 def _remote_items_function() -> Callable[..., list[Item]]:
     """:func:`mpsclip.archive.remote.remote_items`, imported when a source needs it (it needs rasterio)."""
     try:
