@@ -4,6 +4,7 @@ standalone S3 server; each started on a free port and stopped by its context man
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -56,6 +57,7 @@ class Nginx:
 
 
 NGINX_CONF = """
+user {user};
 worker_processes 1;
 daemon off;
 master_process on;
@@ -88,7 +90,8 @@ def nginx(root: Path, tmp: Path) -> Iterator[Nginx]:
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root))
+    user = pwd.getpwuid(os.geteuid()).pw_name  # workers read what the tests wrote (pytest's folders are 0700)
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root, user=user))
     log = tmp / "stderr.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(

@@ -64,7 +64,7 @@ READ_ATTEMPTS = 3
 RETRY_DELAY_S = 0.25
 WHOLE_MAX_SIDE = 2048
 SECRET_KEYS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GDAL_HTTP_USERPWD")
-PERMANENT = re.compile(r"\b(403|404)\b|not recognized as|does not exist|not a regular file|only .* are read", re.I)
+PERMANENT = re.compile(r"HTTP (403|404)\b|supported file format|not a regular file|only .* are read", re.I)
 """Failure reasons a retry cannot fix."""
 
 _user_options: dict[str, str] = {}
