@@ -115,6 +115,9 @@ def test_assets_by_key_or_band_common_name(archive: Path) -> None:
     assert [r.item_id for r in visual.records] == ["s2/scene-0", "s2/scene-1"]
     assert [i for i, _ in visual.missing] == ["s2/scene-2"] and "no asset visual" in visual.missing[0][1]
 
+    stac_1_1 = pystac.Item("x", None, None, datetime(2024, 1, 1, tzinfo=timezone.utc), {}, collection="c")
+    stac_1_1.add_asset("B08", pystac.Asset("/d/B08.tif", extra_fields={"bands": [{"eo:common_name": "nir"}]}))
+    assert stac._find_asset(stac_1_1, "nir") == "B08" and stac._find_asset(stac_1_1, "red") is None
     with pytest.raises(MPSCLIPError, match=r"none of its 3 items has the assets.*no asset nir.*--assets"):
         stac.list_records(stac.with_assets(source, ["nir"]))
     with pytest.raises(MPSCLIPError, match="give one asset"):
@@ -207,6 +210,8 @@ def test_stac_api_search_through_pystac_client_against_rustac(archive: Path, tmp
         assert [r.item_id for r in stac.list_records(east.url()).records] == ["s2/scene-2"]
         with pytest.raises(MPSCLIPError, match="no STAC items found"):
             stac.list_records(stac.StacSearch(url, ("s2",), datetime="2025-01-01T00:00:00Z/..").url())
+        with pytest.raises(MPSCLIPError, match="does not declare the QUERY extension.*drop --query"):
+            stac.list_records(stac.StacSearch(url, ("s2",), query=["eo:cloud_cover<20"]).url())  # rustac's memory API
 
 
 def test_search_urls_and_hrefs_keep_no_secrets() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -378,16 +379,28 @@ def _geoparquet_items(path: Path) -> list[pystac.Item]:
 
 def _search_items(search: StacSearch) -> list[pystac.Item]:
     from pystac_client import Client
+    from pystac_client.warnings import DoesNotConformTo
 
     client = Client.open(search.api)
-    found = client.search(
-        collections=list(search.collections) or None,
-        bbox=search.bbox,
-        datetime=search.datetime,
-        query=search.query,
-        filter=search.filter,
-        filter_lang=None if search.filter is None else ("cql2-text" if isinstance(search.filter, str) else "cql2-json"),
-    )
+    filter_lang = None if search.filter is None else "cql2-text" if isinstance(search.filter, str) else "cql2-json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DoesNotConformTo)  # pystac-client would only warn, then find nothing
+        try:
+            found = client.search(
+                collections=list(search.collections) or None,
+                bbox=search.bbox,
+                datetime=search.datetime,
+                query=search.query,
+                filter=search.filter,
+                filter_lang=filter_lang,
+            )
+        except DoesNotConformTo as err:
+            name = str(err.args[0]) if err.args else "search"
+            flag = {"QUERY": "--query", "FILTER": "--filter"}.get(name, "that parameter")
+            raise MPSCLIPError(
+                f"{search.api}: this STAC API does not declare the {name} extension (its landing page's "
+                f"conformsTo); drop {flag} or search another API"
+            ) from None
     return list(found.items())
 
 
