@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,7 @@ DEFAULT_ASSETS: tuple[tuple[str, ...], ...] = (("visual",), ("red", "green", "bl
 """The asset sets tried, in order, for an item when no ``--assets`` is given."""
 FALSE_WORDS = ("NO", "FALSE", "OFF", "0")
 INSTALL_HINT = "install the STAC extra: pip install 'mpsclip[stac]'"
+URL_IN_TEXT = re.compile(r"\b(?:https?|s3)://[^\s'\"<>]+")
 
 
 @dataclass(frozen=True)
@@ -229,19 +231,19 @@ def list_records(source: str) -> Listing:
         raise MPSCLIPError(f"{shown}: reading STAC needs {err.name}; {INSTALL_HINT}") from err
     except Exception as err:  # pystac, pystac-client, urllib and boto3 raise many kinds: name the source
         raise MPSCLIPError(
-            f"{shown}: cannot read it as STAC ({_reason(err, base, shown)}); check the URL or file, the network "
+            f"{shown}: cannot read it as STAC ({_reason(err)}); check the URL or file, the network "
             "and, for s3://, the AWS credentials and AWS_ENDPOINT_URL"
-        ) from err
+        ) from None  # not chained: the cause may hold a signed URL
     return _records(items, assets, shown)
 
 
-def _reason(err: BaseException, secret: str, shown: str) -> str:
-    """``err`` and its causes as one line, ``secret`` (the source as given) replaced by ``shown``."""
+def _reason(err: BaseException | None) -> str:
+    """``err`` and its first causes as one line, every URL in it without query string or user info."""
     reasons = []
-    while err is not None:
-        reasons.append(f"{type(err).__name__}: {err}".replace(secret, shown))
+    while err is not None and len(reasons) < 4:
+        reasons.append(f"{type(err).__name__}: {err}")
         err = err.__cause__ or err.__context__
-    return " <- ".join(reasons)
+    return URL_IN_TEXT.sub(lambda m: strip_query(m[0]), " <- ".join(reasons))
 
 
 def _records(items: Iterable[tuple[pystac.Item, str | None]], assets: tuple[str, ...] | None, shown: str) -> Listing:
