@@ -255,6 +255,8 @@ def test_embed_flags_give_the_source_a_store_records(archive: Path) -> None:
         source(str(archive), "--assets", "visual")
     with pytest.raises(MPSCLIPError, match="give a SOURCE"):
         source()
+    with pytest.raises(MPSCLIPError, match="give one asset"):
+        source(catalog, "--assets", "red,green")
 
 
 def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(

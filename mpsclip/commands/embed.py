@@ -196,7 +196,9 @@ def embed_source(args: argparse.Namespace) -> str:
         return source
     if not stac.is_stac_source(source):
         raise MPSCLIPError(f"--assets: {source} is not a STAC catalog, item(s), stac-geoparquet file or search")
-    return stac.with_assets(source, [a.strip() for a in args.assets.split(",") if a.strip()])
+    source = stac.with_assets(source, [a.strip() for a in args.assets.split(",") if a.strip()])
+    stac.split_assets(source)  # refuses a choice of 2 or 4 assets now rather than after listing
+    return source
 
 
 def _ray_arguments(group: argparse._ArgumentGroup) -> None:
