@@ -130,6 +130,7 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION":
         "us-east-1", "AWS_REGION": "us-east-1", "AWS_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_HTTPS": "NO",
         "AWS_VIRTUAL_HOSTING": "FALSE", "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance-metadata address for credentials
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -143,14 +144,15 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def upload_folder(folder: Path, bucket: str) -> None:
-    """Every file below ``folder`` into ``bucket`` (created) at its relative path, with the environment's S3."""
+    """Every file below ``folder`` into ``bucket`` (created) at its relative path, with the environment's S3; the
+    objects are public-read (so that ``AWS_NO_SIGN_REQUEST=YES`` reads them too)."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3 = boto3.session.Session().client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket=bucket)
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            s3.upload_file(str(path), bucket, path.relative_to(folder).as_posix())
+            s3.upload_file(str(path), bucket, path.relative_to(folder).as_posix(), ExtraArgs={"ACL": "public-read"})
 
 
 @contextmanager

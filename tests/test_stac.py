@@ -158,9 +158,19 @@ def test_catalog_over_s3_from_moto(archive: Path, monkeypatch: pytest.MonkeyPatc
         assert stac.s3_endpoint() == f"http://{servers.os.environ['AWS_S3_ENDPOINT']}"
         listing = stac.list_records("s3://archive/catalog.json#assets=red,green,blue")
         assert [r.hrefs[0] for r in listing.records] == [f"s3://archive/s2/{n}/B04.tif" for n in SCENES]
-        assert hrefs_below(stac.list_records("s3://archive/catalog.json"), "s3://archive") == local
+        listing_all = stac.list_records("s3://archive/catalog.json")
+        assert hrefs_below(listing_all, "s3://archive") == local
         with pytest.raises(MPSCLIPError, match=r"s3://archive/missing\.json: cannot read it as STAC.*NoSuchKey"):
             stac.list_records("s3://archive/missing.json")
+
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # a public bucket, read as GDAL reads it
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        with pytest.raises(MPSCLIPError, match=r"s3://archive/catalog\.json: cannot read it as STAC.*NoCredentials"):
+            stac.list_records("s3://archive/catalog.json")
+        monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+        assert stac.list_records("s3://archive/catalog.json") == listing_all
 
         from mpsclip.archive.readers import open_item
         from mpsclip.archive.sources import iter_items

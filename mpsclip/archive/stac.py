@@ -16,7 +16,7 @@ This module only lists (with ``pystac``, ``pystac-client`` and ``stac-geoparquet
   :func:`strip_query` (no query string, fragment or user info).
 * ``s3://`` catalogs are read with boto3 from the standard AWS environment and profiles, at ``AWS_ENDPOINT_URL``
   (or GDAL's ``AWS_S3_ENDPOINT`` with ``AWS_HTTPS``) with path-style addressing for such an endpoint or with
-  ``AWS_VIRTUAL_HOSTING=FALSE``.
+  ``AWS_VIRTUAL_HOSTING=FALSE``, anonymously with ``AWS_NO_SIGN_REQUEST=YES`` (public buckets).
 
 A source may end with ``#assets=KEY,...`` (as ``mpsclip embed --assets`` writes it), so that the asset choice is
 part of the SOURCE a store records.
@@ -422,14 +422,21 @@ def s3_endpoint() -> str | None:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client for :func:`s3_endpoint`, path-style there or with ``AWS_VIRTUAL_HOSTING=FALSE``."""
+    """A boto3 S3 client for :func:`s3_endpoint`, path-style there or with ``AWS_VIRTUAL_HOSTING=FALSE``, and
+    anonymous with ``AWS_NO_SIGN_REQUEST=YES`` (public buckets, as GDAL reads them)."""
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
     endpoint = s3_endpoint()
     path_style = endpoint is not None or os.environ.get("AWS_VIRTUAL_HOSTING", "TRUE").upper() in FALSE_WORDS
-    config = Config(s3={"addressing_style": "path" if path_style else "auto"}, retries={"max_attempts": 5})
-    return boto3.client("s3", endpoint_url=endpoint, config=config)
+    unsigned = os.environ.get("AWS_NO_SIGN_REQUEST", "NO").upper() not in FALSE_WORDS
+    config = Config(
+        s3={"addressing_style": "path" if path_style else "auto"},
+        retries={"max_attempts": 5},
+        **({"signature_version": UNSIGNED} if unsigned else {}),
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)  # the environment as it is now
 
 
 def archive_stac_io() -> pystac.StacIO:
@@ -437,11 +444,14 @@ def archive_stac_io() -> pystac.StacIO:
     from pystac.stac_io import DefaultStacIO
 
     class ArchiveStacIO(DefaultStacIO):
+        s3: Any = None  # one client for every read of a listing, made on the first s3:// href
+
         def read_text_from_href(self, href: str) -> str:
             if urlsplit(href).scheme != "s3":
                 return str(super().read_text_from_href(href))
+            self.s3 = self.s3 or s3_client()
             parts = urlsplit(href)
-            answer = s3_client().get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+            answer = self.s3.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
             return answer["Body"].read().decode("utf-8")
 
     return ArchiveStacIO()
