@@ -344,3 +344,46 @@ def test_source_identity_keeps_urls_whole(tmp_path: Path, monkeypatch: pytest.Mo
         f"{tmp_path.resolve()}/mirror/catalog.json#assets=red,green,blue"
     )
     assert source_root("mirror/catalog.json#assets=visual") == tmp_path / "mirror"
+
+
+def test_catalog_reads_retry_5xx_and_time_out(archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catalog host answering 503 is retried; one that never answers times out (bounded), naming the URL."""
+    import http.server
+    import socket
+    import threading
+
+    item = (archive / "s2/scene-0/scene-0.json").read_bytes()
+    asked: list[str] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            asked.append(self.path)
+            status, body = (503, b"busy") if len(asked) < 3 else (200, item)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/scene-0.json"
+        listing = stac.list_records(url)
+        assert [r.item_id for r in listing.records] == ["s2/scene-0"] and len(asked) == 3
+        assert listing.records[0].hrefs == (f"http://127.0.0.1:{server.server_port}/visual.tif",)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    monkeypatch.setattr(stac, "HTTP_TIMEOUT_S", (1.0, 0.3))
+    monkeypatch.setattr(stac, "HTTP_RETRIES", 1)
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        with pytest.raises(MPSCLIPError, match=rf"127.0.0.1:{port}/c.json: cannot read it as STAC.*timed out") as err:
+            stac.list_records(f"http://127.0.0.1:{port}/c.json?token=s3cr3t#assets=visual")
+    assert "s3cr3t" not in str(err.value)

@@ -49,6 +49,11 @@ DEFAULT_ASSETS: tuple[tuple[str, ...], ...] = (("visual",), ("red", "green", "bl
 """The asset sets tried, in order, for an item when no ``--assets`` is given."""
 FALSE_WORDS = ("NO", "FALSE", "OFF", "0")
 INSTALL_HINT = "install the STAC extra: pip install 'mpsclip[stac]'"
+HTTP_TIMEOUT_S = (10.0, 30.0)
+"""Connect and read timeouts of one catalog request, in seconds."""
+HTTP_RETRIES = 3
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+QUERY_IN_TEXT = re.compile(r"\?[^\s'\"<>()]*")
 URL_IN_TEXT = re.compile(r"\b(?:https?|s3)://[^\s'\"<>]+")
 
 
@@ -243,7 +248,8 @@ def _reason(err: BaseException | None) -> str:
     while err is not None and len(reasons) < 4:
         reasons.append(f"{type(err).__name__}: {err}")
         err = err.__cause__ or err.__context__
-    return URL_IN_TEXT.sub(lambda m: strip_query(m[0]), " <- ".join(reasons))
+    text = URL_IN_TEXT.sub(lambda m: strip_query(m[0]), " <- ".join(reasons))
+    return QUERY_IN_TEXT.sub("", text)  # a query string named without its URL (urllib3 names the path alone)
 
 
 def _records(items: Iterable[tuple[pystac.Item, str | None]], assets: tuple[str, ...] | None, shown: str) -> Listing:
@@ -439,19 +445,38 @@ def s3_client() -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)  # the environment as it is now
 
 
+def http_pool() -> Any:
+    """A urllib3 pool for catalog reads: bounded connect/read timeouts, retries with backoff on connection errors,
+    timeouts and 429/5xx answers (:data:`HTTP_TIMEOUT_S`, :data:`HTTP_RETRIES`)."""
+    import urllib3
+
+    retries = urllib3.Retry(
+        total=HTTP_RETRIES, backoff_factor=0.25, status_forcelist=RETRY_STATUSES, raise_on_status=False
+    )
+    return urllib3.PoolManager(timeout=urllib3.Timeout(*HTTP_TIMEOUT_S), retries=retries)
+
+
 def archive_stac_io() -> pystac.StacIO:
-    """pystac's StacIO reading ``s3://`` hrefs with :func:`s3_client` too (local files and http(s) as pystac does)."""
+    """pystac's StacIO reading ``s3://`` hrefs with :func:`s3_client` and ``http(s)://`` ones with :func:`http_pool`."""
     from pystac.stac_io import DefaultStacIO
 
     class ArchiveStacIO(DefaultStacIO):
-        s3: Any = None  # one client for every read of a listing, made on the first s3:// href
+        s3: Any = None  # one client (or pool) for every read of a listing, made on the first href that needs it
+        http: Any = None
 
         def read_text_from_href(self, href: str) -> str:
-            if urlsplit(href).scheme != "s3":
-                return str(super().read_text_from_href(href))
-            self.s3 = self.s3 or s3_client()
-            parts = urlsplit(href)
-            answer = self.s3.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
-            return answer["Body"].read().decode("utf-8")
+            scheme = urlsplit(href).scheme
+            if scheme == "s3":
+                self.s3 = self.s3 or s3_client()
+                parts = urlsplit(href)
+                answer = self.s3.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+                return str(answer["Body"].read().decode("utf-8"))
+            if scheme in ("http", "https"):
+                self.http = self.http or http_pool()
+                answer = self.http.request("GET", href, headers={"User-Agent": "mpsclip", **self.headers})
+                if answer.status >= 400:
+                    raise OSError(f"HTTP {answer.status} {answer.reason}")
+                return str(answer.data.decode("utf-8"))
+            return str(super().read_text_from_href(href))
 
     return ArchiveStacIO()
