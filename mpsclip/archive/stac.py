@@ -387,9 +387,10 @@ def _geoparquet_items(path: Path) -> list[pystac.Item]:
 
 def _search_items(search: StacSearch) -> list[pystac.Item]:
     from pystac_client import Client
+    from pystac_client.stac_api_io import StacApiIO
     from pystac_client.warnings import DoesNotConformTo
 
-    client = Client.open(search.api)
+    client = Client.open(search.api, stac_io=StacApiIO(timeout=HTTP_TIMEOUT_S, max_retries=http_retry()))
     filter_lang = None if search.filter is None else "cql2-text" if isinstance(search.filter, str) else "cql2-json"
     with warnings.catch_warnings():
         warnings.simplefilter("error", DoesNotConformTo)  # pystac-client would only warn, then find nothing
@@ -445,15 +446,22 @@ def s3_client() -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)  # the environment as it is now
 
 
-def http_pool() -> Any:
-    """A urllib3 pool for catalog reads: bounded connect/read timeouts, retries with backoff on connection errors,
-    timeouts and 429/5xx answers (:data:`HTTP_TIMEOUT_S`, :data:`HTTP_RETRIES`)."""
+def http_retry() -> Any:
+    """urllib3's retries for catalog and API requests: :data:`HTTP_RETRIES` with backoff on connection errors,
+    timeouts and 429/5xx answers."""
     import urllib3
 
-    retries = urllib3.Retry(
+    return urllib3.Retry(
         total=HTTP_RETRIES, backoff_factor=0.25, status_forcelist=RETRY_STATUSES, raise_on_status=False
     )
-    return urllib3.PoolManager(timeout=urllib3.Timeout(*HTTP_TIMEOUT_S), retries=retries)
+
+
+def http_pool() -> Any:
+    """A urllib3 pool for catalog reads: :data:`HTTP_TIMEOUT_S` to connect and to read, :func:`http_retry`."""
+    import urllib3
+
+    connect, read = HTTP_TIMEOUT_S
+    return urllib3.PoolManager(timeout=urllib3.Timeout(connect=connect, read=read), retries=http_retry())
 
 
 def archive_stac_io() -> pystac.StacIO:
