@@ -22,9 +22,9 @@ require("rio_cogeo", "rio-cogeo makes the test COGs (pip install 'mpsclip[dev]')
 expect(shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists(), "nginx is not installed (make test)")
 
 from affine import Affine  # noqa: E402
+from mpsclip.bench.servers import Nginx, moto_s3, nginx  # noqa: E402
 from rio_cogeo.cogeo import cog_translate  # noqa: E402
 from rio_cogeo.profiles import cog_profiles  # noqa: E402
-from servers_remote import Nginx, moto_s3, nginx  # noqa: E402
 
 from mpsclip.archive import remote  # noqa: E402
 from mpsclip.archive.embedder import Embedder, EmbedSettings  # noqa: E402
@@ -64,12 +64,15 @@ def scene_data(seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nginx, Path]]:
-    """nginx serving a folder with ``scene.tif`` (RGB COG) and its bands ``red/green/blue.tif``."""
+    """nginx serving a folder with ``scene.tif`` (RGB COG), its bands ``red/green/blue.tif`` and
+    ``truncated.tif`` (its first two thirds)."""
     root = tmp_path_factory.mktemp("www")
     data = scene_data()
     write_cog(root / "scene.tif", data)
     for band, name in enumerate(("red", "green", "blue")):
         write_cog(root / f"{name}.tif", data[band : band + 1])
+    whole = (root / "scene.tif").read_bytes()
+    (root / "truncated.tif").write_bytes(whole[: len(whole) * 2 // 3])  # header and index intact, data cut
     with nginx(root, tmp_path_factory.mktemp("nginx")) as server:
         yield server, root
 
@@ -191,6 +194,31 @@ def test_404_and_dead_server_are_listed_without_credentials(
         assert SECRET.encode() not in data and b"reader" not in data, path
 
 
+def test_truncated_cog_and_silent_host_fail_with_the_url(
+    served: tuple[Nginx, Path], listener: tuple[int, list[bytes]], tmp_path: Path
+) -> None:
+    server, root = served
+    items = remote.remote_items("t", [f"{server.url}/truncated.tif"], {}, TILES, root)
+    assert len(items) == 3  # listed from the overviews and header, which are there
+    errors = []
+    for item in items:
+        try:
+            open_item(item)
+        except READ_ERRORS as err:
+            errors.append(str(err))
+    assert errors and all(e.startswith(f"{server.url}/truncated.tif: ") for e in errors)
+    port, received = listener  # accepts, reads the request and never answers
+    remote.set_gdal_config({"GDAL_HTTP_TIMEOUT": "1", "GDAL_HTTP_MAX_RETRY": "1", "GDAL_HTTP_RETRY_DELAY": "0.1"})
+    try:
+        start = time.monotonic()
+        (silent,) = remote.remote_items("s", [f"http://127.0.0.1:{port}/a.tif"], {}, None, tmp_path)
+        with pytest.raises(OSError, match=f"http://127.0.0.1:{port}/a.tif: .*timed out"):
+            open_item(silent)
+        assert time.monotonic() - start < 15 and received
+    finally:
+        remote.set_gdal_config({})
+
+
 def test_gdal_config_flag() -> None:
     import argparse
 
@@ -236,8 +264,9 @@ def test_stored_remote_items_read_only_from_declared_hosts(tmp_path: Path) -> No
 
 @pytest.fixture()
 def listener() -> Iterator[tuple[int, list[bytes]]]:
-    """A TCP listener on loopback that records every connection's first bytes (it must get none)."""
+    """A TCP listener on loopback that records every connection's first bytes and never answers."""
     received: list[bytes] = []
+    held: list[socket.socket] = []
     sock = socket.create_server(("127.0.0.1", 0))
     sock.settimeout(0.2)
     stop = threading.Event()
@@ -248,18 +277,20 @@ def listener() -> Iterator[tuple[int, list[bytes]]]:
                 conn, _ = sock.accept()
             except OSError:
                 continue
-            with conn:
-                conn.settimeout(1)
-                try:
-                    received.append(conn.recv(1024) or b"<connected>")
-                except OSError:
-                    received.append(b"<connected>")
+            conn.settimeout(1)
+            try:
+                received.append(conn.recv(1024) or b"<connected>")
+            except OSError:
+                received.append(b"<connected>")
+            held.append(conn)  # never answered, closed at the end
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     yield sock.getsockname()[1], received
     stop.set()
     thread.join(5)
+    for conn in held:
+        conn.close()
     sock.close()
 
 

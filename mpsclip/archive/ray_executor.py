@@ -77,11 +77,13 @@ def _connect(ray: Any, address: str | None) -> None:
 
 def _pack(items: list[Item]) -> str:
     """A shard's items as JSON, so that a Ray Dataset row carries plain data."""
-    return json.dumps([{"id": it.id, "path": str(it.path), "meta": it.meta, "kind": it.kind} for it in items])
+    return json.dumps(
+        [{"id": it.id, "path": str(it.path), "meta": it.meta, "kind": it.kind, "hrefs": it.hrefs} for it in items]
+    )
 
 
 def _unpack(text: str) -> list[Item]:
-    return [Item(d["id"], Path(d["path"]), d["meta"], d["kind"]) for d in json.loads(text)]
+    return [Item(d["id"], Path(d["path"]), d["meta"], d["kind"], tuple(d["hrefs"])) for d in json.loads(text)]
 
 
 class _ShardWorker:

@@ -63,9 +63,17 @@ CLOUD_OPTIONS: dict[str, str | int] = {
 READ_ATTEMPTS = 3
 RETRY_DELAY_S = 0.25
 WHOLE_MAX_SIDE = 2048
-SECRET_KEYS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GDAL_HTTP_USERPWD")
-PERMANENT = re.compile(r"HTTP (403|404)\b|supported file format|not a regular file|only .* are read", re.I)
-"""Failure reasons a retry cannot fix."""
+SECRET_KEYS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "GDAL_HTTP_USERPWD",
+    "GDAL_HTTP_HEADERS",
+    "GDAL_HTTP_BEARER",
+)
+"""Options whose values :func:`redact` replaces wherever they appear (from the environment or --gdal-config)."""
+PERMANENT = re.compile(r"HTTP (403|404)\b|supported file format|not a regular file|only .* are read|timed out", re.I)
+"""Failure reasons not retried here: a retry cannot fix them, or GDAL has retried them already (timeouts)."""
 
 _user_options: dict[str, str] = {}
 T = TypeVar("T")

@@ -1,8 +1,11 @@
-"""Real servers on 127.0.0.1 for the remote-reading tests and bench: Debian's nginx serving a folder, and moto's
-standalone S3 server; each started on a free port and stopped by its context manager."""
+"""Real servers on 127.0.0.1 for the remote-reading tests and bench: Debian's nginx serving a folder, moto's
+standalone S3 server, and a TCP proxy that delays every request; each started on a free port and stopped by its
+context manager."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -138,3 +141,56 @@ def moto_s3(tmp: Path) -> Iterator[S3]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            if delay:
+                await asyncio.sleep(delay)
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+def _serve_proxy(port: int, target: int, delay: float) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(_pipe(reader, up_writer, delay), _pipe(up_reader, writer, 0.0))
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+@contextmanager
+def delaying_proxy(target_port: int, delay_s: float) -> Iterator[int]:
+    """A TCP proxy on a free port (in its own process) to ``target_port`` that holds every chunk a client sends
+    for ``delay_s`` before passing it on: each HTTP request arrives ``delay_s`` late (answers are not delayed)."""
+    port = free_port()
+    proc = multiprocessing.get_context("fork").Process(target=_serve_proxy, args=(port, target_port, delay_s))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or not proc.is_alive():
+                    raise RuntimeError(f"the delaying proxy did not listen on port {port}") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.join(10)
