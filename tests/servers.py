@@ -1,10 +1,11 @@
 """Real servers on 127.0.0.1 for the tests of cloud archives, started and stopped by the tests themselves.
 
-* :func:`nginx` serves a folder with Debian's nginx (range requests included), as a child process in the
-  foreground with its own config, logs and temp folders below a tmp folder (``make test`` installs nginx);
-* :func:`moto_s3` runs moto's standalone S3 server (``moto[server]``) and sets the AWS environment to reach it
-  the way GDAL and boto3 both read it (``AWS_S3_ENDPOINT`` host:port, ``AWS_HTTPS=NO``, path-style addressing,
-  ``AWS_ENDPOINT_URL``, dummy keys);
+Debian's nginx and moto's S3 server are :mod:`mpsclip.bench.servers`' (the remote-reading bench uses them too);
+here are what the tests add around them:
+
+* :func:`aws_environment` points the AWS environment at a moto server the way GDAL and boto3 both read it
+  (``AWS_S3_ENDPOINT`` host:port, ``AWS_HTTPS=NO``, path-style addressing, ``AWS_ENDPOINT_URL``, dummy keys, no
+  instance-metadata look-up) and :func:`upload_folder` fills a bucket;
 * :func:`stac_api` runs rustac's STAC API server (``rustac serve``, memory backend) over items in files;
 * :func:`write_cog` makes a tiny Cloud-Optimized GeoTIFF (rio-cogeo) for them to serve.
 """
@@ -12,135 +13,29 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mpsclip.bench.servers import free_port, wait_listening
 
 
-def wait_for_http(url: str, process: subprocess.Popen | None = None, timeout: float = START_TIMEOUT_S) -> None:
-    """Return once ``url`` answers (any HTTP status); fail the test when ``process`` exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the server for {url} exited with {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"no answer from {url} after {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-NGINX_CONF = """\
-{user}
-daemon off;
-master_process on;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    types {{
-        application/json json;
-        image/tiff tif tiff;
-        image/jpeg jpg jpeg;
-        image/png png;
-    }}
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-    }}
-}}
-"""
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found is None:
-        pytest.fail("nginx is not installed: `make test` installs it (apt-get install -y nginx)", pytrace=False)
-    return found
-
-
-@contextmanager
-def nginx(root: Path, tmp: Path) -> Iterator[str]:
-    """Serve ``root`` over HTTP on a free loopback port; yields the base URL (``http://127.0.0.1:PORT``) and
-    writes the access log to ``tmp/access.log``."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    user = "user root;" if os.geteuid() == 0 else ""  # workers as root read the tests' private tmp folders
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, port=port, root=root.resolve()), encoding="utf-8")
-    process = subprocess.Popen(
-        [nginx_binary(), "-c", str(conf), "-p", str(tmp), "-e", str(tmp / "error.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/", process)
-        yield url
-    finally:
-        stop(process)
-
-
-@contextmanager
-def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's S3 server on a free loopback port, the AWS environment pointing at it; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+def aws_environment(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """The AWS environment for the S3 server at ``endpoint`` (``host:port``), for this test only."""
     env = {
         "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION":
-        "us-east-1", "AWS_REGION": "us-east-1", "AWS_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_HTTPS": "NO",
-        "AWS_VIRTUAL_HOSTING": "FALSE", "AWS_ENDPOINT_URL": endpoint,
+        "us-east-1", "AWS_REGION": "us-east-1", "AWS_S3_ENDPOINT": endpoint, "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE", "AWS_ENDPOINT_URL": f"http://{endpoint}",
         "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance-metadata address for credentials
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_NO_SIGN_REQUEST"):
         monkeypatch.delenv(key, raising=False)
-    try:
-        wait_for_http(endpoint + "/")
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def upload_folder(folder: Path, bucket: str) -> None:
@@ -162,19 +57,19 @@ def stac_api(hrefs: list[Path], tmp: Path) -> Iterator[str]:
     if not rustac.exists():
         pytest.fail(f"{rustac}: missing; `make venv` installs rustac (the dev extra)", pytrace=False)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     tmp.mkdir(parents=True, exist_ok=True)
-    log = (tmp / "rustac.log").open("wb")
-    process = subprocess.Popen(
-        [str(rustac), "serve", *map(str, hrefs), "--use-duckdb", "false", "--addr", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    log = tmp / "rustac.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(rustac), "serve", *map(str, hrefs), "--use-duckdb", "false", "--addr", f"127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for_http(url + "/", process)
-        yield url
+        wait_listening(port, process, "rustac serve", log)
+        yield f"http://127.0.0.1:{port}"
     finally:
-        stop(process)
-        log.close()
+        process.terminate()
+        process.wait(10)
 
 
 def write_cog(path: Path, data: np.ndarray, bounds: tuple[float, float, float, float] = (15.0, 45.0, 15.01, 45.01),

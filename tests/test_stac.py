@@ -1,5 +1,6 @@
 """STAC sources: static catalogs from disk, over HTTP (nginx) and S3 (moto), stac-geoparquet and a STAC API search
-(rustac's server), all listed through pystac / pystac-client / stac-geoparquet; servers run on 127.0.0.1."""
+(rustac's server), all listed through pystac / pystac-client / stac-geoparquet; servers run on 127.0.0.1 (nginx
+and moto as :mod:`mpsclip.bench.servers` starts them, rustac's as :mod:`tests.servers` does)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from tests.extras import require
 pystac = require("pystac", "pip install 'mpsclip[stac]'")
 require("pystac_client", "pip install 'mpsclip[stac]'")
 require("rasterio", "pip install 'mpsclip[geo]'")
+
+from mpsclip.bench.servers import moto_s3, nginx  # noqa: E402
 
 from mpsclip.archive import stac  # noqa: E402
 from mpsclip.archive.items import TileSettings  # noqa: E402
@@ -127,7 +130,8 @@ def test_assets_by_key_or_band_common_name(archive: Path) -> None:
 def test_catalog_item_and_item_collection_over_http_from_nginx(archive: Path, tmp_path: Path) -> None:
     local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
     collection = pystac.ItemCollection([pystac.Item.from_file(str(archive / f"s2/{n}/{n}.json")) for n in SCENES])
-    with servers.nginx(archive, tmp_path / "nginx") as url:
+    with nginx(archive, tmp_path / "nginx") as server:
+        url = server.url
         assert hrefs_below(stac.list_records(f"{url}/catalog.json"), url) == local
         one = stac.list_records(f"{url}/s2/scene-1/scene-1.json")
         assert hrefs_below(one, url) == {"s2/scene-1": local["s2/scene-1"]}
@@ -149,13 +153,14 @@ def test_catalog_item_and_item_collection_over_http_from_nginx(archive: Path, tm
     assert "GET /s2/collection.json" in access and "GET /s2/scene-2/scene-2.json" in access
 
 
-def test_catalog_over_s3_from_moto(archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_catalog_over_s3_from_moto(archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require("boto3", "pip install 'mpsclip[stac]'")
     local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
-    with servers.moto_s3(monkeypatch):
+    with moto_s3(tmp_path / "moto") as s3:
+        servers.aws_environment(monkeypatch, s3.endpoint)
         servers.upload_folder(archive, "archive")
         monkeypatch.delenv("AWS_ENDPOINT_URL")  # GDAL's AWS_S3_ENDPOINT/AWS_HTTPS alone must do
-        assert stac.s3_endpoint() == f"http://{servers.os.environ['AWS_S3_ENDPOINT']}"
+        assert stac.s3_endpoint() == f"http://{s3.endpoint}"
         listing = stac.list_records("s3://archive/catalog.json#assets=red,green,blue")
         assert [r.hrefs[0] for r in listing.records] == [f"s3://archive/s2/{n}/B04.tif" for n in SCENES]
         listing_all = stac.list_records("s3://archive/catalog.json")
@@ -283,7 +288,8 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
         (disk / name).mkdir(parents=True)
         (disk / name / "visual.tif").write_bytes((archive / "s2" / name / "visual.tif").read_bytes())
     flags = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--quiet", "--tile-size", "32"]
-    with servers.nginx(archive, tmp_path / "nginx") as url:
+    with nginx(archive, tmp_path / "nginx") as server:
+        url = server.url
         source = f"{url}/catalog.json"
         assert main(["embed", source, "--assets", "visual", "--out", str(tmp_path / "http.store"), *flags]) == 0
     assert "item s2/scene-2 left out: no asset visual" in capsys.readouterr().err
@@ -313,7 +319,8 @@ def test_a_signed_catalog_url_is_refused_as_source() -> None:
 def test_url_lists_and_one_image_url_give_remote_items(archive: Path, tmp_path: Path) -> None:
     from mpsclip.archive.sources import iter_items
 
-    with servers.nginx(archive, tmp_path / "nginx") as url:
+    with nginx(archive, tmp_path / "nginx") as server:
+        url = server.url
         scene0, scene1 = f"{url}/s2/scene-0/visual.tif", f"{url}/s2/scene-1/visual.tif"
         listed = tmp_path / "urls.txt"
         listed.write_text(f"# two COGs\n{scene1}?se=2030&sig=s3cr3t\n\n{scene0}\n", encoding="utf-8")
