@@ -202,19 +202,29 @@ def test_stac_geoparquet_lists_as_the_catalog(archive: Path, tmp_path: Path) -> 
     assert from_parquet == stac.list_records(str(archive / "catalog.json"))
 
 
-def test_stac_api_search_through_pystac_client_against_rustac(archive: Path, tmp_path: Path) -> None:
-    local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
+def api_files(archive: Path, folder: Path, data_url: str) -> list[Path]:
+    """The archive's collection and items as a STAC API loads them, asset hrefs absolute below ``data_url``."""
     collection = pystac.Catalog.from_file(str(archive / "catalog.json")).get_child("s2")
     items = []
     for item in collection.get_items():
         feature = item.to_dict(include_self_link=False, transform_hrefs=False)
-        for asset in feature["assets"].values():  # as an API serves them: absolute URLs
-            asset["href"] = f"{DATA_URL}/s2/{item.id}/{Path(asset['href']).name}"
+        for asset in feature["assets"].values():
+            asset["href"] = f"{data_url}/s2/{item.id}/{Path(asset['href']).name}"
         items.append(feature)
-    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}), "utf-8")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}), "utf-8")
     coll = {**collection.to_dict(include_self_link=False), "links": []}
-    (tmp_path / "collection.json").write_text(json.dumps(coll), encoding="utf-8")
-    with servers.stac_api([tmp_path / "collection.json", tmp_path / "items.json"], tmp_path / "api") as url:
+    (folder / "collection.json").write_text(json.dumps(coll), encoding="utf-8")
+    return [folder / "collection.json", folder / "items.json"]
+
+
+def test_stac_api_search_through_pystac_client_against_rustac(archive: Path, tmp_path: Path) -> None:
+    """A real STAC API on loopback: rustac's server (memory backend). stac-fastapi-geoparquet cannot start here:
+    its DuckDB client downloads DuckDB's spatial extension at start (no network), and the extension wheels on
+    PyPI (1.5.5) do not load into the DuckDB built into rustac (1.5.6). rustac's memory backend has no query or
+    filter extension, so those are checked to fail clearly."""
+    local = hrefs_below(stac.list_records(str(archive / "catalog.json")), str(archive))
+    with servers.stac_api(api_files(archive, tmp_path / "files", DATA_URL), tmp_path / "api") as url:
         everything = stac.list_records(stac.StacSearch(url, collections=("s2",)).url())
         assert hrefs_below(everything, DATA_URL) == local
         may = stac.StacSearch(url, ("s2",), datetime="2024-05-01T00:00:00Z/2024-05-31T23:59:59Z")
@@ -278,8 +288,8 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
     archive: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``mpsclip embed`` of the catalog served by nginx (visual assets, 32 px tiles) gives the embeddings of the
-    same COGs embedded from a local folder; scene-2 (no visual asset) is left out and named; no query string or
-    key is written."""
+    same COGs embedded from a local folder, and so does ``mpsclip embed --stac-api`` searching May 2024 in
+    rustac's API over the same items; scene-2 (no visual asset, June) is left out and named."""
     from mpsclip.archive.store import load_store
     from mpsclip.cli import main
 
@@ -292,7 +302,11 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
         url = server.url
         source = f"{url}/catalog.json"
         assert main(["embed", source, "--assets", "visual", "--out", str(tmp_path / "http.store"), *flags]) == 0
-    assert "item s2/scene-2 left out: no asset visual" in capsys.readouterr().err
+        assert "item s2/scene-2 left out: no asset visual" in capsys.readouterr().err
+        with servers.stac_api(api_files(archive, tmp_path / "files", url), tmp_path / "api") as api:
+            may = "2024-05-01T00:00:00Z/2024-05-31T23:59:59Z"
+            search = ["--stac-api", api, "--collections", "s2", "--datetime", may]
+            assert main(["embed", *search, "--assets", "visual", "--out", str(tmp_path / "api.store"), *flags]) == 0
     assert main(["embed", str(disk), "--out", str(tmp_path / "disk.store"), *flags]) == 0
 
     http, local = load_store(tmp_path / "http.store"), load_store(tmp_path / "disk.store")
@@ -300,6 +314,9 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
     local_rows = {i.replace("/visual.tif", ""): row for row, i in enumerate(local.ids)}
     order = [local_rows[i.removeprefix("s2/")] for i in http.ids]
     assert np.array_equal(http.retrieval.numpy(), local.retrieval[order].numpy())
+    searched = load_store(tmp_path / "api.store")
+    assert searched.ids == http.ids and np.array_equal(searched.retrieval.numpy(), http.retrieval.numpy())
+    assert "/search?collections=s2&datetime=2024-05-01" in searched.manifest["source"]  # the search, recorded
     meta = http.metas[http.ids.index("s2/scene-1/" + http.ids[-1].rsplit("/", 1)[1])]
     assert meta["stac_item"] == "scene-1" and meta["collection"] == "s2" and meta["datetime"] == "2024-05-10T12:00:00Z"
     assert meta["hrefs"] == [f"{url}/s2/scene-1/visual.tif"] and meta["eo:cloud_cover"] == 40.0
