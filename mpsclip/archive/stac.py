@@ -30,6 +30,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +53,8 @@ INSTALL_HINT = "install the STAC extra: pip install 'mpsclip[stac]'"
 HTTP_TIMEOUT_S = (10.0, 30.0)
 """Connect and read timeouts of one catalog request, in seconds."""
 HTTP_RETRIES = 3
+LIST_THREADS = 16
+"""Item JSONs of a static catalog read at once (their requests' latency overlaps)."""
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 QUERY_IN_TEXT = re.compile(r"\?[^\s'\"<>()]*")
 URL_IN_TEXT = re.compile(r"\b(?:https?|s3)://[^\s'\"<>]+")
@@ -370,8 +373,24 @@ def _json_items(source: str) -> list[tuple[pystac.Item, str | None]]:
     if isinstance(obj, pystac.Item):
         return [(obj, href)]
     if isinstance(obj, pystac.Catalog):  # a Collection is a Catalog
-        return [(item, None) for item in obj.get_items(recursive=True)]
+        return _catalog_items(obj, stac_io)
     raise MPSCLIPError(f"{strip_query(source)}: a STAC {type(obj).__name__}, not a Catalog, Collection or Item(s)")
+
+
+def _catalog_items(catalog: pystac.Catalog, stac_io: pystac.StacIO) -> list[tuple[pystac.Item, str | None]]:
+    """Every item below ``catalog``: its catalogs and collections walked in turn, the item JSONs (one request
+    each in a static catalog) read :data:`LIST_THREADS` at a time."""
+    import pystac
+
+    hrefs: list[str] = []
+    nodes = [catalog]
+    while nodes:
+        node = nodes.pop()
+        hrefs += [link.get_absolute_href() or link.href for link in node.get_links(pystac.RelType.ITEM)]
+        nodes.extend(node.get_children())
+    with ThreadPoolExecutor(LIST_THREADS) as pool:
+        features = list(pool.map(stac_io.read_json, hrefs))
+    return [(pystac.Item.from_dict(d, href=h, preserve_dict=False), h) for d, h in zip(features, hrefs, strict=True)]
 
 
 def _geoparquet_items(path: Path) -> list[pystac.Item]:
@@ -461,7 +480,8 @@ def http_pool() -> Any:
     import urllib3
 
     connect, read = HTTP_TIMEOUT_S
-    return urllib3.PoolManager(timeout=urllib3.Timeout(connect=connect, read=read), retries=http_retry())
+    timeout = urllib3.Timeout(connect=connect, read=read)
+    return urllib3.PoolManager(maxsize=LIST_THREADS, timeout=timeout, retries=http_retry())
 
 
 def archive_stac_io() -> pystac.StacIO:
