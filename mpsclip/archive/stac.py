@@ -5,7 +5,10 @@ This module only lists (with ``pystac``, ``pystac-client`` and ``stac-geoparquet
 :func:`list_records` gives one :class:`AssetRecord` per STAC item, ``(item id, asset hrefs, meta)``, that
 :func:`mpsclip.archive.remote.remote_items` turns into items (one per item, or one per tile).
 
-* Item ids are ``<collection>/<STAC item id>`` (the STAC item id alone for an item without a collection).
+* Item ids are ``<collection>/<STAC item id>`` (the STAC item id alone for an item without a collection); they
+  name no asset set, since the asset choice is part of SOURCE and one store never holds two of one item.
+* A static catalog's item files are read :data:`LIST_THREADS` at a time; requests over HTTP(S) have bounded
+  timeouts and retries (:func:`http_pool`, also for STAC API searches).
 * Assets are chosen by key or, for single-band assets, by ``eo:bands``/``bands`` common name: ``visual`` (one RGB
   asset) or ``red,green,blue`` (one asset a band). Without a choice, each item gives its ``visual`` asset, else its
   red, green and blue bands. An item without them is left out and reported (:attr:`Listing.missing`); a source
