@@ -219,7 +219,7 @@ def test_truncated_cog_and_silent_host_fail_with_the_url(
         remote.set_gdal_config({})
 
 
-def test_gdal_config_flag() -> None:
+def test_gdal_config_flag(tiny_model: MPSCLIP) -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -240,7 +240,8 @@ def test_gdal_config_flag() -> None:
     assert embed_cmd.gdal_config(args.gdal_config) == {"GDAL_HTTP_TIMEOUT": "5", "AWS_S3_ENDPOINT": "127.0.0.1:9000"}
     with pytest.raises(MPSCLIPError, match="KEY=VALUE"):
         embed_cmd.gdal_config(["timeout"])
-    remote.set_gdal_config({"GDAL_HTTP_TIMEOUT": "5", "GDAL_CACHEMAX": "64"})
+    settings = EmbedSettings(device="cpu", workers=0, gdal_config=(("GDAL_HTTP_TIMEOUT", "5"), ("GDAL_CACHEMAX", "64")))
+    Embedder(tiny_model, settings, "sha")  # sets them for its reading processes (forked after it)
     try:
         assert remote.gdal_options()["GDAL_HTTP_TIMEOUT"] == "5" and remote.gdal_options()["GDAL_CACHEMAX"] == 64
     finally:

@@ -4,7 +4,9 @@
 items that could not be read. The local and the Ray executors of :mod:`mpsclip.archive.job` both call it, so a
 shard's content does not depend on which of them ran.
 
-Reading runs in DataLoader worker processes, batches ahead of the towers, into pinned memory on a GPU. With
+Reading runs in DataLoader worker processes, batches ahead of the towers, into pinned memory on a GPU; a batch
+holding remote items (:mod:`mpsclip.archive.remote`) is read :data:`READ_THREADS` items at a time, so the latency
+of an object store overlaps instead of adding up. With
 ``decode="device"`` (the default on a GPU) JPEG files are only read there and decoded on the embedding device
 with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA), then resized (bicubic, antialiased) and normalised there;
 other formats, GeoTIFF tiles and sub-images are decoded with PIL in the workers. The image tower runs on the

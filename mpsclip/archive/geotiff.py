@@ -51,8 +51,7 @@ from rasterio.io import DatasetReader
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
-from mpsclip.archive.items import Item, TileSettings, relative_to_root
-from mpsclip.archive.readers import check_regular_file
+from mpsclip.archive.items import Item, TileSettings, check_regular_file, relative_to_root
 from mpsclip.errors import MPSCLIPError
 
 PERCENTILES = (2.0, 98.0)

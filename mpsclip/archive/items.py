@@ -20,20 +20,20 @@ the item of a stored row (a remote item only when its hosts are among those the 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from PIL import Image
 
+from mpsclip.archive.hrefs import REMOTE_KINDS, allowed_remote, gdal_path, host_of, is_url
 from mpsclip.errors import MPSCLIPError
 
 ItemKind = Literal["file", "tar-member", "geotiff-window", "remote", "remote-window"]
 ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
 PATH_KEYS: dict[str, str] = {"file": "path", "tar-member": "tar", "geotiff-window": "scene"}
 """The meta key holding each local kind's file (relative to the source root)."""
-REMOTE_KINDS = ("remote", "remote-window")
-"""Kinds whose meta ``hrefs`` name their rasters: URLs (no query string, no user info) or paths below the root."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
@@ -76,6 +76,14 @@ class TileSettings:
             raise MPSCLIPError(f"--resolution must be a number of metres above 0, got {self.resolution}")
 
 
+def check_regular_file(path: Path) -> int:
+    """The size of ``path``; OSError when it is not a regular file (after symlinks: a FIFO, a device, a folder)."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path}: not a regular file; only regular image files are read")
+    return info.st_size
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -110,9 +118,31 @@ def item_from_meta(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Ite
     ``info_or_root`` is a plain root folder)."""
     kind = meta.get("kind")
     if kind in REMOTE_KINDS:
-        from mpsclip.archive.remote import stored_item
-
-        return stored_item(item_id, meta, info_or_root)
+        hrefs = _stored_hrefs(item_id, meta, info_or_root)
+        return Item(item_id, Path(hrefs[0] if not is_url(hrefs[0]) else meta["hrefs"][0]), meta, kind, hrefs)
     if kind not in PATH_KEYS:
         raise MPSCLIPError(f"item {item_id}: its meta has no item kind ({kind!r}); embed the source again")
     return Item(item_id, resolve_source_path(info_or_root, meta[PATH_KEYS[kind]]), meta, kind)
+
+
+def _stored_hrefs(item_id: str, meta: dict[str, Any], info_or_root: Any) -> tuple[str, ...]:
+    """A stored remote item's hrefs to read: local ones joined to the source root, URLs only on the hosts the
+    store's manifest declares (``remote_hosts``) when ``info_or_root`` is a manifest or store."""
+    hrefs = meta.get("hrefs")
+    if not isinstance(hrefs, list) or len(hrefs) not in (1, 3) or not all(isinstance(h, str) for h in hrefs):
+        raise MPSCLIPError(f"item {item_id}: its meta has no hrefs list of 1 or 3; embed the source again")
+    manifest = getattr(info_or_root, "manifest", info_or_root)
+    allowed = set(manifest.get("remote_hosts") or []) if isinstance(manifest, dict) else None
+    readable = []
+    for href in hrefs:
+        if not is_url(href):
+            gdal_path(href)  # refuses GDAL virtual paths and other schemes
+            readable.append(str(resolve_source_path(info_or_root, href)))
+        elif allowed is None or allowed_remote(href, allowed):
+            readable.append(href)
+        else:
+            raise MPSCLIPError(
+                f"item {item_id}: {host_of(href)} is not among the hosts the store's manifest declares "
+                f"({', '.join(sorted(allowed)) or 'none'}); it is not read"
+            )
+    return tuple(readable)

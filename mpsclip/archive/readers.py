@@ -9,27 +9,17 @@ before any read), and a file or member larger than :data:`MAX_IMAGE_BYTES` is re
 from __future__ import annotations
 
 import io
-import os
-import stat
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from PIL import Image
 
 from mpsclip.archive import webdataset
-from mpsclip.archive.items import REMOTE_KINDS, Item
+from mpsclip.archive.items import REMOTE_KINDS, Item, check_regular_file
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 MAX_IMAGE_BYTES = 1 << 30
 """The largest image file (or tar member) read whole: 1 GiB."""
-
-
-def check_regular_file(path: Path) -> int:
-    """The size of ``path``; OSError when it is not a regular file (after symlinks) or cannot be stat'ed."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError(f"{path}: not a regular file; only regular image files are read")
-    return info.st_size
 
 
 def read_file(path: Path) -> bytes:

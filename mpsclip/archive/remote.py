@@ -22,7 +22,8 @@ any URL's query string and of the AWS keys' values (:func:`redact`). A read that
 and the reason, so the job lists the item in ``failures.jsonl`` and goes on.
 
 A store re-reads remote items only from the scheme and hosts its manifest declares (``remote_hosts``, written
-from :func:`remote_hosts`; :func:`allowed_remote`), never from a request.
+from :func:`~mpsclip.archive.hrefs.remote_hosts`; checked by :func:`~mpsclip.archive.items.item_from_meta`),
+never from a request. URL handling without GDAL is :mod:`mpsclip.archive.hrefs`.
 """
 
 from __future__ import annotations
@@ -30,20 +31,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import rasterio
 from PIL import Image
 from rasterio.errors import RasterioError
 
 from mpsclip.archive import geotiff
-from mpsclip.archive.items import REMOTE_KINDS, Item, TileSettings, relative_to_root, resolve_source_path
+from mpsclip.archive.hrefs import allowed_remote, gdal_path, is_url, public_href, remote_hosts
+from mpsclip.archive.items import Item, TileSettings, relative_to_root
 from mpsclip.errors import MPSCLIPError
 
-SCHEMES = ("http", "https", "s3")
 CLOUD_OPTIONS: dict[str, str | int] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing, no side-car files looked for
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.jpg,.jpeg,.png,.webp",
@@ -77,6 +77,7 @@ PERMANENT = re.compile(r"HTTP (403|404)\b|supported file format|not a regular fi
 
 _user_options: dict[str, str] = {}
 T = TypeVar("T")
+__all__ = ["allowed_remote", "remote_hosts", "remote_items", "read_remote", "set_gdal_config"]
 
 
 def parse_gdal_config(pairs: Sequence[str]) -> dict[str, str]:
@@ -109,52 +110,6 @@ def gdal_options() -> dict[str, str | int]:
 def gdal_env() -> rasterio.Env:
     """A rasterio environment with :func:`gdal_options` (thread-local in reading threads)."""
     return rasterio.Env(**gdal_options())
-
-
-def is_url(href: str) -> bool:
-    return urlsplit(href).scheme.lower() in SCHEMES and "://" in href
-
-
-def public_href(href: str) -> str:
-    """``href`` as it may be stored and shown: no user info, query string or fragment (a local path as is)."""
-    if not is_url(href):
-        return href
-    parts = urlsplit(href)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme.lower(), netloc, parts.path, "", ""))
-
-
-def host_of(href: str) -> str:
-    """``scheme://host[:port]`` of a URL (an ``s3://`` URL's host is its bucket)."""
-    parts = urlsplit(public_href(href))
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def allowed_remote(href: str, allowed: set[str]) -> bool:
-    """True when ``href`` is a URL whose ``scheme://host[:port]`` is one of ``allowed`` (as :func:`host_of`)."""
-    return is_url(href) and host_of(href) in allowed
-
-
-def remote_hosts(items: Iterable[Item]) -> list[str]:
-    """The sorted ``scheme://host[:port]`` of every URL the items read: what a store's manifest declares."""
-    return sorted({host_of(h) for it in items if it.kind in REMOTE_KINDS for h in it.meta["hrefs"] if is_url(h)})
-
-
-def gdal_path(href: str) -> str:
-    """The GDAL name of an href: ``/vsicurl/<url>`` for HTTP(S), ``/vsis3/<bucket>/<key>`` for S3, a local path
-    as is (raises MPSCLIPError for another scheme or a GDAL virtual path)."""
-    scheme = urlsplit(href).scheme.lower()
-    if scheme in ("http", "https"):
-        return "/vsicurl/" + href
-    if scheme == "s3":
-        parts = urlsplit(href)
-        return f"/vsis3/{parts.netloc}{parts.path}"
-    if "://" in href or href.startswith("/vsi"):
-        raise MPSCLIPError(f"{public_href(href)}: only http(s):// and s3:// URLs or local paths are read")
-    return href
 
 
 def _secrets() -> list[str]:
@@ -264,28 +219,3 @@ def read_remote(item: Item) -> Image.Image:
             raise OSError(str(err)) from None
 
     return with_retries(where, read)
-
-
-def stored_item(item_id: str, meta: dict[str, Any], info_or_root: Any) -> Item:
-    """The item of a stored remote row: local hrefs joined to the source root; URLs only on the hosts the store's
-    manifest declares (``remote_hosts``) when ``info_or_root`` is a manifest or store (MPSCLIPError else)."""
-    hrefs = meta.get("hrefs")
-    if not isinstance(hrefs, list) or len(hrefs) not in (1, 3) or not all(isinstance(h, str) for h in hrefs):
-        raise MPSCLIPError(f"item {item_id}: its meta has no hrefs list of 1 or 3; embed the source again")
-    manifest = getattr(info_or_root, "manifest", info_or_root)
-    allowed = set(manifest.get("remote_hosts") or []) if isinstance(manifest, dict) else None
-    readable = []
-    for href in hrefs:
-        if is_url(href):
-            if allowed is not None and not allowed_remote(href, allowed):
-                raise MPSCLIPError(
-                    f"item {item_id}: {host_of(href)} is not among the hosts the store's manifest declares "
-                    f"({', '.join(sorted(allowed)) or 'none'}); it is not read"
-                )
-            readable.append(href)
-        else:
-            gdal_path(href)
-            readable.append(str(resolve_source_path(info_or_root, href)))
-    return Item(
-        item_id, Path(readable[0]) if not is_url(readable[0]) else Path(hrefs[0]), meta, meta["kind"], tuple(readable)
-    )
