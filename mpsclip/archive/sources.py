@@ -38,6 +38,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mpsclip.archive import stac, webdataset
+from mpsclip.archive.hrefs import is_url, public_href
 from mpsclip.archive.items import IMAGE_EXTENSIONS, Item, TileSettings, is_image_file, relative_to_root
 from mpsclip.errors import MPSCLIPError
 
@@ -102,7 +103,7 @@ def source_identity(source: str | Path) -> str:
     (an ``#assets=...`` choice kept in both)."""
     text = source_text(source)
     base, assets = stac.split_assets(text)
-    return text if stac.is_url(base) else stac.with_assets(str(Path(base).resolve()), assets)
+    return text if is_url(base) else stac.with_assets(str(Path(base).resolve()), assets)
 
 
 def _remote_items_function() -> Callable[..., list[Item]]:
@@ -118,12 +119,12 @@ def _stac_items(source: str, tiles: TileSettings | None) -> list[Item]:
     """The items (or tiles) of a STAC source or of one image URL."""
     remote_items, root = _remote_items_function(), stac.stac_root(source)
     base = stac.split_assets(source)[0]
-    if stac.is_url(base) and is_image_file(Path(stac.strip_query(base))):
+    if is_url(base) and is_image_file(Path(public_href(base))):
         if base != source:
-            raise MPSCLIPError(f"{stac.strip_query(base)}: --assets is for STAC sources, not one image URL")
+            raise MPSCLIPError(f"{public_href(base)}: --assets is for STAC sources, not one image URL")
         return _url_items([base], tiles, root)
     listing = stac.list_records(source)
-    stac.report_missing(listing, stac.strip_query(base))
+    stac.report_missing(listing, public_href(base))
     items: list[Item] = []
     for record in tqdm(listing.records, desc="listing STAC items", unit="item", leave=False, disable=None):
         items.extend(remote_items(record.item_id, list(record.hrefs), record.meta, tiles, root))
@@ -137,7 +138,7 @@ def _url_items(urls: list[str], tiles: TileSettings | None, root: Path) -> list[
     remote_items = _remote_items_function()
     items: list[Item] = []
     for url in urls:
-        items.extend(remote_items(stac.strip_query(url), [url], {}, tiles, root))
+        items.extend(remote_items(public_href(url), [url], {}, tiles, root))
     return items
 
 
@@ -193,7 +194,7 @@ def _list_items(list_file: Path, root: Path) -> tuple[list[Item], list[str]]:
         if not entry or entry.startswith("#"):
             continue
         where = f"{list_file}, line {number}"
-        name = stac.strip_query(entry) if stac.is_url(entry) else entry
+        name = public_href(entry) if is_url(entry) else entry
         if not is_image_file(Path(name)):
             raise MPSCLIPError(
                 f"{where}: {name!r} is not a JPEG/PNG/TIFF file name ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -201,7 +202,7 @@ def _list_items(list_file: Path, root: Path) -> tuple[list[Item], list[str]]:
             )
         if name in items or name in urls:
             raise MPSCLIPError(f"{where}: {name!r} is listed twice; remove the duplicate line")
-        if stac.is_url(entry):
+        if is_url(entry):
             urls[name] = entry
             continue
         path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry

@@ -16,7 +16,7 @@ This module only lists (with ``pystac``, ``pystac-client`` and ``stac-geoparquet
 * Meta: ``stac_item`` (the STAC id), ``collection``, ``datetime`` (UTC, RFC 3339; ``start_datetime`` for an item
   with a range only), ``platform``, ``eo:cloud_cover`` (where the item has them) and ``assets`` (the keys).
 * Hrefs are given as the catalog has them (a signed URL still reads); whatever is stored or shown goes through
-  :func:`strip_query` (no query string, fragment or user info).
+  :func:`~mpsclip.archive.hrefs.public_href` (no query string, fragment or user info).
 * ``s3://`` catalogs are read with boto3 from the standard AWS environment and profiles, at ``AWS_ENDPOINT_URL``
   (or GDAL's ``AWS_S3_ENDPOINT`` with ``AWS_HTTPS``) with path-style addressing for such an endpoint or with
   ``AWS_VIRTUAL_HOSTING=FALSE``, anonymously with ``AWS_NO_SIGN_REQUEST=YES`` (public buckets).
@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from mpsclip.archive.hrefs import is_url, public_href
 from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
     import pystac
 
-REMOTE_SCHEMES = ("http", "https", "s3")
 STAC_JSON_SUFFIXES = (".json", ".geojson")
 GEOPARQUET_SUFFIXES = (".parquet", ".geoparquet")
 ASSETS_FRAGMENT = "#assets="
@@ -124,7 +124,7 @@ class StacSearch:
         known = {"collections", "bbox", "datetime", "query", "filter", "filter-lang"}
         if set(params) - known:
             raise MPSCLIPError(
-                f"{strip_query(url)}: unknown search parameters {sorted(set(params) - known)}; "
+                f"{public_href(url)}: unknown search parameters {sorted(set(params) - known)}; "
                 f"use {', '.join(sorted(known))}"
             )
         bbox = tuple(parse_bbox(params["bbox"])) if "bbox" in params else None
@@ -173,27 +173,13 @@ def parse_filter(text: str | None) -> str | dict[str, Any] | None:
         raise MPSCLIPError(f"--filter {text!r}: starts with '{{' but is not CQL2 JSON ({err})") from err
 
 
-def is_url(text: str) -> bool:
-    return urlsplit(text).scheme in REMOTE_SCHEMES
-
-
-def strip_query(href: str) -> str:
-    """``href`` without query string, fragment and user info: what may be stored or shown of a URL."""
-    parts = urlsplit(href)
-    if parts.scheme not in REMOTE_SCHEMES:
-        return href
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def checked_source(source: str) -> str:
     """``source``, refused when it is a URL with a query string (other than a search's parameters): the store's
     manifest records its SOURCE, and signatures or tokens must not land there."""
     base = split_assets(source)[0]
     if is_url(base) and urlsplit(base).query and not urlsplit(base).path.rstrip("/").endswith("/search"):
         raise MPSCLIPError(
-            f"{strip_query(base)}: a query string (a signature or token?) in SOURCE would be recorded in the store's "
+            f"{public_href(base)}: a query string (a signature or token?) in SOURCE would be recorded in the store's "
             "manifest; give the URL without it and credentials through the environment (AWS_*, ~/.netrc)"
         )
     return source
@@ -233,7 +219,7 @@ def stac_root(source: str) -> Path:
 def list_records(source: str) -> Listing:
     """The records of ``source`` (see the module's doc), sorted by id."""
     base, assets = split_assets(source)
-    shown = strip_query(base)
+    shown = public_href(base)
     try:
         items = _read_items(base)
     except MPSCLIPError:
@@ -254,7 +240,7 @@ def _reason(err: BaseException | None) -> str:
     while err is not None and len(reasons) < 4:
         reasons.append(f"{type(err).__name__}: {err}")
         err = err.__cause__ or err.__context__
-    text = URL_IN_TEXT.sub(lambda m: strip_query(m[0]), " <- ".join(reasons))
+    text = URL_IN_TEXT.sub(lambda m: public_href(m[0]), " <- ".join(reasons))
     return QUERY_IN_TEXT.sub("", text)  # a query string named without its URL (urllib3 names the path alone)
 
 
@@ -275,8 +261,8 @@ def _records(items: Iterable[tuple[pystac.Item, str | None]], assets: tuple[str,
         old = records.get(item_id)
         if old is not None and old.hrefs != hrefs:
             raise MPSCLIPError(
-                f"{shown}: item {item_id} is listed twice with other assets ({strip_query(old.hrefs[0])} and "
-                f"{strip_query(hrefs[0])}); give each item of a collection its own id"
+                f"{shown}: item {item_id} is listed twice with other assets ({public_href(old.hrefs[0])} and "
+                f"{public_href(hrefs[0])}); give each item of a collection its own id"
             )
         records[item_id] = record
     if n_items == 0:
@@ -358,7 +344,7 @@ def _read_items(source: str) -> Iterable[tuple[pystac.Item, str | None]]:
         return [(item, None) for item in _search_items(StacSearch.from_url(source))]
     if Path(path).suffix.lower() in GEOPARQUET_SUFFIXES:
         if is_url(source):
-            raise MPSCLIPError(f"{strip_query(source)}: stac-geoparquet is read from a local file; download it first")
+            raise MPSCLIPError(f"{public_href(source)}: stac-geoparquet is read from a local file; download it first")
         return [(item, os.path.abspath(source)) for item in _geoparquet_items(Path(source))]
     return _json_items(source)
 
@@ -377,7 +363,7 @@ def _json_items(source: str) -> list[tuple[pystac.Item, str | None]]:
         return [(obj, href)]
     if isinstance(obj, pystac.Catalog):  # a Collection is a Catalog
         return _catalog_items(obj, stac_io)
-    raise MPSCLIPError(f"{strip_query(source)}: a STAC {type(obj).__name__}, not a Catalog, Collection or Item(s)")
+    raise MPSCLIPError(f"{public_href(source)}: a STAC {type(obj).__name__}, not a Catalog, Collection or Item(s)")
 
 
 def _catalog_items(catalog: pystac.Catalog, stac_io: pystac.StacIO) -> list[tuple[pystac.Item, str | None]]:
