@@ -201,6 +201,8 @@ def test_stac_geoparquet_lists_as_the_catalog(archive: Path, tmp_path: Path) -> 
     to_parquet(parse_stac_items_to_arrow(items), tmp_path / "items.parquet")
     from_parquet = stac.list_records(str(tmp_path / "items.parquet"))
     assert from_parquet == stac.list_records(str(archive / "catalog.json"))
+    with nginx(tmp_path, tmp_path / "nginx") as server:
+        assert stac.list_records(f"{server.url}/items.parquet") == from_parquet
 
 
 def api_files(archive: Path, folder: Path, data_url: str) -> list[Path]:

@@ -1,5 +1,5 @@
-"""STAC sources: the assets to embed of a STAC Catalog, Collection, Item or ItemCollection (a local file or an
-``http(s)://`` or ``s3://`` URL), of a stac-geoparquet file, or of a STAC API item search (``<api>/search?...``).
+"""STAC sources: the assets to embed of a STAC Catalog, Collection, Item or ItemCollection or of a stac-geoparquet
+file (each a local file or an ``http(s)://`` or ``s3://`` URL), or of a STAC API item search (``<api>/search?...``).
 
 This module only lists (with ``pystac``, ``pystac-client`` and ``stac-geoparquet``; ``pip install 'mpsclip[stac]'``):
 :func:`list_records` gives one :class:`AssetRecord` per STAC item, ``(item id, asset hrefs, meta)``, that
@@ -343,9 +343,8 @@ def _read_items(source: str) -> Iterable[tuple[pystac.Item, str | None]]:
     if path.rstrip("/").endswith("/search") and urlsplit(source).scheme in ("http", "https"):
         return [(item, None) for item in _search_items(StacSearch.from_url(source))]
     if Path(path).suffix.lower() in GEOPARQUET_SUFFIXES:
-        if is_url(source):
-            raise MPSCLIPError(f"{public_href(source)}: stac-geoparquet is read from a local file; download it first")
-        return [(item, os.path.abspath(source)) for item in _geoparquet_items(Path(source))]
+        href = source if is_url(source) else os.path.abspath(source)
+        return [(item, href) for item in _geoparquet_items(href)]
     return _json_items(source)
 
 
@@ -382,15 +381,21 @@ def _catalog_items(catalog: pystac.Catalog, stac_io: pystac.StacIO) -> list[tupl
     return [(pystac.Item.from_dict(d, href=h, preserve_dict=False), h) for d, h in zip(features, hrefs, strict=True)]
 
 
-def _geoparquet_items(path: Path) -> list[pystac.Item]:
+def _geoparquet_items(href: str) -> list[pystac.Item]:
+    """The items of a stac-geoparquet file, a local path or a URL (read whole: it holds metadata only)."""
+    import pyarrow as pa
     import pyarrow.fs  # noqa: F401  (stac-geoparquet 0.8 uses pyarrow.fs without importing it)
     import pyarrow.parquet as pq
     import pystac
     from stac_geoparquet.arrow import stac_table_to_items
 
-    if not path.is_file():
-        raise MPSCLIPError(f"{path}: no such stac-geoparquet file")
-    return [pystac.Item.from_dict(d, preserve_dict=False) for d in stac_table_to_items(pq.read_table(path))]
+    if is_url(href):
+        table = pq.read_table(pa.BufferReader(archive_stac_io().read_bytes(href)))
+    elif Path(href).is_file():
+        table = pq.read_table(href)
+    else:
+        raise MPSCLIPError(f"{href}: no such stac-geoparquet file")
+    return [pystac.Item.from_dict(d, preserve_dict=False) for d in stac_table_to_items(table)]
 
 
 def _search_items(search: StacSearch) -> list[pystac.Item]:
@@ -482,18 +487,20 @@ def archive_stac_io() -> pystac.StacIO:
         http: Any = None
 
         def read_text_from_href(self, href: str) -> str:
-            scheme = urlsplit(href).scheme
-            if scheme == "s3":
+            if is_url(href):
+                return self.read_bytes(href).decode("utf-8")
+            return str(super().read_text_from_href(href))
+
+        def read_bytes(self, href: str) -> bytes:
+            """The bytes of an ``s3://`` or ``http(s)://`` href."""
+            if urlsplit(href).scheme == "s3":
                 self.s3 = self.s3 or s3_client()
                 parts = urlsplit(href)
-                answer = self.s3.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
-                return str(answer["Body"].read().decode("utf-8"))
-            if scheme in ("http", "https"):
-                self.http = self.http or http_pool()
-                answer = self.http.request("GET", href, headers={"User-Agent": "mpsclip", **self.headers})
-                if answer.status >= 400:
-                    raise OSError(f"HTTP {answer.status} {answer.reason}")
-                return str(answer.data.decode("utf-8"))
-            return str(super().read_text_from_href(href))
+                return bytes(self.s3.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"].read())
+            self.http = self.http or http_pool()
+            answer = self.http.request("GET", href, headers={"User-Agent": "mpsclip", **self.headers})
+            if answer.status >= 400:
+                raise OSError(f"HTTP {answer.status} {answer.reason}")
+            return bytes(answer.data)
 
     return ArchiveStacIO()
