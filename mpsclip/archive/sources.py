@@ -11,8 +11,8 @@
   with an image member, id ``<shard>/<member name>`` (``<shard>``: the shard's path relative to the folder or to
   the pattern's leading folder, its file name when SOURCE is one shard) and meta ``tar``, ``member``,
   ``offset`` and ``size``, enough to read the image again with one seek;
-* a STAC Catalog, Collection, Item or ItemCollection JSON (a local file or an ``http(s)://`` / ``s3://`` URL), a
-  stac-geoparquet file (``.parquet``) or a STAC API item search URL (``<api>/search?collections=...``, as
+* a STAC Catalog, Collection, Item or ItemCollection JSON or a stac-geoparquet file (``.parquet``), each a local
+  file or an ``http(s)://`` / ``s3://`` URL, or a STAC API item search URL (``<api>/search?collections=...``, as
   ``mpsclip embed --stac-api`` writes it), optionally ending with ``#assets=KEY,...``: one item per STAC item
   (id ``<collection>/<STAC item id>``) listed by :mod:`mpsclip.archive.stac` and read remotely
   (:func:`mpsclip.archive.remote.remote_items`); items without the chosen assets are left out and named on stderr;
