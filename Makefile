@@ -1,7 +1,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench
+EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench,stac
 
 .PHONY: test demo lint venv clean chromium nginx
 
@@ -27,10 +27,10 @@ chromium:
 		apt-get update -qq && apt-get install -y -qq chromium; } || { \
 		echo "make test: cannot install chromium (needs root and apt); install it and rerun" >&2; exit 1; }
 
-# The remote-reading tests serve COGs with Debian's nginx (tests/test_remote.py).
+# The cloud-archive tests serve COGs and STAC catalogs with Debian's nginx (tests/test_remote.py, test_stac.py).
 nginx:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
-		echo "make test: installing Debian's nginx for the remote-reading tests (tests/test_remote.py)"; \
+		echo "make test: installing Debian's nginx for the cloud-archive tests (tests/test_remote.py, test_stac.py)"; \
 		apt-get update -qq && apt-get install -y -qq nginx; } || { \
 		echo "make test: cannot install nginx (needs root and apt); install it and rerun" >&2; exit 1; }
 

@@ -10,7 +10,13 @@
   :mod:`mpsclip.archive.webdataset`; quote a pattern so that the shell leaves it alone): one item per sample
   with an image member, id ``<shard>/<member name>`` (``<shard>``: the shard's path relative to the folder or to
   the pattern's leading folder, its file name when SOURCE is one shard) and meta ``tar``, ``member``,
-  ``offset`` and ``size``, enough to read the image again with one seek.
+  ``offset`` and ``size``, enough to read the image again with one seek;
+* a STAC Catalog, Collection, Item or ItemCollection JSON or a stac-geoparquet file (``.parquet``), each a local
+  file or an ``http(s)://`` / ``s3://`` URL, or a STAC API item search URL (``<api>/search?collections=...``, as
+  ``mpsclip embed --stac-api`` writes it), optionally ending with ``#assets=KEY,...``: one item per STAC item
+  (id ``<collection>/<STAC item id>``) listed by :mod:`mpsclip.archive.stac` and read remotely
+  (:func:`mpsclip.archive.remote.remote_items`); items without the chosen assets are left out and named on stderr;
+* one ``http(s)://`` or ``s3://`` image URL; a text file may list such URLs too (id: the URL without its query).
 
 With ``tiles`` (``--tile-size``), each georeferenced ``.tif``/``.tiff`` file is replaced by its tiles (see
 :mod:`mpsclip.archive.geotiff`, which needs rasterio; meta ``scene``, ``window``, ``crs``, ``footprint``, ...);
@@ -25,12 +31,14 @@ Items come in a deterministic order (sorted by id) so that shard ``i`` of a stor
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mpsclip.archive import webdataset
+from mpsclip.archive import stac, webdataset
+from mpsclip.archive.hrefs import is_url, public_href
 from mpsclip.archive.items import IMAGE_EXTENSIONS, Item, TileSettings, is_image_file, relative_to_root
 from mpsclip.errors import MPSCLIPError
 
@@ -39,8 +47,11 @@ LIST_EXTENSIONS = (".txt", ".lst")
 
 def source_root(source: str | Path) -> Path:
     """The absolute folder every meta path of ``source``'s items is relative to: the folder itself, the folder of
-    a list file or shard, or the leading folder of a pattern of shards."""
-    pattern, path = str(source), Path(source)
+    a list file or shard, or the leading folder of a pattern of shards (for a URL or STAC source, see
+    :func:`mpsclip.archive.stac.stac_root`)."""
+    pattern, path = source_text(source), Path(source)
+    if stac.is_stac_source(pattern):
+        return stac.stac_root(pattern)
     if "{" in pattern and not path.exists():
         return Path(os.path.abspath(webdataset.pattern_shards(pattern)[0]))
     return Path(os.path.abspath(path if path.is_dir() else path.parent))
@@ -49,29 +60,86 @@ def source_root(source: str | Path) -> Path:
 def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterator[Item]:
     """Items of a folder, a text file of paths, a tar shard or a pattern of shards, sorted by id; raises
     :class:`MPSCLIPError` on a bad source. With ``tiles``, georeferenced GeoTIFF scenes give their tiles."""
-    pattern, source = str(source), Path(source)
-    if "{" in pattern and not source.exists():
+    pattern, source = source_text(source), Path(source)
+    remote: list[Item] = []  # remote items come tiled already
+    if stac.is_stac_source(pattern):
+        items, remote = [], _stac_items(pattern, tiles)
+    elif "{" in pattern and not source.exists():
         base, shards = webdataset.pattern_shards(pattern)
         root = source_root(pattern)
         items = _shards_items([(shard, shard.relative_to(base).as_posix()) for shard in shards], root)
     elif source.is_dir():
         items = _folder_items(source, source_root(source))
     elif source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
-        items = _list_items(source, source_root(source))
+        items, urls = _list_items(source, source_root(source))
+        remote = _url_items(urls, tiles, source_root(source))
     elif source.is_file() and source.suffix.lower() == webdataset.SHARD_SUFFIX:
         items = _shards_items([(source, source.name)], source_root(source))
     elif not source.exists():
         raise MPSCLIPError(
-            f"{source}: no such folder or file; pass a folder of images, a .txt list of paths or .tar shards"
+            f"{source}: no such folder or file; pass a folder of images, a .txt list of paths or URLs, .tar shards, "
+            "a STAC catalog (.json, http(s)://, s3://) or a stac-geoparquet file"
         )
     else:
         raise MPSCLIPError(
             f"{source}: not a folder, a text file of paths ({', '.join(LIST_EXTENSIONS)}) nor a .tar shard; "
-            "pass a folder of images, a list file or WebDataset shards"
+            "pass a folder of images, a list file, WebDataset shards or a STAC catalog (.json) or stac-geoparquet file"
         )
     if tiles is not None:
         items = _tiled(items, tiles, source_root(pattern))
-    return iter(sorted(items, key=lambda item: item.id))
+    return iter(sorted(items + remote, key=lambda item: item.id))
+
+
+URL_MANGLED = re.compile(r"^(https?|s3):/(?!/)")
+
+
+def source_text(source: str | Path) -> str:
+    """``source`` as text, a URL that went through ``Path`` (``https:/host/...``) given its ``//`` back."""
+    return URL_MANGLED.sub(r"\1://", str(source))
+
+
+def source_identity(source: str | Path) -> str:
+    """How a store's manifest records ``source``: a URL (or STAC API search) as given, a path made absolute
+    (an ``#assets=...`` choice kept in both)."""
+    text = source_text(source)
+    base, assets = stac.split_assets(text)
+    return text if is_url(base) else stac.with_assets(str(Path(base).resolve()), assets)
+
+
+def _remote_items_function() -> Callable[..., list[Item]]:
+    """:func:`mpsclip.archive.remote.remote_items`, imported when a source needs it (it needs rasterio)."""
+    try:
+        from mpsclip.archive.remote import remote_items
+    except ImportError as err:
+        raise MPSCLIPError(f"reading remote or STAC sources: {err}; pip install 'mpsclip[geo,stac]'") from err
+    return remote_items
+
+
+def _stac_items(source: str, tiles: TileSettings | None) -> list[Item]:
+    """The items (or tiles) of a STAC source or of one image URL."""
+    remote_items, root = _remote_items_function(), stac.stac_root(source)
+    base = stac.split_assets(source)[0]
+    if is_url(base) and is_image_file(Path(public_href(base))):
+        if base != source:
+            raise MPSCLIPError(f"{public_href(base)}: --assets is for STAC sources, not one image URL")
+        return _url_items([base], tiles, root)
+    listing = stac.list_records(source)
+    stac.report_missing(listing, public_href(base))
+    items: list[Item] = []
+    for record in tqdm(listing.records, desc="listing STAC items", unit="item", leave=False, disable=None):
+        items.extend(remote_items(record.item_id, list(record.hrefs), record.meta, tiles, root))
+    return items
+
+
+def _url_items(urls: list[str], tiles: TileSettings | None, root: Path) -> list[Item]:
+    """The items (or tiles) of image URLs, each with its URL without query string as id."""
+    if not urls:
+        return []
+    remote_items = _remote_items_function()
+    items: list[Item] = []
+    for url in urls:
+        items.extend(remote_items(public_href(url), [url], {}, tiles, root))
+    return items
 
 
 def _tiled(items: list[Item], tiles: TileSettings, root: Path) -> list[Item]:
@@ -117,20 +185,26 @@ def _shards_items(shards: list[tuple[Path, str]], root: Path) -> list[Item]:
     return items
 
 
-def _list_items(list_file: Path, root: Path) -> list[Item]:
+def _list_items(list_file: Path, root: Path) -> tuple[list[Item], list[str]]:
+    """The file items of a list and its ``http(s)://``/``s3://`` URLs (read by :func:`_url_items`)."""
     items: dict[str, Item] = {}
+    urls: dict[str, str] = {}
     for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         where = f"{list_file}, line {number}"
-        if not is_image_file(Path(entry)):
+        name = public_href(entry) if is_url(entry) else entry
+        if not is_image_file(Path(name)):
             raise MPSCLIPError(
-                f"{where}: {entry!r} is not a JPEG/PNG/TIFF file name ({', '.join(IMAGE_EXTENSIONS)}); "
+                f"{where}: {name!r} is not a JPEG/PNG/TIFF file name ({', '.join(IMAGE_EXTENSIONS)}); "
                 "remove the line or convert the image"
             )
-        if entry in items:
-            raise MPSCLIPError(f"{where}: {entry!r} is listed twice; remove the duplicate line")
+        if name in items or name in urls:
+            raise MPSCLIPError(f"{where}: {name!r} is listed twice; remove the duplicate line")
+        if is_url(entry):
+            urls[name] = entry
+            continue
         path = Path(entry) if Path(entry).is_absolute() else list_file.parent / entry
         items[entry] = _file_item(Path(entry).as_posix(), path, root)
-    return list(items.values())
+    return list(items.values()), list(urls.values())

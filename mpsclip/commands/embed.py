@@ -11,6 +11,11 @@ each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpscli
 --resolution M reads tiles resampled to M-metre pixels (projected CRS only).
 SOURCE may also be a WebDataset .tar shard or a quoted brace pattern of shards ('shards-{0000..0099}.tar'),
 one item per sample with a jpg/png/tif image; .tar shards inside a folder are read too.
+SOURCE may also be a STAC Catalog, Collection, Item or ItemCollection (a .json file, an http(s):// or s3:// URL),
+a stac-geoparquet file, an image URL or a .txt list of image URLs; or, with --stac-api, a STAC API search. Each
+STAC item is one item (id <collection>/<item id>) read remotely by window, with --assets chosen by key or band
+common name (default: visual, else red,green,blue); its date, platform and cloud cover are kept (needs
+pip install 'mpsclip[stac]'). s3:// reads the standard AWS environment (AWS_ENDPOINT_URL or AWS_S3_ENDPOINT).
 
 example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
@@ -22,6 +27,12 @@ example:
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --resolution 10
   mpsclip embed 'shards/train-{0000..0099}.tar' --out web.store --checkpoint best.safetensors
   mpsclip embed archive/ --out archive.store --checkpoint best.safetensors --ray --ray-address auto
+  mpsclip embed https://example.com/stac/catalog.json --out s2.store --checkpoint best.safetensors --assets visual
+  mpsclip embed s3://bucket/stac/catalog.json --out s2.store --checkpoint best.safetensors --assets red,green,blue \
+      --tile-size 224 --resolution 10
+  mpsclip embed --stac-api https://earth-search.aws.element84.com/v1 --collections sentinel-2-l2a \
+      --bbox 15.0,45.0,15.2,45.2 --datetime 2024-05-01/2024-05-31 --query 'eo:cloud_cover<20' --assets visual \
+      --out s2.store --checkpoint best.safetensors --tile-size 224
 """
 
 from __future__ import annotations
@@ -40,9 +51,12 @@ HELP = "embed an image archive into a Parquet store for text search"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
-        type=Path,
+        nargs="?",
+        default=None,
         metavar="SOURCE",
-        help="folder of images (and .tar shards), a .txt list of paths, a .tar shard or 'shards-{0000..0099}.tar'",
+        help="folder of images (and .tar shards), a .txt list of paths or URLs, a .tar shard, "
+        "'shards-{0000..0099}.tar', a STAC catalog/collection/item(s) (.json, http(s)://, s3://) or a "
+        "stac-geoparquet file (not with --stac-api)",
     )
     add_out(parser, "store folder (created/resumed)", required=True, metavar="STORE")
     add_checkpoint(parser, required=True)
@@ -62,6 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a GDAL option for remote reads (repeatable), e.g. GDAL_HTTP_TIMEOUT=60 or AWS_S3_ENDPOINT=host:port",
     )
+    _stac_arguments(parser.add_argument_group("STAC catalogs and APIs (pip install 'mpsclip[stac]')"))
     _ray_arguments(parser.add_argument_group("Ray Data (needs ray)"))
 
 
@@ -139,6 +154,65 @@ def _tile_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def _stac_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--assets",
+        default=None,
+        metavar="KEYS",
+        help="the assets of each STAC item to embed: one RGB asset (visual) or three bands (red,green,blue, by key "
+        "or eo:bands common name); default: visual, else red,green,blue",
+    )
+    group.add_argument("--stac-api", default=None, metavar="URL", help="search this STAC API instead of a SOURCE")
+    group.add_argument("--collections", default=None, metavar="C,...", help="with --stac-api: collection ids")
+    group.add_argument("--bbox", default=None, metavar="W,S,E,N", help="with --stac-api: area in degrees")
+    group.add_argument(
+        "--datetime", default=None, metavar="START/END", help="with --stac-api: RFC 3339 interval ('..': open end)"
+    )
+    group.add_argument(
+        "--query",
+        action="append",
+        default=None,
+        metavar="EXPR",
+        help="with --stac-api: query extension, 'eo:cloud_cover<20' (repeatable) or a JSON object",
+    )
+    group.add_argument(
+        "--filter", default=None, metavar="CQL2", help="with --stac-api: CQL2 text, or CQL2 JSON when it starts with {"
+    )
+
+
+def embed_source(args: argparse.Namespace) -> str:
+    """SOURCE as ``embed_archive`` takes it: the path or URL given, or the GET URL of the ``--stac-api`` search;
+    ``#assets=...`` appended for ``--assets`` (part of the store's identity)."""
+    from mpsclip.archive import stac
+
+    searching = [f for f in ("collections", "bbox", "datetime", "query", "filter") if getattr(args, f) is not None]
+    if args.stac_api is not None:
+        if args.source is not None:
+            raise MPSCLIPError(f"give SOURCE ({args.source}) or --stac-api ({args.stac_api}), not both")
+        source = stac.StacSearch(
+            api=args.stac_api,
+            collections=tuple(c for c in (args.collections or "").split(",") if c),
+            bbox=tuple(stac.parse_bbox(args.bbox)) if args.bbox else None,
+            datetime=args.datetime,
+            query=stac.parse_query(args.query or []),
+            filter=stac.parse_filter(args.filter),
+        ).url()
+    elif args.source is None:
+        raise MPSCLIPError("give a SOURCE (a folder, list, shards, STAC catalog or URL) or --stac-api URL")
+    elif searching:
+        flags = ", ".join("--" + f for f in searching)
+        raise MPSCLIPError(f"{flags}: only used with --stac-api URL; add it or drop them")
+    else:
+        source = stac.checked_source(str(args.source))
+    if args.assets is None:
+        return source
+    if not stac.is_stac_source(source):
+        raise MPSCLIPError(f"--assets: {source} is not a STAC catalog, item(s), stac-geoparquet file or search")
+    source = stac.with_assets(source, [a.strip() for a in args.assets.split(",") if a.strip()])
+    stac.split_assets(source)  # refuses a choice of 2 or 4 assets now rather than after listing
+    return source
+
+
 def _ray_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--ray",
@@ -191,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
         raise MPSCLIPError(f"--workers must be 0 or more, got {args.workers}")
     if args.max_sub_images is not None and args.max_sub_images < 1:
         raise MPSCLIPError(f"--max-sub-images must be 1 or more, got {args.max_sub_images}")
+    args.source = embed_source(args)
     settings = EmbedSettings(
         perspectives=args.perspectives,
         sub_root=args.sub_root,
