@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -52,6 +53,28 @@ def test_every_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFi
     assert main([verb, "--help"]) == 0
     text = capsys.readouterr().out
     assert f"mpsclip {verb}" in text and "example" in text.lower()
+
+
+LIGHT_RUNS = """
+import json, sys
+from mpsclip.cli import main
+seen = []
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    seen.append([argv, code, sorted(m for m in ("torch", "numpy", "PIL", "open_clip") if m in sys.modules)])
+print(json.dumps(seen))
+"""
+
+
+def test_help_and_usage_errors_do_not_import_torch() -> None:
+    """Parsers are built from light modules: ``--help`` and usage errors answer without loading torch."""
+    runs = [["--help"], *([verb, "--help"] for verb in VERBS), ["bench", "archive", "--help"], ["search"],
+            ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--workers", "x"], ["evaluate", "--bogus"]]
+    done = subprocess.run([sys.executable, "-c", LIGHT_RUNS, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert [code for _, code, _ in seen] == [0] * (len(VERBS) + 2) + [2, 2, 2]
+    assert all(heavy == [] for _, _, heavy in seen), seen
 
 
 def test_shared_flags_table_covers_every_verb() -> None:

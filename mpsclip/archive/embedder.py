@@ -32,16 +32,14 @@ from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.readers import jpeg_bytes, open_item, open_rgb
 from mpsclip.archive.store import ShardRows
 from mpsclip.checkpoints import file_sha256
-from mpsclip.choices import RUNTIMES
+from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import Sample
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+from mpsclip.devices import resolve_device
 from mpsclip.engines import embedding_precision, runtime_engine
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
-
-PERSPECTIVES = ("none", "zero-shot", "from-dir")
-DECODERS = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -184,14 +182,6 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     if decode == "auto":
         return "device" if device.type == "cuda" else "cpu"
     return decode
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MPSCLIPError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from mpsclip import __version__
-from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode, resolve_device
+from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
 from mpsclip.archive.items import Item, TileSettings
 from mpsclip.archive.sources import iter_items, source_root
 from mpsclip.archive.store import (
@@ -39,6 +39,7 @@ from mpsclip.archive.store import (
     write_shard,
 )
 from mpsclip.checkpoints import config_path, file_sha256, read_saved_config, resolve_checkpoint
+from mpsclip.devices import resolve_device
 from mpsclip.errors import MPSCLIPError
 from mpsclip.keywords.zero_shot import load_rs_vocabulary
 

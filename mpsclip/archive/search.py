@@ -26,9 +26,9 @@ from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
 from mpsclip.archive.store import StoreInfo, read_ids_metas, read_shard, read_shard_in_bbox
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
+from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
 
-MODES = ("fused", "global", "max-response")
 MODE_COLUMNS = {"fused": ["retrieval"], "global": ["global"], "max-response": ["global", "perspectives", "valid"]}
 BBox = tuple[float, float, float, float]
 READ_AHEAD = 2  # shards decoded ahead of the one being scored

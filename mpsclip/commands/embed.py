@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mpsclip.archive.items import TileSettings
 from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
 from mpsclip.commands._args import DeprecatedOption, add_checkpoint, add_device, add_out, add_quiet, warn_deprecated
 from mpsclip.errors import MPSCLIPError
+
+if TYPE_CHECKING:
+    from mpsclip.archive.items import TileSettings
 
 HELP = "embed an image archive into a Parquet store for text search"
 
@@ -147,6 +150,8 @@ def parse_bands(text: str) -> tuple[int, ...]:
 
 def tile_settings(args: argparse.Namespace) -> TileSettings | None:
     """``--tile-size/--stride/--bands/--resolution`` as TileSettings (None without --tile-size)."""
+    from mpsclip.archive.items import TileSettings
+
     if args.tile_size is None:
         if args.stride is not None or args.bands is not None or args.resolution is not None:
             raise MPSCLIPError("--stride, --bands and --resolution are only used with --tile-size; add it or drop them")
