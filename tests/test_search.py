@@ -132,6 +132,7 @@ def test_store_errors(dyadic_store: Path, tmp_path: Path) -> None:
         exact_topk(open_store(dyadic_store), torch.zeros(1, DIM), 1, "best")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_scoring_matches_cpu(dyadic_store: Path) -> None:
     info = open_store(dyadic_store)

@@ -394,6 +394,7 @@ def test_source_root_relocates_a_moved_store(store: Path, synth: Path, tmp_path:
         Catalog([moved], source_roots=[tmp_path / "nowhere"])
 
 
+@pytest.mark.browser
 def test_page_works_behind_the_api_key_in_chromium(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Debian's chromium through Playwright: /?key= once, then the page's fetches and <img> thumbnails work."""
     import shutil
