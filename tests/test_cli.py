@@ -1,4 +1,5 @@
-"""The one CLI grammar: verbs, shared flags, deprecated spellings, negative coordinates, a closed stdout."""
+"""The one CLI grammar: verbs, shared flags, one spelling each, negative coordinates, a closed stdout, and
+parsers that answer without importing torch."""
 
 from __future__ import annotations
 
@@ -98,30 +99,24 @@ def test_export_aliases_share_one_parser_definition() -> None:
     assert set(ours) == set(theirs)
 
 
-OLD_SPELLINGS = [
-    # (argv, what the old spelling set, the warning)
-    (["keywords", "in.json", "--output", "o.json"], ("out", Path("o.json")), "--output is deprecated, use --out"),
-    (["subimages", "a.json", "--output", "s"], ("out", Path("s")), "--output is deprecated, use --out"),
-    (["keywords", "in.json", "-o", "o.json", "--no-progress"], ("quiet", True), "--no-progress is deprecated"),
-    (["evaluate", "ck.safetensors", "--data", "d"], ("checkpoint", Path("ck.safetensors")), "use --checkpoint"),
-    (["synth", "data_dir", "--train", "4"], ("out", Path("data_dir")), "positional OUT is deprecated"),
-    (
-        ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--runtime", "onnxruntime"],
-        ("engine", "onnxruntime"),
-        "--runtime is deprecated, use --engine",
-    ),
+REMOVED_SPELLINGS = [
+    # the 0.1 spellings, gone in 0.1.0: a usage error each
+    ["keywords", "in.json", "--output", "o.json"],
+    ["subimages", "a.json", "--output", "s"],
+    ["keywords", "in.json", "-o", "o.json", "--no-progress"],
+    ["evaluate", "ck.safetensors", "--data", "d"],
+    ["synth", "data_dir", "--train", "4"],
+    ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--runtime", "onnxruntime"],
 ]
 
 
-@pytest.mark.parametrize(("argv", "expected", "warning"), OLD_SPELLINGS)
-def test_old_spellings_warn_and_still_work(
-    argv: list[str], expected: tuple[str, object], warning: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    args = build_parser().parse_args(argv)
-    assert getattr(args, expected[0]) == expected[1]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"mpsclip {argv[0]}: warning: ") and warning in err[0]
-    assert err[0].endswith("(it will be removed in 0.3)")
+@pytest.mark.parametrize("argv", REMOVED_SPELLINGS, ids=lambda argv: " ".join(argv[:1] + argv[-2:]))
+def test_removed_spellings_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "deprecated" not in err
 
 
 def test_new_spellings_do_not_warn(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,10 +125,11 @@ def test_new_spellings_do_not_warn(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == ""
 
 
-def test_export_positional_checkpoint_is_deprecated(capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_export_parser().parse_args(["m.safetensors", "--format", "onnx", "--out", "x"])
-    assert args.checkpoint == Path("m.safetensors")
-    assert "mpsclip-export: warning: the positional CHECKPOINT is deprecated" in capsys.readouterr().err
+def test_export_alias_takes_the_checkpoint_as_an_option(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_export_parser().parse_args(["--checkpoint", "m.safetensors", "--format", "onnx", "--out", "x"])
+    assert args.checkpoint == Path("m.safetensors") and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        build_export_parser().parse_args(["m.safetensors", "--format", "onnx", "--out", "x"])
 
 
 def test_required_checkpoint_missing_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,29 +139,22 @@ def test_required_checkpoint_missing_is_a_usage_error(capsys: pytest.CaptureFixt
     assert "required: --checkpoint" in capsys.readouterr().err
 
 
-def test_checkpoint_given_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "a.pth", "--checkpoint", "b.pth"])
-    assert "--checkpoint given twice" in capsys.readouterr().err
-
-
 def test_embed_engine_kind_and_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["embed", "imgs", "--out", "s", "--checkpoint", "c"]
     args = build_parser().parse_args([*base, "--engine", "onnxruntime", "--engine-dir", str(tmp_path)])
     assert (args.engine, args.engine_dir) == ("onnxruntime", tmp_path)
     assert capsys.readouterr().err == ""
-    old = build_parser().parse_args([*base, "--runtime", "tensorrt", "--engine", str(tmp_path)])
-    assert (old.engine, old.engine_dir) == ("tensorrt", tmp_path)
-    assert "--engine DIR is deprecated, use --engine-dir DIR" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([*base, "--engine", "onnxrunt1me"])
+    for kind in ("onnxrunt1me", str(tmp_path)):  # a folder is no engine kind: it goes to --engine-dir
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, "--engine", kind])
+        assert "argument --engine: invalid choice" in capsys.readouterr().err
 
 
 def test_embed_settings_errors_name_the_flags_as_spelled_now() -> None:
     from mpsclip.archive.embedder import EmbedSettings
     from mpsclip.errors import MPSCLIPError
 
-    for field, flag in (("runtime", "--engine"), ("perspectives", "--perspectives"), ("decode", "--decode")):
+    for field, flag in (("engine", "--engine"), ("perspectives", "--perspectives"), ("decode", "--decode")):
         with pytest.raises(MPSCLIPError, match=f"^{flag} must be one of .*, got 'bogus'$"):
             EmbedSettings(**{field: "bogus"}).check()
 

@@ -126,7 +126,7 @@ def test_onnxruntime_runtime_matches_torch(jpegs: Path, ckpt: Path, tmp_path: Pa
 
     engine = export(ckpt, "onnx", tmp_path / "engine", towers=("image",), max_batch=8, opt_batch=4)
     embed_archive(jpegs, tmp_path / "torch", ckpt, settings=SMALL, progress=False)
-    ort = dataclasses.replace(SMALL, runtime="onnxruntime", engine=engine)
+    ort = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=engine)
     embed_archive(jpegs, tmp_path / "ort", ckpt, settings=ort, progress=False)
     a, b = _embeddings(tmp_path / "torch"), _embeddings(tmp_path / "ort")
     for name in ("retrieval", "glob", "perspectives"):
@@ -136,15 +136,15 @@ def test_onnxruntime_runtime_matches_torch(jpegs: Path, ckpt: Path, tmp_path: Pa
 
 def test_runtime_errors(jpegs: Path, ckpt: Path, tiny_model: MPSCLIP, tmp_path: Path) -> None:
     with pytest.raises(MPSCLIPError, match="needs --engine"):
-        embed_archive(jpegs, tmp_path / "a", ckpt, settings=dataclasses.replace(SMALL, runtime="onnxruntime"))
+        embed_archive(jpegs, tmp_path / "a", ckpt, settings=dataclasses.replace(SMALL, engine="onnxruntime"))
     fake = tmp_path / "engine"
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"checkpoint": {"sha256": "0" * 64}, "towers": {}}))
     with pytest.raises(MPSCLIPError, match="another checkpoint"):
-        settings = dataclasses.replace(SMALL, runtime="onnxruntime", engine=fake)
+        settings = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=fake)
         embed_archive(jpegs, tmp_path / "b", ckpt, settings=settings, progress=False)
     with pytest.raises(MPSCLIPError, match="only used with --engine"):
-        embed_archive(jpegs, tmp_path / "c", ckpt, settings=dataclasses.replace(SMALL, engine=fake), progress=False)
+        embed_archive(jpegs, tmp_path / "c", ckpt, settings=dataclasses.replace(SMALL, engine_dir=fake), progress=False)
 
 
 def test_cli_zero_shot(jpegs: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

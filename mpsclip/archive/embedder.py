@@ -52,8 +52,8 @@ class EmbedSettings:
     workers: int = 0
     device: str = "auto"
     tiles: TileSettings | None = None
-    runtime: str = "torch"
-    engine: Path | None = None
+    engine: str = "torch"
+    engine_dir: Path | None = None
     decode: str = "auto"
     zero_shot: ZeroShotSettings = ZeroShotSettings()
 
@@ -61,8 +61,8 @@ class EmbedSettings:
         """Raise :class:`MPSCLIPError` for inconsistent settings (named as the CLI flags)."""
         if self.perspectives not in PERSPECTIVES:
             raise MPSCLIPError(f"--perspectives must be one of {', '.join(PERSPECTIVES)}, got {self.perspectives!r}")
-        if self.runtime not in RUNTIMES:
-            raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.engine not in RUNTIMES:
+            raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {self.engine!r}")
         if self.decode not in DECODERS:
             raise MPSCLIPError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
         if self.perspectives == "zero-shot":
@@ -198,7 +198,7 @@ class Embedder:
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)
         self.decode = resolve_decode(settings.decode, self.device)
-        self.engine = runtime_engine(settings.runtime, self.model, self.device, settings.engine, checkpoint_sha256)
+        self.engine = runtime_engine(settings.engine, self.model, self.device, settings.engine_dir, checkpoint_sha256)
         self.encode = self.engine.encode_image
         self.precision = embedding_precision(self.engine.kind, self.device, self.engine.precision)
         self.zero_shot = (

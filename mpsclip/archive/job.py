@@ -137,7 +137,7 @@ def _identity(
         "source": str(source.resolve()),
         "n_source_items": n_items,
         "tiles": _tiles_identity(settings.tiles),
-        "runtime": settings.runtime,
+        "runtime": settings.engine,
         "decode": decode,
         "zero_shot": _zero_shot_identity(settings) if settings.perspectives == "zero-shot" else None,
     }

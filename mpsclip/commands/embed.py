@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
-from mpsclip.commands._args import DeprecatedOption, add_checkpoint, add_device, add_out, add_quiet, warn_deprecated
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
     add_device(group)
     group.add_argument(
         "--engine",
-        action=EngineKind,
+        choices=RUNTIMES,
         default="torch",
         metavar="KIND",
         help=f"image-tower engine: {', '.join(RUNTIMES)} (torch: fast fused runtime on a GPU; others: --engine-dir)",
@@ -83,7 +83,6 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--engine-dir", type=Path, default=None, metavar="DIR", help="an 'mpsclip export' folder for --engine"
     )
-    group.add_argument("--runtime", dest="engine", action=DeprecatedOption, new="--engine", choices=RUNTIMES)
     group.add_argument(
         "--decode",
         choices=DECODERS,
@@ -93,25 +92,6 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     group.add_argument("--shard-size", type=int, default=1024, help="items per shard (default: 1024)")
     group.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
-
-
-class EngineKind(argparse.Action):
-    """``--engine KIND``; a value that is no kind but a folder is the old ``--engine DIR`` (deprecated)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str,
-        option_string: str | None = None,
-    ) -> None:
-        if values in RUNTIMES:
-            namespace.engine = values
-        elif Path(values).is_dir():
-            warn_deprecated(parser, "--engine DIR", "--engine-dir DIR")
-            namespace.engine_dir = Path(values)
-        else:
-            parser.error(f"argument --engine: {values!r} is not one of {', '.join(RUNTIMES)}")
 
 
 def _tile_arguments(group: argparse._ArgumentGroup) -> None:
@@ -177,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         tiles=tile_settings(args),
-        runtime=args.engine,
-        engine=args.engine_dir,
+        engine=args.engine,
+        engine_dir=args.engine_dir,
         decode=args.decode,
         zero_shot=ZeroShotSettings(
             vocabulary=args.vocabulary_file,

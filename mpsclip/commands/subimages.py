@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-root", type=Path, help="folder the 'image' paths are relative to (default: the annotation's folder)"
     )
-    add_out(parser, "output folder of <stem>/<noun>_blackbg.png", required=True, metavar="DIR", old_flags=("--output",))
+    add_out(parser, "output folder of <stem>/<noun>_blackbg.png", required=True, metavar="DIR")
     parser.add_argument("--backend", choices=SUBIMAGE_BACKENDS, default="clip-saliency")
     parser.add_argument("--rank", type=int, default=0, help="this shard (default: 0)")
     parser.add_argument("--world-size", type=int, default=1, help="number of shards (default: 1)")
