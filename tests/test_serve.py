@@ -44,7 +44,7 @@ def test_served_topk_equals_search(client: TestClient, store: Path, mode: str) -
     assert hit["rank"] == 1 and hit["thumbnail_url"] == f"/items/s/{hit['id']}/thumbnail"
 
 
-def test_item_embedding_image_and_batch(client: TestClient, synth: Path) -> None:
+def test_item_embedding_image_and_batch(client: TestClient, synth: Path, store: Path) -> None:
     first = client.post("/search", json={"text": "a harbor", "k": 2}).json()["hits"][0]["id"]
     like = client.post("/search", json={"item_id": first, "k": 1, "mode": "global"}).json()
     assert like["hits"][0]["id"] == first and like["hits"][0]["score"] == pytest.approx(1, abs=2e-3)
@@ -63,8 +63,15 @@ def test_item_embedding_image_and_batch(client: TestClient, synth: Path) -> None
     emb = client.post("/search", json={"embedding": [1.0] + [0.0] * (dim - 1), "k": 3}).json()
     assert len(emb["hits"]) == 3
     assert client.post("/search", json={"embedding": [1.0], "k": 3}).status_code == 422
-    batch = client.post("/search/batch", json={"queries": [{"text": "a"}, {"text": "b", "k": 2}]}).json()
+    queries = [{"text": "a harbor"}, {"text": "an airport", "k": 2, "mode": "max-response"}]
+    batch = client.post("/search/batch", json={"queries": queries}).json()
     assert [len(r["hits"]) for r in batch["results"]] == [6, 2]
+    info = open_store(store)
+    model = load_search_model(info.manifest, None)
+    for query, result in zip(queries, batch["results"], strict=True):  # each as 'mpsclip search' ranks it
+        want = search_store(info, encode_queries(model, [query["text"]]), query.get("k", 6), query.get("mode", "fused"))
+        assert [h["id"] for h in result["hits"]] == [h.id for h in want[0]]
+        assert [h["score"] for h in result["hits"]] == pytest.approx([h.score for h in want[0]], abs=1e-3)
 
 
 def test_bad_input_names_the_field(client: TestClient) -> None:
