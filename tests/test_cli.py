@@ -168,11 +168,42 @@ def test_bbox_in_the_western_and_southern_hemispheres(form: str) -> None:
     assert args.queries == ["a marina"] and args.k == 3
 
 
-def test_bad_bbox_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bbox_west_of_east_crosses_the_antimeridian() -> None:
+    args = build_parser().parse_args(["search", "s", "q", "--bbox", "170,-20,-170,-10"])
+    assert args.bbox == (170.0, -20.0, -170.0, -10.0)
+
+
+@pytest.mark.parametrize(
+    ("box", "said"),
+    [
+        ("-200,23.5,-78.9,25.5", "west -200 is not a longitude in [-180, 180]"),
+        ("10,-91,20,0", "south -91 is not a latitude in [-90, 90]"),
+        ("10,0,20,nan", "north nan is not a latitude"),
+        ("10,5,20,4", "south 5 is above north 4"),
+        ("10,5,20", "expected four numbers W,S,E,N"),
+        ("a,b,c,d", "expected four numbers W,S,E,N"),
+    ],
+)
+def test_bad_bbox_is_a_usage_error(box: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        build_parser().parse_args(["search", "s", "q", "--bbox", "-77.7,23.5,-78.9,25.5"])
+        build_parser().parse_args(["search", "s", "q", f"--bbox={box}"])
     assert done.value.code == 2
-    assert "W <= E" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
+
+
+def test_the_api_checks_boxes_as_the_cli_does() -> None:
+    """POST /search's bbox goes through the same validator (mpsclip.bbox) as --bbox: out-of-range degrees are a
+    422 naming the number, and west > east is a box across the antimeridian."""
+    from extras import require
+
+    require("fastapi", "pip install 'mpsclip[serve]'")
+    from mpsclip.serve.app import SearchRequest
+    from pydantic import ValidationError
+
+    assert SearchRequest(text="a port", bbox=[170, -20, -170, -10]).bbox == [170, -20, -170, -10]
+    for bad, said in (([181, 0, 182, 1], "west 181 is not a longitude"), ([0, 0, 1, 95], "north 95 is not a latitude")):
+        with pytest.raises(ValidationError, match=said):
+            SearchRequest(text="a port", bbox=bad)
 
 
 PRINTING_VERB = """

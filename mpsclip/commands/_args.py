@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mpsclip.bbox import BBox, parse_bbox
 from mpsclip.choices import DEVICES
+from mpsclip.errors import MPSCLIPError
 
 NEGATIVE_VALUE = re.compile(r"^-\d*\.?\d+(,-?\d*\.?\d+)*$")
 """Arguments that are values, not options: a negative number or a comma list starting with one (``-78.9,23.5``)."""
@@ -61,15 +63,13 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def bbox(text: str) -> tuple[float, float, float, float]:
-    """``W,S,E,N`` (``minx,miny,maxx,maxy``, degrees) as a tuple; an argparse type (negative values welcome)."""
+def bbox(text: str) -> BBox:
+    """``W,S,E,N`` (degrees; west > east crosses the antimeridian) as :func:`mpsclip.bbox.parse_bbox` checks it,
+    an argparse type."""
     try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected four numbers W,S,E,N (minx,miny,maxx,maxy)") from err
-    if len(values) != 4 or values[0] > values[2] or values[1] > values[3]:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected W,S,E,N with W <= E and S <= N")
-    return values[0], values[1], values[2], values[3]
+        return parse_bbox(text)
+    except MPSCLIPError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_bbox(parser: argparse.ArgumentParser, help: str) -> None:
