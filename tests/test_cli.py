@@ -150,6 +150,14 @@ def test_embed_engine_kind_and_dir(tmp_path: Path, capsys: pytest.CaptureFixture
         assert "argument --engine: invalid choice" in capsys.readouterr().err
 
 
+def test_embed_workers_default_follows_the_machine() -> None:
+    from mpsclip.commands.embed import available_cores, default_workers
+
+    assert build_parser().parse_args(["embed", "i", "--out", "s", "--checkpoint", "c"]).workers is None
+    assert [default_workers(cores) for cores in (1, 2, 3, 4, 16, 64)] == [0, 0, 1, 2, 8, 8]
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
+
+
 def test_embed_settings_errors_name_the_flags_as_spelled_now() -> None:
     from mpsclip.archive.embedder import EmbedSettings
     from mpsclip.errors import MPSCLIPError
