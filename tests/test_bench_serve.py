@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from extras import require
 from mpsclip.bench.serve import SCHEMA, main
 
@@ -12,6 +13,7 @@ require("aiohttp", "pip install 'mpsclip[bench]'")
 require("matplotlib", "pip install 'mpsclip[bench]'")
 
 
+@pytest.mark.slow
 def test_bench_serve_writes_schema_and_files(tmp_path: Path) -> None:
     argv = ["--out", str(tmp_path), "--configs", "no-triton", "--concurrency", "1,2", "--requests", "4",
             "--seconds", "5", "--images", "4"]

@@ -256,8 +256,9 @@ def read_shard_in_bbox(
     info: StoreInfo, shard: int, columns: list[str], box: BBox
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(positions in the shard, columns)`` of the shard's items whose footprint meets ``box`` (west, south,
-    east, north; west > east crosses the antimeridian), as :func:`read_shard` gives them. Only the row groups whose ``bbox`` statistics
-    may meet the box are read; a shard written before GeoParquet columns is read whole and filtered on its JSON."""
+    east, north; west > east crosses the antimeridian), as :func:`read_shard` gives them. Only the row groups
+    whose ``bbox`` statistics may meet the box are read; a shard written before GeoParquet columns is read whole
+    and filtered on its JSON."""
     file = pq.ParquetFile(shard_path(info.path, shard))
     names = file.schema_arrow.names
     if BBOX not in names:
