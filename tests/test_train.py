@@ -42,6 +42,7 @@ def _trainable(path):
     return {n: p for n, p in model.named_parameters() if ".g2adapter." in n or n.startswith("mpr_head.")}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(synth, tmp_path):
     cfg = _config(synth)
     train(cfg, tmp_path / "full")
@@ -61,6 +62,7 @@ def test_killed_run_resumes_to_identical_weights(synth, tmp_path):
     assert [e["epoch"] for e in log] == [1, 2]
 
 
+@pytest.mark.slow
 def test_evaluates_each_epoch_and_keeps_the_best_not_the_last(synth, tmp_path, monkeypatch):
     """The real evaluation runs each epoch; its fused r_mean is steered to 30 then 10, so epoch 1 is the best:
     best.* must hold epoch 1's weights (last.* as it was after epoch 1) and last.* epoch 2's."""
@@ -108,6 +110,7 @@ def test_config_errors_name_the_file(tmp_path):
     assert TrainConfig.from_yaml("tiny", epochs=1).epochs == 1
 
 
+@pytest.mark.slow
 def test_priorclip_trains_through_the_same_trainer(synth, tmp_path):
     cfg = _config(
         synth,
@@ -123,6 +126,7 @@ def test_priorclip_trains_through_the_same_trainer(synth, tmp_path):
     assert type(load_model(tmp_path / "last.safetensors")).__name__ == "PriorCLIP"
 
 
+@pytest.mark.slow
 def test_cli_device_and_quiet(synth, tmp_path, capsys):
     args = ["train", "--config", "tiny", "--train-file", str(synth / "train.json"), "--image-root", str(synth),
             "--sub-root", str(synth / "subimages"), "--epochs", "1", "--batch-size", "6", "--num-workers", "0",
