@@ -27,7 +27,7 @@ lint-imports: venv
 	rm -rf $(LAYERS) && mkdir -p $(LAYERS)/mpsclip
 	for f in mpsclip/*; do ln -s "$(CURDIR)/$$f" $(LAYERS)/mpsclip/; done
 	for p in kernels export serve bench; do ln -s "$(CURDIR)/$$p" $(LAYERS)/mpsclip/$$p; done
-	cd $(LAYERS) && "$(CURDIR)/$(BIN)/lint-imports" --config "$(CURDIR)/pyproject.toml" --no-cache
+	cd $(LAYERS) && "$(CURDIR)/$(BIN)/lint-imports" --no-logo --no-cache "$(CURDIR)/pyproject.toml"
 
 # The browser test drives Debian's chromium (Playwright's own browser download is unreachable here).
 chromium:

@@ -151,7 +151,8 @@ def available_cores() -> int:
 
 def default_workers(cores: int) -> int:
     """Reading processes for ``cores`` cores: none on up to 2 (each worker starts its own interpreter and competes
-    with the model's threads; on 2 cores --workers 2 was 3x slower than 0), else half the cores, at most 8."""
+    with the model's threads: a review's run on 2 cores was 3x slower with --workers 2 than with 0), else half
+    the cores, at most 8."""
     return 0 if cores <= 2 else min(cores // 2, 8)
 
 
