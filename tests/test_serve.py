@@ -80,13 +80,15 @@ def test_bad_input_names_the_field(client: TestClient) -> None:
         ({"text": "x", "mode": "best"}, "mode"),
         ({"k": 3}, "exactly one"),
         ({"text": "x", "item_id": "y"}, "exactly one"),
-        ({"text": "x", "bbox": [1, 2, 0, 3]}, "bbox"),
+        ({"text": "x", "bbox": [1, 2, 0, 95]}, "bbox"),  # north beyond 90
+        ({"text": "x", "bbox": [-181, 2, 0, 3]}, "bbox"),
         ({"image": "not base64!"}, "image"),
         ({"item_id": "nope"}, "item_id"),
         ({"text": "x", "store": "other"}, "store"),
     ]:
         r = client.post("/search", json=body)
         assert 400 <= r.status_code < 500 and field in str(r.json()["detail"]), (body, r.text)
+    assert client.post("/search", json={"text": "x", "bbox": [1, 2, 0, 3]}).status_code == 200  # across 180°
     for raw, field in [('{"item_id": [NaN]}', "item_id"), ('{"text": "x", "k": Infinity}', "k"),
                        ('{"text": "x", "bbox": [NaN, 0, -Infinity]}', "bbox")]:  # JSON cannot echo these back
         r = client.post("/search", content=raw, headers={"content-type": "application/json"})
