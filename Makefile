@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := dev,onnx,kernels,geo,ray,index,serve,bench,stac
 
-.PHONY: test demo lint venv clean chromium nginx
+.PHONY: test test-fast demo lint lint-imports venv clean chromium nginx
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,15 @@ venv: $(VENV)/.installed
 lint: venv
 	$(BIN)/ruff check .
 
+# The import layers of pyproject's [tool.importlinter]. lint-imports reads the package from disk, and
+# mpsclip.kernels/.export/.serve/.bench live in top-level folders: a tree of links puts them where they install.
+LAYERS := build/layers
+lint-imports: venv
+	rm -rf $(LAYERS) && mkdir -p $(LAYERS)/mpsclip
+	for f in mpsclip/*; do ln -s "$(CURDIR)/$$f" $(LAYERS)/mpsclip/; done
+	for p in kernels export serve bench; do ln -s "$(CURDIR)/$$p" $(LAYERS)/mpsclip/$$p; done
+	cd $(LAYERS) && "$(CURDIR)/$(BIN)/lint-imports" --no-logo --no-cache "$(CURDIR)/pyproject.toml"
+
 # The browser test drives Debian's chromium (Playwright's own browser download is unreachable here).
 chromium:
 	@command -v chromium >/dev/null || { \
@@ -34,9 +43,16 @@ nginx:
 		apt-get update -qq && apt-get install -y -qq nginx; } || { \
 		echo "make test: cannot install nginx (needs root and apt); install it and rerun" >&2; exit 1; }
 
-test: venv chromium nginx
+# Everything (CI runs this); pytest ends with its summary line ("N passed, M skipped in S s").
+test: venv chromium nginx lint-imports
 	$(BIN)/ruff check .
-	MPSCLIP_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q  # the extras are installed: a missing one fails
+	MPSCLIP_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest  # the extras are installed: a missing one fails
+
+# All but the tests marked slow, browser, triton, ray or gpu (markers: pyproject's [tool.pytest.ini_options]).
+FAST := not slow and not browser and not triton and not ray and not gpu
+test-fast: venv lint-imports
+	$(BIN)/ruff check .
+	MPSCLIP_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -m "$(FAST)"
 
 demo: venv
 	$(BIN)/python -m mpsclip.demo --out demo_out

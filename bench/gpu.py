@@ -185,8 +185,8 @@ def check_embed(fx: Fixture, engine: str, decoder: str, source: str) -> dict[str
         raise Skip(reason)
     engine_dir = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}.get(engine)
     engine_dir = fx.export_dir(engine_dir) if engine_dir else None
-    store = fx.store(f"{fx.device.type}-{engine}-{decoder}", source, str(fx.device), runtime=engine,
-                     engine=engine_dir, decode=decoder)
+    store = fx.store(f"{fx.device.type}-{engine}-{decoder}", source, str(fx.device), engine=engine,
+                     engine_dir=engine_dir, decode=decoder)
     return compare_stores(fx.reference(source), store, ("retrieval", "global"))
 
 

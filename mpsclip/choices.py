@@ -1,7 +1,8 @@
-"""Choice lists shared by the library and the command line, defined once.
+"""Choice lists and defaults shared by the library and the command line, defined once.
 
-Commands import these for ``choices=``; library code validates against the same tuples, so a new mode or
-engine is added in one place. Nothing here imports torch.
+Commands import these for ``choices=`` and ``default=``; library code validates against the same tuples and
+uses the same defaults, so a new mode or engine is added in one place. Nothing here imports torch (or anything
+but the standard library): ``mpsclip --help`` builds every parser from this module without loading a model.
 """
 
 from __future__ import annotations
@@ -50,3 +51,13 @@ SUBIMAGE_BACKENDS = ("oracle", "clip-saliency", "langsam")
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 """SAM backbones LangSAM can load."""
+
+PROMPT_TEMPLATE = "a satellite image of {noun}"
+"""Text prompt of zero-shot keywords and clip-saliency sub-images; ``{noun}`` is replaced."""
+
+SALIENCY_K = 1.0
+"""clip-saliency keeps pixels above mean + k * std of the similarity map."""
+
+LANGSAM_BOX_THRESHOLD = 0.1
+LANGSAM_TEXT_THRESHOLD = 0.24
+"""The authors' GroundingDINO thresholds for LangSAM sub-images."""

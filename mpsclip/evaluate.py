@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mpsclip.choices import MODES
 from mpsclip.data.annotations import EvalImage
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import EvalImageDataset
@@ -24,7 +25,6 @@ from mpsclip.losses import max_view_scores
 from mpsclip.metrics import chance_r_mean, retrieval_metrics
 from mpsclip.model import MPSCLIP
 
-MODES = ("fused", "global", "max-response")
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 

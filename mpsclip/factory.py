@@ -1,41 +1,25 @@
 """Model factory: the family registry, ``create_model`` and ``load_model`` (the open_clip way).
 
-A family registers a :class:`Family`: how to build a fresh model, whether a read checkpoint is one of its own
-(:meth:`Family.claims`), and how to build a model from it. ``load_model`` reads the file once
-(:func:`mpsclip.checkpoints.read_checkpoint`) and hands it to the family that claims it: ours by the saved
+A family is a :class:`~mpsclip.family.Family`: how to build a fresh model, whether a read checkpoint is one of its
+own (``claims``), and how to build a model from it. The shipped families are registered explicitly below (this
+module imports them; they never import it); :func:`register_family` adds others. ``load_model`` reads the file
+once (:func:`mpsclip.checkpoints.read_checkpoint`) and hands it to the family that claims it: ours by the saved
 ``family``, foreign files by their keys.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpsclip import model, priorclip
 from mpsclip.checkpoints import Checkpoint, read_checkpoint
 from mpsclip.errors import MPSCLIPError
-from mpsclip.family import RetrievalModel
+from mpsclip.family import Family, RetrievalModel
 
-
-@dataclass(frozen=True)
-class Family:
-    """One model family's entry in the registry."""
-
-    name: str
-    create: Callable[..., RetrievalModel]
-    """``create(arch, pretrained=None, **options)``: a fresh model."""
-    claims: Callable[[Checkpoint], bool]
-    build: Callable[..., RetrievalModel]
-    """``build(checkpoint, arch=None, **options)``: a model filled strictly from a checkpoint it claims."""
-    fallback: bool = False
-    """Claims any foreign backbone (MPS-CLIP on an open_clip state dict): asked after the specific families."""
-
+__all__ = ["Family", "build_from", "create_model", "families", "get_family", "load_model", "register_family"]
 
 _REGISTRY: dict[str, Family] = {}
-_BUILTIN = {"mpsclip": "mpsclip.model", "priorclip": "mpsclip.priorclip"}
-"""Families shipped with the package: module that registers each (imported on first use)."""
 
 
 def register_family(family: Family) -> None:
@@ -43,10 +27,12 @@ def register_family(family: Family) -> None:
     _REGISTRY[family.name] = family
 
 
+register_family(model.FAMILY_ENTRY)
+register_family(priorclip.FAMILY_ENTRY)
+
+
 def families() -> list[Family]:
     """Every registered family, fallback families last."""
-    for module in _BUILTIN.values():
-        importlib.import_module(module)
     return sorted(_REGISTRY.values(), key=lambda family: family.fallback)
 
 

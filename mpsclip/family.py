@@ -1,15 +1,21 @@
 """What every model family offers the rest of the package (embedding, search, export, serving).
 
 Both :class:`mpsclip.model.MPSCLIP` and :class:`mpsclip.priorclip.PriorCLIP` implement :class:`RetrievalModel`;
-code past the model stage takes this protocol instead of probing attributes.
+code past the model stage takes this protocol instead of probing attributes. Each family module also defines
+its :class:`Family` entry (``FAMILY_ENTRY``), which :mod:`mpsclip.factory` registers: the factory imports the
+families, never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from mpsclip.checkpoints import Checkpoint
 
 
 @runtime_checkable
@@ -54,3 +60,17 @@ class RetrievalModel(Protocol):
     def optimize(self, precision: str = "fp16") -> Any: ...
 
     def config_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's entry in the registry of :mod:`mpsclip.factory`."""
+
+    name: str
+    create: Callable[..., RetrievalModel]
+    """``create(arch, pretrained=None, **options)``: a fresh model."""
+    claims: Callable[[Checkpoint], bool]
+    build: Callable[..., RetrievalModel]
+    """``build(checkpoint, arch=None, **options)``: a model filled strictly from a checkpoint it claims."""
+    fallback: bool = False
+    """Claims any foreign backbone (MPS-CLIP on an open_clip state dict): asked after the specific families."""

@@ -18,7 +18,7 @@ from mpsclip.backbone import create_backbone
 from mpsclip.checkpoints import Checkpoint, load_strict, read_checkpoint, save_checkpoint
 from mpsclip.distributed import gather_features
 from mpsclip.errors import MPSCLIPError
-from mpsclip.factory import Family, build_from, register_family
+from mpsclip.family import Family
 from mpsclip.heads import MPRHead
 from mpsclip.losses import LossConfig, mpsclip_loss
 
@@ -81,13 +81,15 @@ class MPSCLIP(nn.Module):
         cls, path: str | Path, arch: str | None = None, map_location: str = "cpu", trust_checkpoint: bool = False
     ) -> MPSCLIP:
         """Load ours (safetensors + JSON), the authors' ``checkpoint_best.pth``, an open_clip state dict or an
-        OpenAI JIT archive (backbone only: adapters then start at identity; it runs code when loaded, so only
-        with ``trust_checkpoint``)."""
-        model = build_from(read_checkpoint(path, map_location, trust_checkpoint), arch)
-        if not isinstance(model, MPSCLIP):
-            family = type(model).__name__
-            raise MPSCLIPError(f"{path}: holds a {family} model; load it with mpsclip.{family}.from_checkpoint")
-        return model
+        OpenAI JIT archive (backbone only: adapters then start at identity; it runs code when loaded, so only with
+        ``trust_checkpoint``). Another family's file is refused: :func:`mpsclip.load_model` builds whichever family
+        a file holds."""
+        checkpoint = read_checkpoint(path, map_location, trust_checkpoint)
+        if not claims(checkpoint):
+            raise MPSCLIPError(
+                f"{checkpoint.path}: saved as a {checkpoint.family} model, not MPS-CLIP; use mpsclip.load_model"
+            )
+        return build(checkpoint, arch)
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` (config); returns the weights path."""
@@ -261,4 +263,5 @@ def create(arch: str, pretrained: str | None = None, **options: Any) -> MPSCLIP:
     return MPSCLIP(arch, pretrained, **options)
 
 
-register_family(Family(FAMILY, create=create, claims=claims, build=build, fallback=True))
+FAMILY_ENTRY = Family(FAMILY, create=create, claims=claims, build=build, fallback=True)
+"""MPS-CLIP in the family registry (:mod:`mpsclip.factory`): the fallback for any foreign open_clip backbone."""

@@ -31,7 +31,7 @@ from mpsclip.backbone import create_backbone
 from mpsclip.checkpoints import Checkpoint, load_strict, read_checkpoint, save_checkpoint
 from mpsclip.distributed import gather_features
 from mpsclip.errors import MPSCLIPError
-from mpsclip.factory import Family, register_family
+from mpsclip.family import Family
 
 FAMILY = "priorclip"
 DEFAULT_ARCH = "ViT-B-32"
@@ -319,4 +319,5 @@ def create(arch: str = DEFAULT_ARCH, pretrained: str | None = None, **options: A
     return PriorCLIP(arch, pretrained=pretrained, **options)
 
 
-register_family(Family(FAMILY, create=create, claims=claims, build=build))
+FAMILY_ENTRY = Family(FAMILY, create=create, claims=claims, build=build)
+"""PriorCLIP in the family registry (:mod:`mpsclip.factory`)."""

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mpsclip.archive.dates import DateError, parse_interval
 from mpsclip.archive.geoparquet import geojson_geometry
 from mpsclip.archive.search import footprint
+from mpsclip.bbox import check_bbox, parse_bbox
 from mpsclip.errors import MPSCLIPError
 
 STATIC = Path(__file__).parent / "static"
@@ -68,8 +69,11 @@ class SearchRequest(BaseModel):
         given = [n for n in ("text", "image", "item_id", "embedding") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, image, item_id, embedding (got {', '.join(given) or 'none'})")
-        if self.bbox is not None and (self.bbox[0] > self.bbox[2] or self.bbox[1] > self.bbox[3]):
-            raise ValueError("bbox: expected [west, south, east, north] with west <= east and south <= north")
+        if self.bbox is not None:
+            try:
+                check_bbox(self.bbox)
+            except MPSCLIPError as err:
+                raise ValueError(f"bbox: {err}") from None
         if self.datetime is not None:
             try:
                 parse_interval(self.datetime)
@@ -280,11 +284,9 @@ def create_app(
         box = None
         if bbox:
             try:
-                box = [float(v) for v in bbox.split(",")]
-            except ValueError as err:
-                raise bad("bbox: expected W,S,E,N numbers") from err
-            if len(box) != 4 or box[0] > box[2] or box[1] > box[3]:
-                raise bad("bbox: expected W,S,E,N with W <= E and S <= N")
+                box = list(parse_bbox(bbox))
+            except MPSCLIPError as err:
+                raise bad(f"bbox: {err}") from None
         if datetime:
             try:
                 parse_interval(datetime)
@@ -293,6 +295,7 @@ def create_app(
         req = SearchRequest(image="", k=k, mode=mode, bbox=box, store=store, datetime=datetime or None,
                             max_cloud=max_cloud)
         return await search(req, await run_in_threadpool(decode_image, data, "file"))
+
 
     @app.get("/stores")
     async def get_stores() -> dict[str, Any]:

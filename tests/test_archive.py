@@ -64,6 +64,7 @@ def test_embed_store_layout(store: Path) -> None:
     assert data.ids == sorted(data.ids)
 
 
+@pytest.mark.slow
 def test_resume_is_byte_identical(synth: Path, ckpt: Path, store: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     first = embed_archive(synth / "images", out, ckpt, settings=SMALL, stop_after_shards=1, progress=False)

@@ -30,6 +30,7 @@ def run(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     return out, bench([ckpt], SETTINGS, out, progress=False)
 
 
+@pytest.mark.slow
 def test_results_schema(run: tuple[Path, dict]) -> None:
     out, result = run
     written = json.loads((out / "results.json").read_text())
@@ -56,6 +57,7 @@ def test_results_schema(run: tuple[Path, dict]) -> None:
     assert "Made by: `mpsclip" in md and "## MPS-Tiny, image tower" in md
 
 
+@pytest.mark.slow
 def test_engine_that_cannot_run_is_listed_with_its_reason(run: tuple[Path, dict]) -> None:
     _, result = run
     trt = next(e for e in result["engines"] if e["engine"] == "tensorrt")
@@ -80,6 +82,7 @@ def test_shared_machine_warning_discounts_the_runs_own_load(
     assert ("Shared machine" in markdown(result)) == shared
 
 
+@pytest.mark.slow
 def test_plots_are_png_images(run: tuple[Path, dict]) -> None:
     for name in PLOTS:
         with Image.open(run[0] / name) as image:
@@ -111,6 +114,7 @@ def test_perturbed_engine_fails_the_parity_gate(ckpt: Path, tmp_path: Path, monk
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_compare_two_runs(run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, result = run
     slower = json.loads(json.dumps(result))
@@ -174,6 +178,7 @@ def test_cli_requires_out_and_checkpoint(ckpt: Path, capsys: pytest.CaptureFixtu
     assert main(["bench", "--engines", "torch,nope", "--out", "x"]) == 2
 
 
+@pytest.mark.slow
 def test_search_subverb_on_a_store_leaves_it_unchanged(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mpsclip.bench.search import SCHEMA as SEARCH_SCHEMA
     from mpsclip.bench.search import synthetic_store
@@ -203,6 +208,7 @@ def test_search_subverb_on_a_store_leaves_it_unchanged(tmp_path: Path, capsys: p
         assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_archive_subverb_measures_the_pipeline_next_to_the_model(ckpt: Path, synth: Path, tmp_path: Path) -> None:
     from mpsclip.bench.archive import SCHEMA as ARCHIVE_SCHEMA
 
@@ -221,6 +227,7 @@ def test_archive_subverb_measures_the_pipeline_next_to_the_model(ckpt: Path, syn
         assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_engine_dir_is_used_instead_of_exporting(ckpt: Path, tmp_path: Path) -> None:
     from mpsclip.export import export
 

@@ -1,8 +1,10 @@
-"""The one CLI grammar: verbs, shared flags, deprecated spellings, negative coordinates, a closed stdout."""
+"""The one CLI grammar: verbs, shared flags, one spelling each, negative coordinates, a closed stdout, and
+parsers that answer without importing torch."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -54,6 +56,28 @@ def test_every_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFi
     assert f"mpsclip {verb}" in text and "example" in text.lower()
 
 
+LIGHT_RUNS = """
+import json, sys
+from mpsclip.cli import main
+seen = []
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    seen.append([argv, code, sorted(m for m in ("torch", "numpy", "PIL", "open_clip") if m in sys.modules)])
+print(json.dumps(seen))
+"""
+
+
+def test_help_and_usage_errors_do_not_import_torch() -> None:
+    """Parsers are built from light modules: ``--help`` and usage errors answer without loading torch."""
+    runs = [["--help"], *([verb, "--help"] for verb in VERBS), ["bench", "archive", "--help"], ["search"],
+            ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--workers", "x"], ["evaluate", "--bogus"]]
+    done = subprocess.run([sys.executable, "-c", LIGHT_RUNS, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert [code for _, code, _ in seen] == [0] * (len(VERBS) + 2) + [2, 2, 2]
+    assert all(heavy == [] for _, _, heavy in seen), seen
+
+
 def test_shared_flags_table_covers_every_verb() -> None:
     assert set(SHARED) <= set(VERBS)
 
@@ -75,30 +99,24 @@ def test_export_aliases_share_one_parser_definition() -> None:
     assert set(ours) == set(theirs)
 
 
-OLD_SPELLINGS = [
-    # (argv, what the old spelling set, the warning)
-    (["keywords", "in.json", "--output", "o.json"], ("out", Path("o.json")), "--output is deprecated, use --out"),
-    (["subimages", "a.json", "--output", "s"], ("out", Path("s")), "--output is deprecated, use --out"),
-    (["keywords", "in.json", "-o", "o.json", "--no-progress"], ("quiet", True), "--no-progress is deprecated"),
-    (["evaluate", "ck.safetensors", "--data", "d"], ("checkpoint", Path("ck.safetensors")), "use --checkpoint"),
-    (["synth", "data_dir", "--train", "4"], ("out", Path("data_dir")), "positional OUT is deprecated"),
-    (
-        ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--runtime", "onnxruntime"],
-        ("engine", "onnxruntime"),
-        "--runtime is deprecated, use --engine",
-    ),
+REMOVED_SPELLINGS = [
+    # the 0.1 spellings, gone in 0.1.0: a usage error each
+    ["keywords", "in.json", "--output", "o.json"],
+    ["subimages", "a.json", "--output", "s"],
+    ["keywords", "in.json", "-o", "o.json", "--no-progress"],
+    ["evaluate", "ck.safetensors", "--data", "d"],
+    ["synth", "data_dir", "--train", "4"],
+    ["embed", "imgs", "--out", "s", "--checkpoint", "c", "--runtime", "onnxruntime"],
 ]
 
 
-@pytest.mark.parametrize(("argv", "expected", "warning"), OLD_SPELLINGS)
-def test_old_spellings_warn_and_still_work(
-    argv: list[str], expected: tuple[str, object], warning: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    args = build_parser().parse_args(argv)
-    assert getattr(args, expected[0]) == expected[1]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"mpsclip {argv[0]}: warning: ") and warning in err[0]
-    assert err[0].endswith("(it will be removed in 0.3)")
+@pytest.mark.parametrize("argv", REMOVED_SPELLINGS, ids=lambda argv: " ".join(argv[:1] + argv[-2:]))
+def test_removed_spellings_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "deprecated" not in err
 
 
 def test_new_spellings_do_not_warn(capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,10 +125,11 @@ def test_new_spellings_do_not_warn(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == ""
 
 
-def test_export_positional_checkpoint_is_deprecated(capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_export_parser().parse_args(["m.safetensors", "--format", "onnx", "--out", "x"])
-    assert args.checkpoint == Path("m.safetensors")
-    assert "mpsclip-export: warning: the positional CHECKPOINT is deprecated" in capsys.readouterr().err
+def test_export_alias_takes_the_checkpoint_as_an_option(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_export_parser().parse_args(["--checkpoint", "m.safetensors", "--format", "onnx", "--out", "x"])
+    assert args.checkpoint == Path("m.safetensors") and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        build_export_parser().parse_args(["m.safetensors", "--format", "onnx", "--out", "x"])
 
 
 def test_required_checkpoint_missing_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,29 +139,30 @@ def test_required_checkpoint_missing_is_a_usage_error(capsys: pytest.CaptureFixt
     assert "required: --checkpoint" in capsys.readouterr().err
 
 
-def test_checkpoint_given_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "a.pth", "--checkpoint", "b.pth"])
-    assert "--checkpoint given twice" in capsys.readouterr().err
-
-
 def test_embed_engine_kind_and_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["embed", "imgs", "--out", "s", "--checkpoint", "c"]
     args = build_parser().parse_args([*base, "--engine", "onnxruntime", "--engine-dir", str(tmp_path)])
     assert (args.engine, args.engine_dir) == ("onnxruntime", tmp_path)
     assert capsys.readouterr().err == ""
-    old = build_parser().parse_args([*base, "--runtime", "tensorrt", "--engine", str(tmp_path)])
-    assert (old.engine, old.engine_dir) == ("tensorrt", tmp_path)
-    assert "--engine DIR is deprecated, use --engine-dir DIR" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([*base, "--engine", "onnxrunt1me"])
+    for kind in ("onnxrunt1me", str(tmp_path)):  # a folder is no engine kind: it goes to --engine-dir
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, "--engine", kind])
+        assert "argument --engine: invalid choice" in capsys.readouterr().err
+
+
+def test_embed_workers_default_follows_the_machine() -> None:
+    from mpsclip.commands.embed import available_cores, default_workers
+
+    assert build_parser().parse_args(["embed", "i", "--out", "s", "--checkpoint", "c"]).workers is None
+    assert [default_workers(cores) for cores in (1, 2, 3, 4, 16, 64)] == [0, 0, 1, 2, 8, 8]
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
 
 
 def test_embed_settings_errors_name_the_flags_as_spelled_now() -> None:
     from mpsclip.archive.embedder import EmbedSettings
     from mpsclip.errors import MPSCLIPError
 
-    for field, flag in (("runtime", "--engine"), ("perspectives", "--perspectives"), ("decode", "--decode")):
+    for field, flag in (("engine", "--engine"), ("perspectives", "--perspectives"), ("decode", "--decode")):
         with pytest.raises(MPSCLIPError, match=f"^{flag} must be one of .*, got 'bogus'$"):
             EmbedSettings(**{field: "bogus"}).check()
 
@@ -156,11 +176,42 @@ def test_bbox_in_the_western_and_southern_hemispheres(form: str) -> None:
     assert args.queries == ["a marina"] and args.k == 3
 
 
-def test_bad_bbox_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bbox_west_of_east_crosses_the_antimeridian() -> None:
+    args = build_parser().parse_args(["search", "s", "q", "--bbox", "170,-20,-170,-10"])
+    assert args.bbox == (170.0, -20.0, -170.0, -10.0)
+
+
+@pytest.mark.parametrize(
+    ("box", "said"),
+    [
+        ("-200,23.5,-78.9,25.5", "west -200 is not a longitude in [-180, 180]"),
+        ("10,-91,20,0", "south -91 is not a latitude in [-90, 90]"),
+        ("10,0,20,nan", "north nan is not a latitude"),
+        ("10,5,20,4", "south 5 is above north 4"),
+        ("10,5,20", "expected four numbers W,S,E,N"),
+        ("a,b,c,d", "expected four numbers W,S,E,N"),
+    ],
+)
+def test_bad_bbox_is_a_usage_error(box: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        build_parser().parse_args(["search", "s", "q", "--bbox", "-77.7,23.5,-78.9,25.5"])
+        build_parser().parse_args(["search", "s", "q", f"--bbox={box}"])
     assert done.value.code == 2
-    assert "W <= E" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
+
+
+def test_the_api_checks_boxes_as_the_cli_does() -> None:
+    """POST /search's bbox goes through the same validator (mpsclip.bbox) as --bbox: out-of-range degrees are a
+    422 naming the number, and west > east is a box across the antimeridian."""
+    from extras import require
+
+    require("fastapi", "pip install 'mpsclip[serve]'")
+    from mpsclip.serve.app import SearchRequest
+    from pydantic import ValidationError
+
+    assert SearchRequest(text="a port", bbox=[170, -20, -170, -10]).bbox == [170, -20, -170, -10]
+    for bad, said in (([181, 0, 182, 1], "west 181 is not a longitude"), ([0, 0, 1, 95], "north 95 is not a latitude")):
+        with pytest.raises(ValidationError, match=said):
+            SearchRequest(text="a port", bbox=bad)
 
 
 PRINTING_VERB = """

@@ -1,6 +1,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,6 +30,7 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gather_sees_global_batch_and_keeps_local_gradient():
     port = _free_port()
     with mp.Manager() as manager:

@@ -55,6 +55,7 @@ def test_jpeg_pixels_match_the_pil_transform(jpegs: Path) -> None:
     assert isinstance(broken[0], torch.Tensor) and isinstance(broken[1], str)
 
 
+@pytest.mark.slow
 def test_device_decoding_gives_the_same_store_layout_and_close_vectors(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     for path in jpegs.glob("*.jpg"):
@@ -74,6 +75,7 @@ def test_device_decoding_gives_the_same_store_layout_and_close_vectors(jpegs: Pa
         embed_archive(tmp_path / "src", tmp_path / "dev", ckpt, settings=SMALL, progress=False)
 
 
+@pytest.mark.slow
 def test_zero_shot_perspectives_cut_masked_sub_images(tiny_model: MPSCLIP) -> None:
     torch.manual_seed(0)
     images = torch.randn(3, 3, 224, 224)
@@ -93,6 +95,7 @@ def test_zero_shot_perspectives_cut_masked_sub_images(tiny_model: MPSCLIP) -> No
     assert not none.mask.any() and none.keywords == [[], [], []]
 
 
+@pytest.mark.slow
 def test_zero_shot_store_has_keywords_and_is_resumable(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
     embed_archive(jpegs, tmp_path / "full", ckpt, settings=ZERO_SHOT, progress=False)
     embed_archive(jpegs, tmp_path / "part", ckpt, settings=ZERO_SHOT, progress=False, stop_after_shards=1)
@@ -111,6 +114,7 @@ def test_zero_shot_store_has_keywords_and_is_resumable(jpegs: Path, ckpt: Path, 
         embed_archive(jpegs, tmp_path / "full", ckpt, settings=other, progress=False)
 
 
+@pytest.mark.slow
 def test_zero_shot_changes_only_the_sub_image_side(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
     embed_archive(jpegs, tmp_path / "none", ckpt, settings=SMALL, progress=False)
     embed_archive(jpegs, tmp_path / "zs", ckpt, settings=ZERO_SHOT, progress=False)
@@ -120,13 +124,14 @@ def test_zero_shot_changes_only_the_sub_image_side(jpegs: Path, ckpt: Path, tmp_
     assert not np.allclose(none["retrieval"][has], zs["retrieval"][has], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_onnxruntime_runtime_matches_torch(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
     require("onnxruntime")
     from mpsclip.export import export
 
     engine = export(ckpt, "onnx", tmp_path / "engine", towers=("image",), max_batch=8, opt_batch=4)
     embed_archive(jpegs, tmp_path / "torch", ckpt, settings=SMALL, progress=False)
-    ort = dataclasses.replace(SMALL, runtime="onnxruntime", engine=engine)
+    ort = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=engine)
     embed_archive(jpegs, tmp_path / "ort", ckpt, settings=ort, progress=False)
     a, b = _embeddings(tmp_path / "torch"), _embeddings(tmp_path / "ort")
     for name in ("retrieval", "glob", "perspectives"):
@@ -136,17 +141,18 @@ def test_onnxruntime_runtime_matches_torch(jpegs: Path, ckpt: Path, tmp_path: Pa
 
 def test_runtime_errors(jpegs: Path, ckpt: Path, tiny_model: MPSCLIP, tmp_path: Path) -> None:
     with pytest.raises(MPSCLIPError, match="needs --engine"):
-        embed_archive(jpegs, tmp_path / "a", ckpt, settings=dataclasses.replace(SMALL, runtime="onnxruntime"))
+        embed_archive(jpegs, tmp_path / "a", ckpt, settings=dataclasses.replace(SMALL, engine="onnxruntime"))
     fake = tmp_path / "engine"
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"checkpoint": {"sha256": "0" * 64}, "towers": {}}))
     with pytest.raises(MPSCLIPError, match="another checkpoint"):
-        settings = dataclasses.replace(SMALL, runtime="onnxruntime", engine=fake)
+        settings = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=fake)
         embed_archive(jpegs, tmp_path / "b", ckpt, settings=settings, progress=False)
     with pytest.raises(MPSCLIPError, match="only used with --engine"):
-        embed_archive(jpegs, tmp_path / "c", ckpt, settings=dataclasses.replace(SMALL, engine=fake), progress=False)
+        embed_archive(jpegs, tmp_path / "c", ckpt, settings=dataclasses.replace(SMALL, engine_dir=fake), progress=False)
 
 
+@pytest.mark.slow
 def test_cli_zero_shot(jpegs: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["embed", str(jpegs), "--out", str(tmp_path / "s"), "--checkpoint", str(ckpt), "--device", "cpu"]
     args += ["--perspectives", "zero-shot", "--keywords-threshold", "0", "--workers", "0", "--quiet"]
@@ -155,6 +161,7 @@ def test_cli_zero_shot(jpegs: Path, ckpt: Path, tmp_path: Path, capsys: pytest.C
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["zero_shot"]["threshold"] == 0.0
 
 
+@pytest.mark.slow
 def test_device_decoding_reads_jpeg_members_of_tar_shards(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
     import tarfile
 

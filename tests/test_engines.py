@@ -163,6 +163,7 @@ def test_exported_kinds_are_listed():
     assert set(EXPORTED) <= set(ENGINES)
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke(tmp_path, capsys):
     """``python -m mpsclip.bench.gpu --device cpu``: a subset runs, CUDA-only checks SKIP with a reason."""
     from mpsclip.bench import gpu
@@ -179,6 +180,7 @@ def test_gpu_check_cpu_smoke(tmp_path, capsys):
     assert "PASS maxsim" in out and "SKIP aoti-cuda" in out and '"counts"' in out
 
 
+@pytest.mark.slow
 def test_gpu_check_isolates_a_failing_check(tmp_path, monkeypatch, capsys):
     from mpsclip.bench import gpu
 

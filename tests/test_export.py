@@ -30,6 +30,7 @@ def _reference(model, tower, inputs):
         return build_tower(model, tower)(inputs).numpy()
 
 
+@pytest.mark.slow
 def test_onnx_fp32_parity_with_dynamic_batch(tiny_model, checkpoint, tmp_path):
     out = export(checkpoint, "onnx", tmp_path / "onnx")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -44,6 +45,7 @@ def test_onnx_fp32_parity_with_dynamic_batch(tiny_model, checkpoint, tmp_path):
             assert max_abs <= 1e-4 and min_cos >= 0.99999, (tower, batch, max_abs, min_cos)
 
 
+@pytest.mark.slow
 def test_cli_exports_authors_pth(tiny_model, tmp_path, capsys):
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": authors_state(tiny_model), "config": {"is_mps": True}}, path)
@@ -53,6 +55,7 @@ def test_cli_exports_authors_pth(tiny_model, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "text_encoder.onnx"]
 
 
+@pytest.mark.slow
 def test_triton_repo_configs_parse(checkpoint, tmp_path):
     require("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
     from mpsclip.export.triton_repo import parse_config
@@ -67,6 +70,7 @@ def test_triton_repo_configs_parse(checkpoint, tmp_path):
     assert "tritonserver --model-repository" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_fp16_onnx_verified_on_onnxruntime_cpu(tiny_model, checkpoint, tmp_path):
     out = export(checkpoint, "onnx", tmp_path / "fp16", precision="fp16")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -125,6 +129,7 @@ def test_rewritten_fp16_graph_loads_in_onnxruntime_cpu(tmp_path):
 @pytest.mark.skipif(
     os.environ.get("MPSCLIP_SKIP_AOTI") == "1", reason="MPSCLIP_SKIP_AOTI=1: skips the ~20-60 s C++ compile"
 )
+@pytest.mark.slow
 def test_aoti_cpu_package_verified_and_loads_with_torch_only(tiny_model, checkpoint, tmp_path, capsys):
     """Slow (compiles C++ with Inductor, ~20-60 s on 2 cores): one tower, CPU, dynamic batch 1..4."""
     rc = main(["--checkpoint", str(checkpoint), "--format", "aoti", "--device", "cpu", "--towers", "image",

@@ -159,6 +159,7 @@ def test_bbox_reads_only_row_groups_that_meet_it(tmp_path: Path, monkeypatch: py
     inside = (60.5, 5.0, 61.0, 6.0)
     assert row_groups_in_bbox(metadata, inside) == [2]
     assert row_groups_in_bbox(metadata, (100.0, 5.0, 110.0, 6.0)) == []
+    assert row_groups_in_bbox(metadata, (90.5, 5.0, 0.5, 6.0)) == [0, 3]  # across the antimeridian: both sides
     read: list[list[int]] = []
     original = pq.ParquetFile.read_row_groups
 
@@ -283,3 +284,27 @@ def test_footprints_meeting_equals_the_per_item_test() -> None:
         box = (float(west), float(south), float(east), float(north))
         want = [row for row, fp in enumerate(footprints) if fp is not None and footprint_intersects(fp, box)]
         assert footprints_meeting(array, box).tolist() == want
+
+
+def test_query_boxes_across_the_antimeridian_meet_what_shapely_says() -> None:
+    """A box with west > east is its two sides of 180°: rows meeting it are those whose footprint (split too)
+    intersects the union of both, as shapely computes it."""
+    from mpsclip.archive.geoparquet import footprint_parts
+
+    def geometry(b: BBox) -> MultiPolygon:
+        return MultiPolygon([box(*side) for side in footprint_parts(b)])
+
+    rng = np.random.default_rng(1)
+    footprints: list[BBox | None] = [None]
+    for _ in range(300):
+        west, east = rng.uniform(-180, 180, 2)
+        south, north = np.sort(rng.uniform(-90, 90, 2))
+        footprints.append((float(west), float(south), float(east), float(north)))
+    array = footprint_array(footprints)
+    for _ in range(30):
+        east, west = np.sort(rng.uniform(-180, 180, 2))  # west > east: across the antimeridian
+        south, north = np.sort(rng.uniform(-90, 90, 2))
+        query = (float(west), float(south), float(east), float(north))
+        want = [row for row, fp in enumerate(footprints) if fp is not None and geometry(fp).intersects(geometry(query))]
+        assert footprints_meeting(array, query).tolist() == want
+        assert [row for row, fp in enumerate(footprints) if fp is not None and footprint_intersects(fp, query)] == want

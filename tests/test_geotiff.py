@@ -254,6 +254,7 @@ def test_embed_tiles_cli_and_broken_window(
     assert [f["id"] for f in failures] == ["a.tif/broken"] and "outside" in failures[0]["error"]
 
 
+@pytest.mark.slow
 def test_search_html(tiny_model: MPSCLIP, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tiny_model.save(tmp_path / "m")
     scenes = tmp_path / "scenes"
@@ -274,6 +275,7 @@ def test_search_html(tiny_model: MPSCLIP, tmp_path: Path, capsys: pytest.Capture
     assert capsys.readouterr().out.count("data:image/png") == 2
 
 
+@pytest.mark.slow
 def test_demo_archive_step(tiny_model: MPSCLIP, tmp_path: Path) -> None:
     from mpsclip.data.synth import generate
     from mpsclip.demo import archive_step

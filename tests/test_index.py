@@ -104,6 +104,7 @@ def test_missing_faiss_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
         import_faiss()
 
 
+@pytest.mark.slow
 def test_index_and_search_cli(tiny_model: MPSCLIP, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     generate(tmp_path / "synth", n_train=0, n_test=6, seed=0, image_size=64, workers=1)
     ckpt = tiny_model.save(tmp_path / "m")

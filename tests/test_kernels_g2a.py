@@ -15,6 +15,8 @@ from mpsclip.adapters import G2Adapter
 from tests.conftest import randomize_adapter
 from tests.interpreter import INTERPRETED, interpreted, run_in_interpreter
 
+pytestmark = pytest.mark.triton
+
 
 @pytest.mark.skipif(INTERPRETED or g2a.triton is None, reason="child process, or no triton")
 def test_kernels_under_triton_interpreter():

@@ -11,6 +11,8 @@ from mpsclip.kernels import maxsim
 
 from tests.interpreter import INTERPRETED, interpreted, run_in_interpreter
 
+pytestmark = pytest.mark.triton
+
 
 @pytest.mark.skipif(INTERPRETED or maxsim.triton is None, reason="child process, or no triton")
 def test_kernels_under_triton_interpreter():

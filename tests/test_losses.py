@@ -44,17 +44,19 @@ def test_max_view_scores_takes_elementwise_max():
     assert torch.allclose(max_view_scores(views, text), torch.tensor([[0.9, 0.8]]))
 
 
-def test_multi_view_contrastive_matches_manual():
-    torch.manual_seed(0)
-    views = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)
-    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    scale = torch.tensor(10.0)
-    logits = scale * torch.stack([v @ text.t() for v in views.unbind(1)]).amax(0)
-    labels = torch.arange(3)
-    manual = 0.5 * (
-        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
+def test_multi_view_contrastive_hand_values():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    text = torch.stack([e1, e2])
+    # each image's best view matches its own caption (the opposite views never win the max): logits = I
+    apart = torch.stack([torch.stack([e1, -e1]), torch.stack([e2, -e2])])
+    assert multi_view_contrastive_loss(apart, text, torch.tensor(1.0)).item() == pytest.approx(
+        math.log(1 + math.exp(-1)), rel=1e-6
     )
-    assert multi_view_contrastive_loss(views, text, scale).item() == pytest.approx(manual.item(), rel=1e-6)
+    # image 0 also has a view on caption 1: logits [[1, 1], [0, 1]]; each direction has one row of log 2 and one
+    # of log(1 + e) - 1, so the loss rises to their mean
+    confused = torch.stack([torch.stack([e1, e2]), torch.stack([e2, -e2])])
+    expected = (math.log(2) + math.log(1 + math.e) - 1) / 2
+    assert multi_view_contrastive_loss(confused, text, torch.tensor(1.0)).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_total_is_weighted_sum():

@@ -23,7 +23,8 @@ from mpsclip.errors import MPSCLIPError
 ray = require("ray")
 require("ray.data")
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own
+pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]  # Ray's own
 
 SMALL = EmbedSettings(batch_size=2, shard_size=2, workers=0, device="cpu")
 

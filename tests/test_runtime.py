@@ -31,6 +31,7 @@ def test_sdpa_attention_matches_multihead_attention(causal):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_optimize_falls_back_on_cpu_and_matches_eager():
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32-quickgelu").eval()

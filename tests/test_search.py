@@ -132,6 +132,7 @@ def test_store_errors(dyadic_store: Path, tmp_path: Path) -> None:
         exact_topk(open_store(dyadic_store), torch.zeros(1, DIM), 1, "best")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_scoring_matches_cpu(dyadic_store: Path) -> None:
     info = open_store(dyadic_store)
@@ -150,6 +151,7 @@ def store(synth_store: Path) -> Path:
     return synth_store
 
 
+@pytest.mark.slow
 def test_text_and_image_queries(synth: Path, store: Path) -> None:
     info = open_store(store)
     model = load_search_model(info.manifest, None)
@@ -198,6 +200,7 @@ def test_other_model_is_refused(store: Path, tmp_path: Path) -> None:
         load_search_model(open_store(store).manifest, other)
 
 
+@pytest.mark.slow
 def test_search_cli_geojson_and_html(
     synth: Path, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -237,6 +240,7 @@ def test_html_escapes_ids_keywords_and_queries(tmp_path: Path) -> None:
     assert sheet.count('<img src="data:image/png;base64,') == 1
 
 
+@pytest.mark.slow
 def test_moved_source_is_found_with_source_root(
     synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

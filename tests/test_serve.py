@@ -44,7 +44,7 @@ def test_served_topk_equals_search(client: TestClient, store: Path, mode: str) -
     assert hit["rank"] == 1 and hit["thumbnail_url"] == f"/items/s/{hit['id']}/thumbnail"
 
 
-def test_item_embedding_image_and_batch(client: TestClient, synth: Path) -> None:
+def test_item_embedding_image_and_batch(client: TestClient, synth: Path, store: Path) -> None:
     first = client.post("/search", json={"text": "a harbor", "k": 2}).json()["hits"][0]["id"]
     like = client.post("/search", json={"item_id": first, "k": 1, "mode": "global"}).json()
     assert like["hits"][0]["id"] == first and like["hits"][0]["score"] == pytest.approx(1, abs=2e-3)
@@ -63,8 +63,15 @@ def test_item_embedding_image_and_batch(client: TestClient, synth: Path) -> None
     emb = client.post("/search", json={"embedding": [1.0] + [0.0] * (dim - 1), "k": 3}).json()
     assert len(emb["hits"]) == 3
     assert client.post("/search", json={"embedding": [1.0], "k": 3}).status_code == 422
-    batch = client.post("/search/batch", json={"queries": [{"text": "a"}, {"text": "b", "k": 2}]}).json()
+    queries = [{"text": "a harbor"}, {"text": "an airport", "k": 2, "mode": "max-response"}]
+    batch = client.post("/search/batch", json={"queries": queries}).json()
     assert [len(r["hits"]) for r in batch["results"]] == [6, 2]
+    info = open_store(store)
+    model = load_search_model(info.manifest, None)
+    for query, result in zip(queries, batch["results"], strict=True):  # each as 'mpsclip search' ranks it
+        want = search_store(info, encode_queries(model, [query["text"]]), query.get("k", 6), query.get("mode", "fused"))
+        assert [h["id"] for h in result["hits"]] == [h.id for h in want[0]]
+        assert [h["score"] for h in result["hits"]] == pytest.approx([h.score for h in want[0]], abs=1e-3)
 
 
 def test_bad_input_names_the_field(client: TestClient) -> None:
@@ -73,13 +80,15 @@ def test_bad_input_names_the_field(client: TestClient) -> None:
         ({"text": "x", "mode": "best"}, "mode"),
         ({"k": 3}, "exactly one"),
         ({"text": "x", "item_id": "y"}, "exactly one"),
-        ({"text": "x", "bbox": [1, 2, 0, 3]}, "bbox"),
+        ({"text": "x", "bbox": [1, 2, 0, 95]}, "bbox"),  # north beyond 90
+        ({"text": "x", "bbox": [-181, 2, 0, 3]}, "bbox"),
         ({"image": "not base64!"}, "image"),
         ({"item_id": "nope"}, "item_id"),
         ({"text": "x", "store": "other"}, "store"),
     ]:
         r = client.post("/search", json=body)
         assert 400 <= r.status_code < 500 and field in str(r.json()["detail"]), (body, r.text)
+    assert client.post("/search", json={"text": "x", "bbox": [1, 2, 0, 3]}).status_code == 200  # across 180°
     for raw, field in [('{"item_id": [NaN]}', "item_id"), ('{"text": "x", "k": Infinity}', "k"),
                        ('{"text": "x", "bbox": [NaN, 0, -Infinity]}', "bbox")]:  # JSON cannot echo these back
         r = client.post("/search", content=raw, headers={"content-type": "application/json"})
@@ -395,6 +404,7 @@ def test_source_root_relocates_a_moved_store(store: Path, synth: Path, tmp_path:
         Catalog([moved], source_roots=[tmp_path / "nowhere"])
 
 
+@pytest.mark.browser
 def test_page_works_behind_the_api_key_in_chromium(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Debian's chromium through Playwright: /?key= once, then the page's fetches and <img> thumbnails work."""
     import shutil

@@ -26,6 +26,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from extras import expect, require
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 require("rasterio")
 require("fastapi")
 

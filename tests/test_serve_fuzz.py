@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from extras import require
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_get_no_server_error(synth_store: Path) -> None:
     require("schemathesis", "the dev extra: pip install 'mpsclip[dev]'")
     from mpsclip.bench.serve_fuzz import fuzz_store

@@ -166,6 +166,7 @@ def test_stale_index_is_logged_and_the_store_scored_exactly(
     assert torch.equal(served(catalog, q, "max-response")[1], exact_topk(open_store(store), q, K, "max-response")[1])
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(INTERPRETED, reason="child process")
 def test_kernel_path_under_triton_interpreter() -> None:
     require("triton")
@@ -198,6 +199,7 @@ def test_kernel_path_equals_the_reference(mode: str, tmp_path: Path) -> None:
         assert torch.equal(got_r, want_r) and torch.allclose(got_s, want_s, atol=1e-5)
 
 
+@pytest.mark.gpu
 @parent
 def test_served_on_cuda_equals_search_on_cuda(indexed: Path) -> None:
     if not torch.cuda.is_available():

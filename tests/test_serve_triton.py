@@ -30,6 +30,8 @@ from fastapi.testclient import TestClient
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
 from mpsclip.archive.store import open_store
 
+pytestmark = pytest.mark.triton
+
 require("pytriton", "pip install 'mpsclip[serve]'")
 http = require("tritonclient.http", "pip install 'mpsclip[serve]'")
 grpc = require("tritonclient.grpc", "pip install 'mpsclip[serve]'")

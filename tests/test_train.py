@@ -42,6 +42,7 @@ def _trainable(path):
     return {n: p for n, p in model.named_parameters() if ".g2adapter." in n or n.startswith("mpr_head.")}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(synth, tmp_path):
     cfg = _config(synth)
     train(cfg, tmp_path / "full")
@@ -61,11 +62,30 @@ def test_killed_run_resumes_to_identical_weights(synth, tmp_path):
     assert [e["epoch"] for e in log] == [1, 2]
 
 
-def test_evaluates_each_epoch_and_keeps_best(synth, tmp_path):
-    cfg = _config(synth, epochs=1, eval_file=str(synth / "test.json"))
-    summary = train(cfg, tmp_path)
+@pytest.mark.slow
+def test_evaluates_each_epoch_and_keeps_the_best_not_the_last(synth, tmp_path, monkeypatch):
+    """The real evaluation runs each epoch; its fused r_mean is steered to 30 then 10, so epoch 1 is the best:
+    best.* must hold epoch 1's weights (last.* as it was after epoch 1) and last.* epoch 2's."""
+    import mpsclip.train as train_module
+
+    real_scores, steered, after_epoch_1 = train_module.score_all_modes, iter([30.0, 10.0]), {}
+
+    def scores(emb):
+        if (tmp_path / "last.safetensors").exists() and not after_epoch_1:  # epoch 2's eval: last.* is epoch 1's
+            after_epoch_1.update(_trainable(tmp_path / "last.safetensors"))
+        result = real_scores(emb)
+        result["fused"]["r_mean"] = next(steered)
+        return result
+
+    monkeypatch.setattr(train_module, "score_all_modes", scores)
+    summary = train(_config(synth, epochs=2, eval_file=str(synth / "test.json")), tmp_path)
     assert set(summary["eval"]) == {"fused", "global", "max-response"}
-    assert (tmp_path / "best.safetensors").exists() and (tmp_path / "last.json").exists()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(e["r_mean"], e["best_r_mean"]) for e in log] == [(30.0, 30.0), (10.0, 30.0)]
+    best, last = _trainable(tmp_path / "best.safetensors"), _trainable(tmp_path / "last.safetensors")
+    assert after_epoch_1.keys() == best.keys() == last.keys()
+    assert all(torch.equal(best[name], after_epoch_1[name]) for name in best)
+    assert any(not torch.equal(best[name], last[name]) for name in best)  # epoch 2 trained on
 
 
 def test_schedule_warms_up_then_decays():
@@ -90,6 +110,7 @@ def test_config_errors_name_the_file(tmp_path):
     assert TrainConfig.from_yaml("tiny", epochs=1).epochs == 1
 
 
+@pytest.mark.slow
 def test_priorclip_trains_through_the_same_trainer(synth, tmp_path):
     cfg = _config(
         synth,
@@ -105,6 +126,7 @@ def test_priorclip_trains_through_the_same_trainer(synth, tmp_path):
     assert type(load_model(tmp_path / "last.safetensors")).__name__ == "PriorCLIP"
 
 
+@pytest.mark.slow
 def test_cli_device_and_quiet(synth, tmp_path, capsys):
     args = ["train", "--config", "tiny", "--train-file", str(synth / "train.json"), "--image-root", str(synth),
             "--sub-root", str(synth / "subimages"), "--epochs", "1", "--batch-size", "6", "--num-workers", "0",

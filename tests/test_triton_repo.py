@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pytest
 from extras import require
 from mpsclip.export import export
 
@@ -37,6 +38,7 @@ def test_tokenizer_and_ensemble_configs_parse(ckpt, tmp_path):
     assert ensemble.platform == "ensemble" and steps == ["tokenizer", "text_encoder"]
 
 
+@pytest.mark.triton
 def test_tokenizer_loads_in_bundled_tritonserver(ckpt, tmp_path):
     pytriton = require("pytriton", reason="nvidia-pytriton ships the Triton server binary")
     httpclient = require("tritonclient.http")

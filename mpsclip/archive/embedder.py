@@ -35,16 +35,15 @@ from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
 from mpsclip.archive.readers import jpeg_bytes, open_item, open_rgb
 from mpsclip.archive.store import ShardRows
 from mpsclip.checkpoints import file_sha256
-from mpsclip.choices import RUNTIMES
+from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import Sample
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+from mpsclip.devices import resolve_device
 from mpsclip.engines import embedding_precision, runtime_engine
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
 
-PERSPECTIVES = ("none", "zero-shot", "from-dir")
-DECODERS = ("auto", "cpu", "device")
 READ_THREADS = 8
 """Items of a batch read at once when it holds remote items, so object-store latency overlaps."""
 
@@ -59,8 +58,8 @@ class EmbedSettings:
     workers: int = 0
     device: str = "auto"
     tiles: TileSettings | None = None
-    runtime: str = "torch"
-    engine: Path | None = None
+    engine: str = "torch"
+    engine_dir: Path | None = None
     decode: str = "auto"
     zero_shot: ZeroShotSettings = ZeroShotSettings()
     gdal_config: tuple[tuple[str, str], ...] = ()
@@ -70,8 +69,8 @@ class EmbedSettings:
         """Raise :class:`MPSCLIPError` for inconsistent settings (named as the CLI flags)."""
         if self.perspectives not in PERSPECTIVES:
             raise MPSCLIPError(f"--perspectives must be one of {', '.join(PERSPECTIVES)}, got {self.perspectives!r}")
-        if self.runtime not in RUNTIMES:
-            raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.engine not in RUNTIMES:
+            raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {self.engine!r}")
         if self.decode not in DECODERS:
             raise MPSCLIPError(f"--decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
         if self.perspectives == "zero-shot":
@@ -200,14 +199,6 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     return decode
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MPSCLIPError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
-
-
 def _stack(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype=dtype)
 
@@ -226,7 +217,7 @@ class Embedder:
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)
         self.decode = resolve_decode(settings.decode, self.device)
-        self.engine = runtime_engine(settings.runtime, self.model, self.device, settings.engine, checkpoint_sha256)
+        self.engine = runtime_engine(settings.engine, self.model, self.device, settings.engine_dir, checkpoint_sha256)
         self.encode = self.engine.encode_image
         self.precision = embedding_precision(self.engine.kind, self.device, self.engine.precision)
         self.zero_shot = (

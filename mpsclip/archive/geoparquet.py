@@ -74,8 +74,8 @@ def boxes_intersect(a: BBox, b: BBox) -> bool:
 
 
 def footprint_intersects(fp: BBox, box: BBox) -> bool:
-    """Whether a footprint (possibly crossing the antimeridian) meets a plain ``box`` (west <= east)."""
-    return any(boxes_intersect(part, box) for part in footprint_parts(fp))
+    """Whether a footprint meets a query ``box`` (either possibly crossing the antimeridian)."""
+    return any(boxes_intersect(part, side) for part in footprint_parts(fp) for side in footprint_parts(box))
 
 
 def footprint_array(footprints: list[BBox | None]) -> np.ndarray:
@@ -88,8 +88,11 @@ def footprint_array(footprints: list[BBox | None]) -> np.ndarray:
 
 
 def footprints_meeting(footprints: np.ndarray, box: BBox) -> np.ndarray:
-    """Rows of a :func:`footprint_array` whose footprint meets a plain ``box`` (west <= east): the test of
-    :func:`footprint_intersects` on every row at once (NaN rows never meet)."""
+    """Rows of a :func:`footprint_array` whose footprint meets ``box``: the test of
+    :func:`footprint_intersects` on every row at once (NaN rows never meet). A ``box`` with west > east (across
+    the antimeridian) is its two sides."""
+    if box[0] > box[2]:
+        return np.unique(np.concatenate([footprints_meeting(footprints, side) for side in footprint_parts(box)]))
     w, s, e, n = footprints.T
     west, south, east, north = box
     lat = (s <= north) & (n >= south)
@@ -187,7 +190,9 @@ def geo_metadata(footprints: list[BBox | None]) -> dict[str, Any]:
 
 def row_groups_in_bbox(metadata: pq.FileMetaData, box: BBox) -> list[int]:
     """Row groups whose ``bbox`` statistics may meet ``box`` (all of them when the file has no ``bbox`` column);
-    a group with no footprint at all is left out."""
+    a group with no footprint at all is left out. A ``box`` with west > east is its two antimeridian sides."""
+    if box[0] > box[2]:
+        return sorted({group for side in footprint_parts(box) for group in row_groups_in_bbox(metadata, side)})
     paths = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
     if any(f"{BBOX}.{name}" not in paths for name in BBOX_FIELDS):
         return list(range(metadata.num_row_groups))

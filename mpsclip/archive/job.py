@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from mpsclip import __version__
-from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode, resolve_device
+from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
 from mpsclip.archive.hrefs import REMOTE_KINDS, remote_hosts
 from mpsclip.archive.items import PATH_KEYS, Item, TileSettings, contained_path
 from mpsclip.archive.sources import iter_items, source_root
@@ -57,6 +57,7 @@ from mpsclip.archive.store import (
     write_shard,
 )
 from mpsclip.checkpoints import config_path, file_sha256, read_saved_config, resolve_checkpoint
+from mpsclip.devices import resolve_device
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import remove_stale_temporaries
 from mpsclip.keywords.zero_shot import load_rs_vocabulary
@@ -181,7 +182,7 @@ def _identity(model: dict[str, Any], settings: EmbedSettings, decode: str, sourc
         "shard_size": settings.shard_size,
         "source": str(source.resolve()),
         "tiles": _tiles_identity(settings.tiles),
-        "runtime": settings.runtime,
+        "runtime": settings.engine,
         "decode": decode,
         "zero_shot": _zero_shot_identity(settings) if settings.perspectives == "zero-shot" else None,
     }

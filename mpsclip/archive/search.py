@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from mpsclip.archive.dates import Interval
 from mpsclip.archive.filters import ItemFilter, item_filter
-from mpsclip.archive.geoparquet import footprint_intersects, valid_footprint
+from mpsclip.archive.geoparquet import valid_footprint
 from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
 from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_where
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
+from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
 
-MODES = ("fused", "global", "max-response")
 MODE_COLUMNS = {"fused": ["retrieval"], "global": ["global"], "max-response": ["global", "perspectives", "valid"]}
 BBox = tuple[float, float, float, float]
 READ_AHEAD = 2  # shards decoded ahead of the one being scored
@@ -107,25 +107,10 @@ def encode_images(model: Any, paths: list[Path], batch_size: int = 64) -> torch.
     return torch.cat(parts) if parts else torch.zeros(0, model.embed_dim, device=device)
 
 
-def parse_bbox(text: str) -> BBox:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError as err:
-        raise MPSCLIPError(f"--bbox {text!r}: expected four numbers minx,miny,maxx,maxy") from err
-    if len(values) != 4 or values[0] > values[2] or values[1] > values[3]:
-        raise MPSCLIPError(f"--bbox {text!r}: expected minx,miny,maxx,maxy with minx <= maxx and miny <= maxy")
-    return values[0], values[1], values[2], values[3]
-
-
 def footprint(meta: dict[str, Any]) -> BBox | None:
     """The item's ``[west, south, east, north]`` footprint (EPSG:4326; west > east across the antimeridian), or
     None if it has no usable one."""
     return valid_footprint(meta.get("footprint"))
-
-
-def intersects(fp: BBox, bbox: BBox) -> bool:
-    """Whether a footprint (possibly crossing the antimeridian) meets a ``bbox`` with west <= east."""
-    return footprint_intersects(fp, bbox)
 
 
 def check_mode(mode: str) -> None:

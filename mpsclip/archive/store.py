@@ -424,7 +424,7 @@ def read_shard_in_bbox(
     info: StoreInfo, shard: int, columns: list[str], box: BBox
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(positions in the shard, columns)`` of the shard's items whose footprint meets ``box`` (west, south,
-    east, north; west <= east): :func:`read_shard_where` with only a box."""
+    east, north; west > east crosses the antimeridian): :func:`read_shard_where` with only a box."""
     return read_shard_where(info, shard, columns, ItemFilter(bbox=box))
 
 

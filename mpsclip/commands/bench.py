@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpsclip.choices import ENGINES, PERSPECTIVES, PRECISIONS
+from mpsclip.choices import ENGINES, MODES, PERSPECTIVES, PRECISIONS
 from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet, add_trust_checkpoint
 
 HELP = "benchmark engines (latency, throughput, ratio to plain open_clip), archive embedding and search"
@@ -158,7 +158,7 @@ def configure_search(parser: argparse.ArgumentParser) -> None:
                         help="FAISS factory string, repeat for several (default: what mpsclip index picks)")
     parser.add_argument("--nprobe", type=_list(int), default=(1, 4, 16, 64),
                         help="comma list of nprobe for inverted-list indexes (default: 1,4,16,64, up to nlist)")
-    parser.add_argument("--modes", type=_list(str, ("fused", "global", "max-response")), default=("fused",
+    parser.add_argument("--modes", type=_list(str, MODES), default=("fused",
                         "max-response"), help="comma list of fused,global,max-response (default: fused,max-response)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--note", default=None, help="a line for results.md (e.g. how STORE was made)")

@@ -38,12 +38,16 @@ example:
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mpsclip.archive.items import TileSettings
 from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
-from mpsclip.commands._args import DeprecatedOption, add_checkpoint, add_device, add_out, add_quiet, warn_deprecated
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
+
+if TYPE_CHECKING:
+    from mpsclip.archive.items import TileSettings
 
 HELP = "embed an image archive into a Parquet store for text search"
 
@@ -102,7 +106,7 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
     add_device(group)
     group.add_argument(
         "--engine",
-        action=EngineKind,
+        choices=RUNTIMES,
         default="torch",
         metavar="KIND",
         help=f"image-tower engine: {', '.join(RUNTIMES)} (torch: fast fused runtime on a GPU; others: --engine-dir)",
@@ -114,7 +118,6 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
         metavar="DIR",
         help="an 'mpsclip export' folder for --engine (its aoti and tensorrt files are code: load folders you trust)",
     )
-    group.add_argument("--runtime", dest="engine", action=DeprecatedOption, new="--engine", choices=RUNTIMES)
     group.add_argument(
         "--decode",
         choices=DECODERS,
@@ -123,26 +126,10 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     group.add_argument("--shard-size", type=int, default=1024, help="items per shard (default: 1024)")
-    group.add_argument("--workers", type=int, default=2, help="image-reading processes (default: 2; 0 = none)")
-
-
-class EngineKind(argparse.Action):
-    """``--engine KIND``; a value that is no kind but a folder is the old ``--engine DIR`` (deprecated)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str,
-        option_string: str | None = None,
-    ) -> None:
-        if values in RUNTIMES:
-            namespace.engine = values
-        elif Path(values).is_dir():
-            warn_deprecated(parser, "--engine DIR", "--engine-dir DIR")
-            namespace.engine_dir = Path(values)
-        else:
-            parser.error(f"argument --engine: {values!r} is not one of {', '.join(RUNTIMES)}")
+    group.add_argument(
+        "--workers", type=int, default=None,
+        help="image-reading processes (0 = none; default: 0 on up to 2 cores, else half the cores, at most 8)",
+    )
 
 
 def _tile_arguments(group: argparse._ArgumentGroup) -> None:
@@ -240,6 +227,8 @@ def parse_bands(text: str) -> tuple[int, ...]:
 
 def tile_settings(args: argparse.Namespace) -> TileSettings | None:
     """``--tile-size/--stride/--bands/--resolution`` as TileSettings (None without --tile-size)."""
+    from mpsclip.archive.items import TileSettings
+
     if args.tile_size is None:
         if args.stride is not None or args.bands is not None or args.resolution is not None:
             raise MPSCLIPError("--stride, --bands and --resolution are only used with --tile-size; add it or drop them")
@@ -257,12 +246,25 @@ def gdal_config(pairs: list[str]) -> dict[str, str]:
     return parse_gdal_config(pairs)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(cores: int) -> int:
+    """Reading processes for ``cores`` cores: none on up to 2 (each worker starts its own interpreter and competes
+    with the model's threads: a review's run on 2 cores was 3x slower with --workers 2 than with 0), else half
+    the cores, at most 8."""
+    return 0 if cores <= 2 else min(cores // 2, 8)
+
+
 def run(args: argparse.Namespace) -> int:
     from mpsclip.archive.job import EmbedSettings, embed_archive
     from mpsclip.archive.perspectives import ZeroShotSettings
 
-    if args.workers < 0:
-        raise MPSCLIPError(f"--workers must be 0 or more, got {args.workers}")
+    workers = default_workers(available_cores()) if args.workers is None else args.workers
+    if workers < 0:
+        raise MPSCLIPError(f"--workers must be 0 or more, got {workers}")
     if args.max_sub_images is not None and args.max_sub_images < 1:
         raise MPSCLIPError(f"--max-sub-images must be 1 or more, got {args.max_sub_images}")
     args.source = embed_source(args)
@@ -272,11 +274,11 @@ def run(args: argparse.Namespace) -> int:
         max_sub_images=args.max_sub_images,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
-        workers=args.workers,
+        workers=workers,
         device=args.device,
         tiles=tile_settings(args),
-        runtime=args.engine,
-        engine=args.engine_dir,
+        engine=args.engine,
+        engine_dir=args.engine_dir,
         decode=args.decode,
         zero_shot=ZeroShotSettings(
             vocabulary=args.vocabulary_file,

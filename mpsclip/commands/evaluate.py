@@ -20,9 +20,7 @@ HELP = "evaluate retrieval (fused, global, max-response) of a checkpoint"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint(
-        parser, "ours (.safetensors), the authors' .pth, or an open_clip file", required=True, positional=True
-    )
+    add_checkpoint(parser, "ours (.safetensors), the authors' .pth, or an open_clip file", required=True)
     parser.add_argument(
         "--arch", help="architecture of a .pth checkpoint (default ViT-B-32-quickgelu; PriorCLIP: ViT-B-32)"
     )

@@ -35,9 +35,7 @@ HELP = "export the image and text towers for serving (ONNX, TensorRT, AOTInducto
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint(
-        parser, "ours (.safetensors + .json), the authors' .pth, or open_clip", required=True, positional=True
-    )
+    add_checkpoint(parser, "ours (.safetensors + .json), the authors' .pth, or open_clip", required=True)
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt", help="artefact kind")
     add_out(parser, "output folder (must not exist, or be empty)", required=True, metavar="DIR")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="compute precision (fp32)")

@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input", type=Path, help="annotation .json or plain-text file (one caption per line); --from-image: or a folder"
     )
-    add_out(parser, "where to write the records as JSON", required=True, metavar="OUT.json", old_flags=("--output",))
+    add_out(parser, "where to write the records as JSON", required=True, metavar="OUT.json")
     parser.add_argument("--backend", choices=KEYWORD_BACKENDS, default="lexicon")
     score = parser.add_mutually_exclusive_group()
     score.add_argument("--evaluate", action="store_true", help="print P/R/F1 against the input's own 'nouns'")

@@ -26,7 +26,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpsclip.choices import SAM_MODEL_TYPES, SUBIMAGE_BACKENDS
+from mpsclip.choices import (
+    LANGSAM_BOX_THRESHOLD,
+    LANGSAM_TEXT_THRESHOLD,
+    PROMPT_TEMPLATE,
+    SALIENCY_K,
+    SAM_MODEL_TYPES,
+    SUBIMAGE_BACKENDS,
+)
 from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
 
@@ -34,14 +41,11 @@ HELP = "cut black-background keyword sub-images (oracle masks, CLIP saliency or 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from mpsclip.subimages.langsam import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
-    from mpsclip.subimages.saliency import DEFAULT_K, DEFAULT_TEMPLATE
-
     parser.add_argument("annotation", type=Path, metavar="ANNOTATION", help="annotation .json with image + nouns")
     parser.add_argument(
         "--image-root", type=Path, help="folder the 'image' paths are relative to (default: the annotation's folder)"
     )
-    add_out(parser, "output folder of <stem>/<noun>_blackbg.png", required=True, metavar="DIR", old_flags=("--output",))
+    add_out(parser, "output folder of <stem>/<noun>_blackbg.png", required=True, metavar="DIR")
     parser.add_argument("--backend", choices=SUBIMAGE_BACKENDS, default="clip-saliency")
     parser.add_argument("--rank", type=int, default=0, help="this shard (default: 0)")
     parser.add_argument("--world-size", type=int, default=1, help="number of shards (default: 1)")
@@ -61,14 +65,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     saliency.add_argument("--batch-size", type=int, default=16, help="images per model call (default: 16)")
     saliency.add_argument(
         "--prompt-template",
-        default=DEFAULT_TEMPLATE,
-        help=f"text prompt, {{noun}} is replaced (default: {DEFAULT_TEMPLATE!r})",
+        default=PROMPT_TEMPLATE,
+        help=f"text prompt, {{noun}} is replaced (default: {PROMPT_TEMPLATE!r})",
     )
     saliency.add_argument(
         "--saliency-k",
         type=float,
-        default=DEFAULT_K,
-        help=f"keep pixels above mean + k * std of the map (default: {DEFAULT_K})",
+        default=SALIENCY_K,
+        help=f"keep pixels above mean + k * std of the map (default: {SALIENCY_K})",
     )
     saliency.add_argument(
         "--clean-kernel",
@@ -79,8 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     langsam = parser.add_argument_group("langsam")
     langsam.add_argument("--sam-checkpoint", type=Path, help="SAM weights (default: found in the torch hub cache)")
     langsam.add_argument("--sam-model-type", default="vit_h", choices=SAM_MODEL_TYPES)
-    langsam.add_argument("--box-threshold", type=float, default=DEFAULT_BOX_THRESHOLD)
-    langsam.add_argument("--text-threshold", type=float, default=DEFAULT_TEXT_THRESHOLD)
+    langsam.add_argument("--box-threshold", type=float, default=LANGSAM_BOX_THRESHOLD)
+    langsam.add_argument("--text-threshold", type=float, default=LANGSAM_TEXT_THRESHOLD)
 
 
 def build_backend(args: argparse.Namespace):  # -> mpsclip.subimages.writer.Backend

@@ -21,7 +21,7 @@ HELP = "generate a synthetic remote-sensing dataset (images, captions, masks, su
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_out(parser, "output folder (created if missing)", required=True, metavar="OUT", positional=True)
+    add_out(parser, "output folder (created if missing)", required=True, metavar="OUT")
     parser.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
     parser.add_argument("--test", type=int, default=400, help="test images (default: 400)")
     parser.add_argument("--val", type=int, default=0, help="validation images (default: 0, no val.json)")

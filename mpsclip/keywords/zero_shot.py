@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mpsclip.choices import PROMPT_TEMPLATE
 from mpsclip.data.annotations import read_json_list
 from mpsclip.data.transforms import eval_transform
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
 
-DEFAULT_TEMPLATE = "a satellite image of {noun}"
+DEFAULT_TEMPLATE = PROMPT_TEMPLATE
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.02
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})

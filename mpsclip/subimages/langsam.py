@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mpsclip.choices import LANGSAM_BOX_THRESHOLD, LANGSAM_TEXT_THRESHOLD
 from mpsclip.errors import MPSCLIPError
 from mpsclip.subimages.writer import Request
 
-DEFAULT_BOX_THRESHOLD = 0.1
-DEFAULT_TEXT_THRESHOLD = 0.24
+DEFAULT_BOX_THRESHOLD = LANGSAM_BOX_THRESHOLD
+DEFAULT_TEXT_THRESHOLD = LANGSAM_TEXT_THRESHOLD
 SAM_CHECKPOINTS = {
     "vit_h": "sam_vit_h_4b8939.pth",
     "vit_l": "sam_vit_l_0b3195.pth",

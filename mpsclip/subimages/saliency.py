@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mpsclip.choices import PROMPT_TEMPLATE, SALIENCY_K
 from mpsclip.data.transforms import eval_transform
 from mpsclip.model import MPSCLIP
 from mpsclip.subimages.writer import Request
 
-DEFAULT_TEMPLATE = "a satellite image of {noun}"
-DEFAULT_K = 1.0
+DEFAULT_TEMPLATE = PROMPT_TEMPLATE
+DEFAULT_K = SALIENCY_K
 DEFAULT_MIN_AREA = 0.001
 
 
