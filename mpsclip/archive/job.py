@@ -137,6 +137,7 @@ def _identity(
         "n_source_items": n_items,
         "tiles": _tiles_identity(settings.tiles),
         "runtime": settings.runtime,
+        "engine_precision": settings.engine_precision(),
         "decode": decode,
         "zero_shot": _zero_shot_identity(settings) if settings.perspectives == "zero-shot" else None,
     }

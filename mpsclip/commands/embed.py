@@ -14,6 +14,7 @@ example:
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
   mpsclip embed images/ --out store --checkpoint best.safetensors --engine onnxruntime --engine-dir exported/
+  mpsclip embed images/ --out store --checkpoint m.safetensors --engine onnxruntime --engine-dir q8/ --precision int8
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --stride 224 --bands 4,3,2
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --resolution 10
   mpsclip embed 'shards/train-{0000..0099}.tar' --out web.store --checkpoint best.safetensors
@@ -26,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from mpsclip.archive.items import TileSettings
-from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
+from mpsclip.choices import DECODERS, PERSPECTIVES, PRECISIONS, RUNTIMES
 from mpsclip.commands._args import DeprecatedOption, add_checkpoint, add_device, add_out, add_quiet, warn_deprecated
 from mpsclip.errors import MPSCLIPError
 
@@ -79,6 +80,10 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--engine-dir", type=Path, default=None, metavar="DIR", help="an 'mpsclip export' folder for --engine"
+    )
+    group.add_argument(
+        "--precision", choices=PRECISIONS, default=None,
+        help="the image engine's precision (default: its own; int8 needs an int8 export in --engine-dir)",
     )
     group.add_argument("--runtime", dest="engine", action=DeprecatedOption, new="--engine", choices=RUNTIMES)
     group.add_argument(
@@ -175,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         runtime=args.engine,
         engine=args.engine_dir,
         decode=args.decode,
+        precision=args.precision,
         zero_shot=ZeroShotSettings(
             vocabulary=args.vocabulary_file,
             top_k=args.keywords_top_k,

@@ -8,6 +8,7 @@ autocast of the engine's dtype exactly when that dtype is not fp32 and the devic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,8 @@ from mpsclip.errors import MPSCLIPError
 
 DEFAULT_PRECISION = {"torch": "fp32", "optimized": "fp16"}
 """Precision of the model engines when none is asked for (exported engines take their manifest's)."""
+QUANTIZED = ("int8",)
+"""Precisions only exported towers have (``mpsclip export --precision int8``), never a model engine."""
 
 
 @dataclass(frozen=True)
@@ -41,4 +44,41 @@ def embedding_precision(kind: str, device: torch.device | str, requested: str | 
     if kind == "optimized" and device.type != "cuda":
         precision = "fp32"
     dtype = PRECISION_DTYPES[precision]
-    return EmbeddingPrecision(precision, dtype, autocast=device.type == "cuda" and precision != "fp32")
+    return EmbeddingPrecision(precision, dtype, autocast=device.type == "cuda" and dtype != torch.float32)
+
+
+def check_model_precision(kind: str, precision: str) -> None:
+    """Refuse a quantized precision for a model engine (``torch``, ``optimized``): it needs an export."""
+    if precision in QUANTIZED:
+        raise MPSCLIPError(
+            f"the {kind} engine runs the model as it is; {precision} towers come from "
+            f"'mpsclip export --format onnx --precision {precision}', run with --engine onnxruntime --engine-dir DIR"
+        )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX
+    (elsewhere torch emulates bf16 on the CPU, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_flags() >= {"avx512_bf16"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def precision_note(store: str | None, query: str) -> str | None:
+    """The line said when a query is encoded at another precision than the store's items (allowed: one space)."""
+    store = store or "fp32"
+    if store == query:
+        return None
+    return (
+        f"note: this store was embedded at {store}, queries are encoded at {query}: the same embedding space, "
+        "so results stand, but scores can differ slightly from a same-precision query"
+    )
