@@ -16,6 +16,7 @@ runs; neither has been run in this project yet (no GPU), see ``export.tensorrt``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,6 @@ def quantize_tower(
 
     Returns the manifest record: nodes quantized and the names kept float32, per class."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     unknown = [name for name in keep_fp32 if name not in FRAGILE]
     if unknown:
@@ -105,6 +105,25 @@ def quantize_tower(
     extra: dict[str, Any] = {"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True}
     if overrides:
         extra["TensorQuantOverrides"] = overrides
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's advice goes to the root logger, as warnings
+    try:
+        _quantize_static(model, out_path, inputs, quantize, extra)
+    finally:
+        root.setLevel(level)
+    return {
+        "method": "static QDQ (onnxruntime.quantization), MinMax calibration, int8 weights per channel, "
+        "uint8 activations",
+        "quantized_nodes": len(quantize),
+        "kept_fp32": {c: classes[c] if c in FRAGILE else len(classes[c]) for c in kept},
+    }
+
+
+def _quantize_static(model: onnx.ModelProto, out_path: Path, inputs: np.ndarray, quantize: list[str],
+                     extra: dict[str, Any]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         model,
         str(out_path),
@@ -118,10 +137,4 @@ def quantize_tower(
         calibrate_method=CalibrationMethod.MinMax,
         extra_options=extra,
     )
-    return {
-        "method": "static QDQ (onnxruntime.quantization), MinMax calibration, int8 weights per channel, "
-        "uint8 activations",
-        "quantized_nodes": len(quantize),
-        "kept_fp32": {c: classes[c] if c in FRAGILE else len(classes[c]) for c in kept},
-    }
 
