@@ -55,8 +55,10 @@ def run_gate(
 ) -> dict[str, Any]:
     """Figures of ``engine`` against the fp32 eager engine; ``passed`` and, when not, ``failures`` say the verdict."""
     reference = load_engine("torch", model, "cpu")
-    pairs = {t: (_encoder(reference, t, settings.batch), _encoder(engine if t in engine.towers else reference,
-                                                                    t, settings.batch)) for t in ("image", "text")}
+    pairs = {}
+    for tower in ("image", "text"):
+        fp32 = _encoder(reference, tower, settings.batch)
+        pairs[tower] = (fp32, _encoder(engine, tower, settings.batch) if tower in engine.towers else fp32)
     inputs = {"image": calibration.pixels, "text": model.tokenize(calibration.captions)}
     failures: list[str] = []
     embedding = {}
@@ -128,15 +130,20 @@ def _store_batches(pixels: torch.Tensor, items: int, batch: int, seed: int) -> I
         yield torch.stack(rows)
 
 
+def _both(pair: tuple[Encode, Encode], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' embeddings of ``x``, computed once when the tower was not quantized (both sides fp32)."""
+    first = pair[0](x)
+    return first, (first if pair[1] is pair[0] else pair[1](x))
+
+
 def _retrieval_level(pairs: dict[str, tuple[Encode, Encode]], calibration: CalibrationSet, tokens: torch.Tensor,
                      settings: GateSettings) -> dict[str, Any]:
-    store = [torch.cat(parts) for parts in zip(*((encode(b) for encode in pairs["image"])
-                                                 for b in _store_batches(calibration.pixels, settings.store_items,
-                                                                         settings.batch, settings.seed)), strict=True)]
+    batches = _store_batches(calibration.pixels, settings.store_items, settings.batch, settings.seed)
+    store = [torch.cat(parts) for parts in zip(*(_both(pairs["image"], b) for b in batches), strict=True)]
     queries = tokens[: settings.queries]
     k = min(settings.k, settings.store_items)
-    top = [(encode(queries) @ images.T).topk(k, dim=1).indices for encode, images in zip(pairs["text"], store,
-                                                                                         strict=True)]
+    top = [(text @ images.T).topk(k, dim=1).indices for text, images in zip(_both(pairs["text"], queries), store,
+                                                                          strict=True)]
     overlap = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(*top, strict=True)]
     return {"store_items": settings.store_items, "queries": len(queries), "k": k,
             "top_k_overlap": round(float(np.mean(overlap)), 6), "worst_query_overlap": round(float(min(overlap)), 6)}

@@ -18,8 +18,8 @@ examples:
 
   # int8 ONNX towers (static QDQ), calibrated on your images and captions, refused unless the quality gate
   # (cosine to fp32 per tower, top-10 overlap of 100 queries on a 2,000-item store, R@k on --eval-file) passes
-  mpsclip export runs/rsicd/model.safetensors --format onnx --precision int8 --calibration data/calib/ \
-      --eval-file data/rsicd/test.json --out exports/rsicd-int8
+  mpsclip export --checkpoint runs/rsicd/model.safetensors --format onnx --precision int8 \
+      --calibration data/calib/ --eval-file data/rsicd/test.json --out exports/rsicd-int8
 
   # a Triton Inference Server repository (then: tritonserver --model-repository exports/triton)
   mpsclip export --checkpoint runs/rsicd/model.safetensors --format triton-repo --backend onnxruntime \\
