@@ -8,7 +8,6 @@ autocast of the engine's dtype exactly when that dtype is not fp32 and the devic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -54,23 +53,6 @@ def check_model_precision(kind: str, precision: str) -> None:
             f"the {kind} engine runs the model as it is; {precision} towers come from "
             f"'mpsclip export --format onnx --precision {precision}', run with --engine onnxruntime --engine-dir DIR"
         )
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX
-    (elsewhere torch emulates bf16 on the CPU, slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_flags() >= {"avx512_bf16"}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def precision_note(store: str | None, query: str) -> str | None:
