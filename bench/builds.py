@@ -18,6 +18,8 @@ from pathlib import Path
 
 EXPORT_FORMAT = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "aoti": "aoti"}
 SLOWEST_FIRST = ("aoti", "tensorrt", "onnxruntime")
+BENCH_CALIBRATION_ITEMS, BENCH_GATE_ITEMS = 64, 128
+"""int8 exports made on the fly: a small calibration and gate store (a real export: mpsclip export, 2,000 items)."""
 
 
 @dataclass(frozen=True)
@@ -39,13 +41,16 @@ class ExportJob:
 
 def run_job(job: ExportJob) -> float:
     """Export one tower into ``job.folder``; the seconds it took."""
-    from mpsclip.export import export
+    from mpsclip.export import GateSettings, export
 
     start = time.perf_counter()
+    int8 = job.precision == "int8"  # bench towers have random weights: the gate's figures are kept, not enforced
     export(
         job.checkpoint, EXPORT_FORMAT[job.kind], job.folder, precision=job.precision, towers=(job.tower,),
         min_batch=1, opt_batch=job.max_batch, max_batch=job.max_batch, verify=False,
         device=job.device if job.kind == "aoti" else None,
+        calibration_items=BENCH_CALIBRATION_ITEMS,
+        gate=GateSettings(store_items=BENCH_GATE_ITEMS, queries=50, min_overlap=0.0, min_cosine=0.9) if int8 else None,
     )
     return time.perf_counter() - start
 

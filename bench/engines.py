@@ -29,7 +29,7 @@ from mpsclip.engines.base import precision_dtype
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
 
-PARITY_MIN_COSINE = {"fp32": 0.999, "fp16": 0.99, "bf16": 0.98}
+PARITY_MIN_COSINE = {"fp32": 0.999, "fp16": 0.99, "bf16": 0.98, "int8": 0.95}
 """The gate: an engine whose embeddings fall below this cosine against torch eager fp32 fails the run."""
 PARITY_BATCH = 2
 ROTATING_INPUTS = 3
@@ -103,10 +103,10 @@ def plain_model(arch: str, device: torch.device) -> torch.nn.Module:
 
 def plain_call(model: torch.nn.Module, tower: str, device: torch.device, precision: str) -> Callable:
     encode = getattr(model, f"encode_{tower}")
-    dtype = precision_dtype(precision)
+    dtype = precision_dtype(precision)  # int8 rows are set beside plain fp32 (float32 here)
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=precision != "fp32"):
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             return F.normalize(encode(x).float(), dim=-1)
 
     return call
@@ -135,6 +135,8 @@ def skip_reason(kind: str, precision: str, device: torch.device) -> str | None:
         return "the optimized engine runs fp16 or bf16 on a GPU; bench it with --precision fp16"
     if kind in ("onnxruntime", "aoti", "tensorrt") and precision == "bf16":
         return f"{kind} exports are fp32 or fp16"
+    if precision == "int8" and kind != "onnxruntime":
+        return "int8 towers are onnxruntime exports (mpsclip export --format onnx --precision int8)"
     return None
 
 

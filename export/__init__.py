@@ -3,7 +3,10 @@
 ``export(checkpoint, fmt, out)`` writes everything into a temporary folder beside ``out``, verifies parity
 with PyTorch, writes ``manifest.json`` and only then renames the folder to ``out``: a failure leaves nothing.
 Verification loads the staged folder through :func:`mpsclip.engines.load_engine`, as embedding and serving
-do, and compares each tower with the fp32 eager engine. AOTInductor packages are first run in a fresh
+do, and compares each tower with the fp32 eager engine. ``precision="int8"`` quantizes the ONNX towers
+(:mod:`mpsclip.export.quantize`), calibrated on ``calibration`` (:mod:`mpsclip.export.calibration`), and
+passes them through the quality gate (:mod:`mpsclip.export.gate`) instead: an export that misses it is
+refused with the figures, and nothing is written. AOTInductor packages are first run in a fresh
 interpreter that has torch but cannot import mpsclip or open_clip (so that a crash while loading is reported,
 not suffered), then loaded in this process.
 """
@@ -15,8 +18,11 @@ import tempfile
 from pathlib import Path
 
 from mpsclip.export import aoti, tensorrt, triton_repo
+from mpsclip.export.calibration import DEFAULT_ITEMS, load_calibration
+from mpsclip.export.gate import GateSettings, run_gate
 from mpsclip.export.manifest import build_manifest, write_manifest
 from mpsclip.export.onnx import DTYPES, write_onnx
+from mpsclip.export.quantize import PLANS, quantize_tower
 from mpsclip.export.towers import TOWERS
 from mpsclip.export.verify import not_run, seeded_inputs, verification_batches, verify_engine, verify_outputs
 
@@ -25,9 +31,11 @@ from mpsclip.errors import MPSCLIPError
 from mpsclip.factory import load_model
 from mpsclip.model import MPSCLIP
 
-__all__ = ["FORMATS", "export"]
+__all__ = ["FORMATS", "GateSettings", "export"]
 
 FORMATS = ("onnx", "tensorrt", "aoti", "triton-repo")
+QUANTIZED = ("int8",)
+"""Precisions made by quantizing the float32 ONNX graph (``--format onnx``), behind the quality gate."""
 
 
 def export(
@@ -43,10 +51,15 @@ def export(
     arch: str | None = None,
     backend: str = "onnxruntime",
     device: str | None = None,
+    calibration: str | Path | None = None,
+    calibration_items: int = DEFAULT_ITEMS,
+    gate: GateSettings | None = None,
 ) -> Path:
     """Export ``towers`` of the checkpoint to the folder ``out`` (which must not exist, or be empty).
 
-    ``device`` ("cpu" or "cuda") is what AOTInductor compiles for: CUDA when a GPU is visible, else the CPU."""
+    ``device`` ("cpu" or "cuda") is what AOTInductor compiles for: CUDA when a GPU is visible, else the CPU.
+    ``calibration`` (a folder or file, see :mod:`mpsclip.export.calibration`), ``calibration_items`` and ``gate``
+    are for ``precision="int8"`` only; the gate always runs for it (``verify`` is its seeded parity check)."""
     checkpoint, out = Path(checkpoint), Path(out)
     _check_arguments(fmt, out, precision, towers, (min_batch, opt_batch, max_batch), backend)
     if fmt == "tensorrt" or (fmt == "triton-repo" and backend == "tensorrt"):
@@ -56,13 +69,18 @@ def export(
         aoti.require_device(device)
     elif device is not None:
         raise MPSCLIPError(f"--device {device}: only --format aoti compiles for a device; drop --device")
+    if precision not in QUANTIZED and (calibration is not None or gate is not None):
+        raise MPSCLIPError(f"--calibration and the gate settings are for --precision int8, not {precision}")
     model = load_model(checkpoint, arch=arch).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp) / out.name
         stage.mkdir()
         batches = (min_batch, opt_batch, max_batch)
-        files = {t: _write_tower(model, t, stage, fmt, precision, batches, backend, device) for t in towers}
+        if precision in QUANTIZED:
+            files = {t: f"{t}_encoder.onnx" for t in towers}
+        else:
+            files = {t: _write_tower(model, t, stage, fmt, precision, batches, backend, device) for t in towers}
         if fmt == "triton-repo":
             triton_repo.write_docs(stage, model, backend)
             if "text" in towers:
@@ -78,7 +96,13 @@ def export(
             device=device,
         )
         write_manifest(stage, manifest)
-        if verify:
+        if precision in QUANTIZED:
+            spec = Path(calibration) if calibration is not None else None
+            gate = gate or GateSettings()
+            manifest["quantization"] = _quantize(model, stage, manifest, spec, calibration_items, gate)
+            manifest["verification"] = {t: _gate_verification(manifest["quantization"]["gate"], t) for t in towers}
+            write_manifest(stage, manifest)
+        elif verify:
             manifest["verification"] = _verify(model, stage, fmt, backend, device, precision, batches)
             write_manifest(stage, manifest)
         if out.exists():
@@ -92,8 +116,13 @@ def _check_arguments(
 ) -> None:
     if fmt not in FORMATS:
         raise MPSCLIPError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if precision not in DTYPES:
-        raise MPSCLIPError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
+    if precision not in (*DTYPES, *QUANTIZED):
+        raise MPSCLIPError(f"unknown precision {precision!r}; choose one of {', '.join((*DTYPES, *QUANTIZED))}")
+    if precision in QUANTIZED and fmt != "onnx":
+        raise MPSCLIPError(
+            f"--precision {precision} is made for --format onnx (static QDQ quantization); TensorRT builds its int8 "
+            "engines from that QDQ graph, unverified until a GPU run: see the README's 'Quantized engines'"
+        )
     if precision == "bf16" and (fmt == "onnx" or (fmt == "triton-repo" and backend == "onnxruntime")):
         raise MPSCLIPError("ONNX cannot hold bf16 convolutions; use --precision fp16, or --format tensorrt/aoti")
     if not towers or any(t not in TOWERS for t in towers) or len(set(towers)) != len(towers):
@@ -143,6 +172,41 @@ def _write_tower(
     else:
         write_onnx(model, tower, stage / relative, precision)
     return relative
+
+
+def _quantize(
+    model: MPSCLIP, stage: Path, manifest: dict, spec: Path | None, items: int, gate: GateSettings
+) -> dict[str, object]:
+    """Quantize the staged towers, trying :data:`PLANS` in order until one passes the gate; raise when none does.
+
+    Each plan's towers are loaded through the onnxruntime engine, as embedding and serving load them."""
+    calibration = load_calibration(spec, model.image_size, items, gate.seed)
+    inputs = {"image": calibration.pixels.numpy(), "text": model.tokenize(calibration.captions).numpy()}
+    attempts: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = {t: Path(tmp) / f"{t}.onnx" for t in manifest["towers"]}
+        for tower, path in fp32.items():
+            write_onnx(model, tower, path, "fp32")
+        for keep in PLANS:
+            towers = {
+                t: quantize_tower(path, stage / manifest["towers"][t]["file"], inputs[t][calibration.split(t)[0]], keep)
+                for t, path in fp32.items()
+            }
+            figures = run_gate(model, load_engine("onnxruntime", stage, "cpu"), calibration, gate)
+            attempts.append({"kept_fp32": list(keep), "gate": figures})
+            if figures["passed"]:
+                return {"calibration": calibration.record(), "towers": towers, "gate": figures,
+                        "attempts": attempts[:-1], "gpu": "TensorRT int8 / onnxruntime CUDA: not yet run (no GPU)"}
+    worst = "; ".join(f"keeping {', '.join(a['kept_fp32']) or 'nothing more'} fp32: " + "; ".join(a["gate"]["failures"])
+                      for a in attempts)
+    raise MPSCLIPError(
+        f"int8 quality gate missed, nothing was written ({worst}). Calibrate on your own data (--calibration), "
+        "or export fp32/fp16"
+    )
+
+
+def _gate_verification(figures: dict, tower: str) -> dict[str, object]:
+    return {"status": "verified", "by": "quality gate", **figures["embedding"][tower]}
 
 
 def _build_plan(model: MPSCLIP, tower: str, plan: Path, precision: str, batches: tuple[int, int, int]) -> None:

@@ -50,6 +50,8 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
+    elif precision in ("int8", "fp8"):  # explicit quantization: onnx_path is a QDQ graph (export.quantize); unverified
+        config.set_flag(trt.BuilderFlag.INT8 if precision == "int8" else trt.BuilderFlag.FP8)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     tensor = network.get_input(0)

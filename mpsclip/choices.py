@@ -31,8 +31,8 @@ SEARCH_FORMATS = ("table", "json", "geojson", "html")
 EXPORT_FORMATS = ("onnx", "tensorrt", "aoti", "triton-repo")
 """Artefacts ``mpsclip export`` writes."""
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-"""Compute precisions."""
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+"""Compute precisions (int8: quantized ONNX towers, ``mpsclip export --format onnx --precision int8``)."""
 
 DEVICES = ("auto", "cpu", "cuda")
 """Usual ``--device`` values (``cuda:N`` is accepted too): ``auto`` picks CUDA when a GPU is visible."""

@@ -7,6 +7,7 @@ models call these methods, so the two serving paths give the same embeddings.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from mpsclip.choices import SERVE_ENGINES
 from mpsclip.data.transforms import eval_transform
 from mpsclip.engines import Engine, load_engine, runtime_engine
+from mpsclip.engines.precision import precision_note
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
 
@@ -80,18 +82,24 @@ class Tower:
 
 
 def load_tower(
-    model: RetrievalModel, key: str, engine: str, engine_dir: Path | None, device: torch.device
+    model: RetrievalModel,
+    key: str,
+    engine: str,
+    engine_dir: Path | None,
+    device: torch.device,
+    precision: str | None = None,
 ) -> Tower:
     """``model``'s towers on the engine ``--engine`` names (an export folder from ``--engine-dir`` for the exported
-    kinds, refused when it was exported from another checkpoint than ``key``)."""
+    kinds, refused when it was exported from another checkpoint than ``key``), in ``precision`` (``--precision``;
+    None: the engine's own)."""
     if engine not in SERVE_ENGINES:
         raise MPSCLIPError(f"--engine must be one of {', '.join(SERVE_ENGINES)}, got {engine!r}")
     if engine == "aoti":
         if engine_dir is None:
             raise MPSCLIPError("--engine aoti needs --engine-dir DIR, a folder written by mpsclip export --format aoti")
-        runner = load_engine("aoti", engine_dir, device, checkpoint_sha256=key)
+        runner = load_engine("aoti", engine_dir, device, precision=precision, checkpoint_sha256=key)
     else:
-        runner = runtime_engine(engine, model, device, engine_dir, key)
+        runner = runtime_engine(engine, model, device, engine_dir, key, precision)
     return Tower(key, model, runner)
 
 
@@ -100,9 +108,11 @@ class TowerSet:
 
     ``frozen`` (the Triton path: its models are bound at start) refuses checkpoints not seen by :meth:`add`."""
 
-    def __init__(self, engine: str = "torch", engine_dir: Path | None = None, device: torch.device | None = None):
-        self.engine, self.engine_dir, self.device = engine, engine_dir, device
+    def __init__(self, engine: str = "torch", engine_dir: Path | None = None, device: torch.device | None = None,
+                 precision: str | None = None):
+        self.engine, self.engine_dir, self.device, self.precision = engine, engine_dir, device, precision
         self.towers: dict[str, Tower] = {}
+        self.noted: set[str] = set()
         self.frozen = False
 
     def add(self, catalog: Catalog) -> TowerSet:
@@ -123,7 +133,12 @@ class TowerSet:
             if store.model is None:
                 raise MPSCLIPError(f"store {store.name!r}: loaded without its model, so it has no query towers")
             device = self.device or next(store.model.parameters()).device
-            self.towers[key] = load_tower(store.model, key, self.engine, self.engine_dir, device)
+            self.towers[key] = load_tower(store.model, key, self.engine, self.engine_dir, device, self.precision)
+        if store.name not in self.noted:
+            self.noted.add(store.name)
+            note = precision_note(store.info.manifest.get("engine_precision"), self.towers[key].engine.precision)
+            if note is not None:
+                print(f"store {store.name!r}: {note}", file=sys.stderr)
         return self.towers[key]
 
 

@@ -143,7 +143,7 @@ def test_embedder_applies_the_decided_precision(tiny_model, monkeypatch):
 
     seen = {}
 
-    def fake_runtime_engine(runtime, model, device, export_dir, sha):
+    def fake_runtime_engine(runtime, model, device, export_dir, sha, precision=None):
         seen["kind"] = "optimized" if device.type == "cuda" else "torch"
         engine = load_engine("torch", model, CPU)
         engine.kind, engine.precision = "optimized", "fp16"

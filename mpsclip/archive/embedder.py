@@ -41,6 +41,8 @@ from mpsclip.data.datasets import Sample
 from mpsclip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
 from mpsclip.devices import resolve_device
 from mpsclip.engines import embedding_precision, runtime_engine
+from mpsclip.engines.manifest import read_export
+from mpsclip.engines.precision import DEFAULT_PRECISION
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
 
@@ -64,6 +66,17 @@ class EmbedSettings:
     zero_shot: ZeroShotSettings = ZeroShotSettings()
     gdal_config: tuple[tuple[str, str], ...] = ()
     """``--gdal-config KEY=VALUE`` pairs for remote reads (:func:`mpsclip.archive.remote.set_gdal_config`)."""
+    precision: str | None = None
+    """``--precision``: the image engine's (None: its own; an export folder's manifest says it)."""
+
+    def engine_precision(self) -> str:
+        """The precision the image engine runs in, for the store's manifest (without loading the engine):
+        ``--precision``, else an export folder's manifest, else the torch engine's default on the device."""
+        if self.precision is not None:
+            return self.precision
+        if self.engine != "torch" and self.engine_dir is not None:
+            return read_export(self.engine_dir, self.engine).precision
+        return DEFAULT_PRECISION["optimized" if resolve_device(self.device).type == "cuda" else "torch"]
 
     def check(self) -> None:
         """Raise :class:`MPSCLIPError` for inconsistent settings (named as the CLI flags)."""
@@ -217,7 +230,9 @@ class Embedder:
         self.device = resolve_device(settings.device)
         self.model = model.eval().to(self.device)
         self.decode = resolve_decode(settings.decode, self.device)
-        self.engine = runtime_engine(settings.engine, self.model, self.device, settings.engine_dir, checkpoint_sha256)
+        self.engine = runtime_engine(
+            settings.engine, self.model, self.device, settings.engine_dir, checkpoint_sha256, settings.precision
+        )
         self.encode = self.engine.encode_image
         self.precision = embedding_precision(self.engine.kind, self.device, self.engine.precision)
         self.zero_shot = (

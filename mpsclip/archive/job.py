@@ -183,6 +183,7 @@ def _identity(model: dict[str, Any], settings: EmbedSettings, decode: str, sourc
         "source": str(source.resolve()),
         "tiles": _tiles_identity(settings.tiles),
         "runtime": settings.engine,
+        "engine_precision": settings.engine_precision(),
         "decode": decode,
         "zero_shot": _zero_shot_identity(settings) if settings.perspectives == "zero-shot" else None,
     }

@@ -23,6 +23,7 @@ example:
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
   mpsclip embed images/ --out store --checkpoint best.safetensors --engine onnxruntime --engine-dir exported/
+  mpsclip embed images/ --out store --checkpoint m.safetensors --engine onnxruntime --engine-dir q8/ --precision int8
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --stride 224 --bands 4,3,2
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --resolution 10
   mpsclip embed 'shards/train-{0000..0099}.tar' --out web.store --checkpoint best.safetensors
@@ -42,7 +43,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
+from mpsclip.choices import DECODERS, PERSPECTIVES, PRECISIONS, RUNTIMES
 from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
 from mpsclip.errors import MPSCLIPError
 
@@ -117,6 +118,10 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="DIR",
         help="an 'mpsclip export' folder for --engine (its aoti and tensorrt files are code: load folders you trust)",
+    )
+    group.add_argument(
+        "--precision", choices=PRECISIONS, default=None,
+        help="the image engine's precision (default: its own; int8 needs an int8 export in --engine-dir)",
     )
     group.add_argument(
         "--decode",
@@ -280,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         engine_dir=args.engine_dir,
         decode=args.decode,
+        precision=args.precision,
         zero_shot=ZeroShotSettings(
             vocabulary=args.vocabulary_file,
             top_k=args.keywords_top_k,

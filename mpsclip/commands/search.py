@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from mpsclip.archive.search import encode_images, encode_queries, exact_topk, load_search_model, to_hits
     from mpsclip.archive.store import open_store
     from mpsclip.devices import resolve_device
+    from mpsclip.engines.precision import precision_note
 
     texts = read_queries(args)
     labels = texts + [str(path) for path in args.image]
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     info = open_store(args.store, source_root=args.source_root)
     index = open_index(args, info)
     model = load_search_model(info.manifest, args.checkpoint, resolve_device(args.device))
+    if (note := precision_note(info.manifest.get("engine_precision"), "fp32")) is not None:
+        print(note, file=sys.stderr)
     queries = torch.cat([encode_queries(model, texts), encode_images(model, args.image)])
     if index is None:
         scores, rows = exact_topk(

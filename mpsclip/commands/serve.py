@@ -34,7 +34,7 @@ import os
 import sys
 from pathlib import Path
 
-from mpsclip.choices import SERVE_ENGINES
+from mpsclip.choices import PRECISIONS, SERVE_ENGINES
 from mpsclip.commands._args import add_checkpoint, add_device
 
 HELP = "serve stores over HTTP (search API + web page)"
@@ -55,6 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="what runs the towers (default: torch; the fast runtime on a GPU)")
     parser.add_argument("--engine-dir", type=Path, metavar="DIR",
                         help="'mpsclip export' folder for --engine (aoti/tensorrt files are code: trusted ones only)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="the towers' precision (default: the engine's own; int8: an int8 export in --engine-dir)")
     parser.add_argument("--triton-http-port", type=int, metavar="PORT", help="Triton HTTP port (default: --port + 1)")
     parser.add_argument("--triton-grpc-port", type=int, metavar="PORT", help="Triton gRPC port (default: --port + 2)")
     parser.add_argument("--triton-metrics-port", type=int, metavar="PORT",
@@ -126,4 +128,4 @@ def run(args: argparse.Namespace) -> int:
 
     if (warning := bind_warning(args.host, args.api_key)) is not None:
         print(warning, file=sys.stderr)
-    return serve(catalog, TowerSet(args.engine, args.engine_dir, device), settings, make_app)
+    return serve(catalog, TowerSet(args.engine, args.engine_dir, device, args.precision), settings, make_app)

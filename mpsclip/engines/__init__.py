@@ -25,7 +25,12 @@ from mpsclip.engines.base import Engine
 from mpsclip.engines.eager import EagerEngine
 from mpsclip.engines.manifest import read_export
 from mpsclip.engines.optimized import OptimizedEngine
-from mpsclip.engines.precision import DEFAULT_PRECISION, EmbeddingPrecision, embedding_precision
+from mpsclip.engines.precision import (
+    DEFAULT_PRECISION,
+    EmbeddingPrecision,
+    check_model_precision,
+    embedding_precision,
+)
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
 
@@ -72,19 +77,21 @@ def load_engine(
     source: RetrievalModel | str | Path,
     device: str | torch.device = "auto",
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     checkpoint_sha256: str | None = None,
 ) -> Engine:
     """The engine ``kind`` on ``device`` (see the module docstring for ``source``).
 
-    ``precision`` is the model engines' compute precision (the optimized engine takes fp16 or bf16 on a
-    GPU and runs fp32 on the CPU); exported engines run their manifest's precision and refuse another one
-    asked for explicitly (anything but the default fp32)."""
+    ``precision`` is the model engines' compute precision (None: fp32 for torch, fp16 for optimized; the
+    optimized engine takes fp16 or bf16 on a GPU and runs fp32 on the CPU); exported engines run their
+    manifest's precision (None) and refuse another one asked for."""
     _check_kind(kind)
     resolved = resolve_device(device)
     if kind in MODEL_KINDS:
         if isinstance(source, (str, Path)):
             raise MPSCLIPError(f"the {kind} engine runs a loaded model, got the path {source}; pass load_model(...)")
+        precision = precision or DEFAULT_PRECISION[kind]
+        check_model_precision(kind, precision)
         if kind == "torch":
             return EagerEngine(source, resolved, precision)
         return OptimizedEngine(source, resolved, precision)
@@ -94,7 +101,7 @@ def load_engine(
     if reason is not None:
         raise MPSCLIPError(f"the {kind} engine cannot run on {resolved} here: {reason}")
     export = read_export(source, kind, checkpoint_sha256)
-    if precision not in ("fp32", export.precision):
+    if precision not in (None, export.precision):
         raise MPSCLIPError(
             f"{source}: exported in {export.precision}, asked for {precision}; "
             f"export again with --precision {precision} or drop the precision"
@@ -108,18 +115,21 @@ def runtime_engine(
     device: torch.device,
     export_dir: Path | None,
     checkpoint_sha256: str,
+    precision: str | None = None,
 ) -> Engine:
-    """The image engine of ``mpsclip embed --engine`` (``--engine-dir`` gives ``export_dir``).
+    """The image engine of ``mpsclip embed --engine`` (``--engine-dir`` gives ``export_dir``, ``--precision``
+    ``precision``: None is the engine's own).
 
-    ``torch`` is the optimized engine in fp16 on a GPU and the eager model in fp32 on the CPU; the others
-    load the export folder, which must come from the same checkpoint."""
+    ``torch`` is the optimized engine in fp16 on a GPU and the eager model in fp32 on the CPU (or the eager
+    model in ``precision``); the others load the export folder, which must come from the same checkpoint and,
+    when ``precision`` is given, have been exported in it."""
     if runtime not in RUNTIMES:
         raise MPSCLIPError(f"--engine must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch":
         if export_dir is not None:
             raise MPSCLIPError("--engine-dir is only used with --engine onnxruntime or tensorrt; drop it")
-        kind = "optimized" if device.type == "cuda" else "torch"
-        return load_engine(kind, model, device, precision=DEFAULT_PRECISION[kind])
+        kind = "optimized" if device.type == "cuda" and precision in (None, "fp16", "bf16") else "torch"
+        return load_engine(kind, model, device, precision=precision)
     if export_dir is None:
         raise MPSCLIPError(f"--engine {runtime} needs --engine-dir DIR, a folder written by mpsclip export")
-    return load_engine(runtime, export_dir, device, checkpoint_sha256=checkpoint_sha256)
+    return load_engine(runtime, export_dir, device, precision=precision, checkpoint_sha256=checkpoint_sha256)

@@ -12,7 +12,9 @@ from mpsclip.engines.manifest import ExportedTowers
 from mpsclip.errors import MPSCLIPError
 
 TOWERS = frozenset({"image", "text"})
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+"""The dtype each precision computes in around the engine; int8 towers (``mpsclip export --precision int8``) take
+and give float32, and what surrounds them runs float32."""
 
 
 @runtime_checkable

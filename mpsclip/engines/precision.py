@@ -16,6 +16,8 @@ from mpsclip.errors import MPSCLIPError
 
 DEFAULT_PRECISION = {"torch": "fp32", "optimized": "fp16"}
 """Precision of the model engines when none is asked for (exported engines take their manifest's)."""
+QUANTIZED = ("int8",)
+"""Precisions only exported towers have (``mpsclip export --precision int8``), never a model engine."""
 
 
 @dataclass(frozen=True)
@@ -41,4 +43,24 @@ def embedding_precision(kind: str, device: torch.device | str, requested: str | 
     if kind == "optimized" and device.type != "cuda":
         precision = "fp32"
     dtype = PRECISION_DTYPES[precision]
-    return EmbeddingPrecision(precision, dtype, autocast=device.type == "cuda" and precision != "fp32")
+    return EmbeddingPrecision(precision, dtype, autocast=device.type == "cuda" and dtype != torch.float32)
+
+
+def check_model_precision(kind: str, precision: str) -> None:
+    """Refuse a quantized precision for a model engine (``torch``, ``optimized``): it needs an export."""
+    if precision in QUANTIZED:
+        raise MPSCLIPError(
+            f"the {kind} engine runs the model as it is; {precision} towers come from "
+            f"'mpsclip export --format onnx --precision {precision}', run with --engine onnxruntime --engine-dir DIR"
+        )
+
+
+def precision_note(store: str | None, query: str) -> str | None:
+    """The line said when a query is encoded at another precision than the store's items (allowed: one space)."""
+    store = store or "fp32"
+    if store == query:
+        return None
+    return (
+        f"note: this store was embedded at {store}, queries are encoded at {query}: the same embedding space, "
+        "so results stand, but scores can differ slightly from a same-precision query"
+    )

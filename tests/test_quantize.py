@@ -1,0 +1,112 @@
+"""int8 towers (issue 23): quantization end to end (export, gate, embed, search) and a broken one refused.
+
+The tiny model has random weights: its items' embeddings all lie within cosine ~0.9 of each other, so a top-10
+list over near-duplicate store items is reshuffled by any int8 noise (overlap ~0.7 on 100 items). The end-to-end
+test therefore lowers the retrieval gate's ``min_overlap``; the embedding-level floor keeps its default, and it
+is what refuses the broken quantization below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mpsclip.export as export_module
+import numpy as np
+import onnx
+import pytest
+import torch
+from mpsclip.export import GateSettings, export
+from mpsclip.export.calibration import load_calibration
+from mpsclip.export.gate import run_gate
+from mpsclip.export.quantize import node_classes, quantize_tower
+
+from mpsclip.cli import main
+from mpsclip.engines import load_engine
+from mpsclip.errors import MPSCLIPError
+
+pytest.importorskip("onnxruntime")
+
+ITEMS = 30
+TINY_GATE = GateSettings(store_items=60, queries=10, min_overlap=0.3)
+
+
+@pytest.fixture(scope="module")
+def int8_dir(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "q8"
+    return export(ckpt, "onnx", out, precision="int8", calibration_items=ITEMS, gate=TINY_GATE)
+
+
+def test_int8_export_records_gate_and_fp32_layers(int8_dir: Path, tiny_model) -> None:
+    manifest = json.loads((int8_dir / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    quantization = manifest["quantization"]
+    assert quantization["gate"]["passed"] and quantization["calibration"]["synthetic"] == ["images", "captions"]
+    for tower in ("image", "text"):
+        kept = quantization["towers"][tower]["kept_fp32"]
+        assert kept["layernorm"] > 0 and kept["softmax"] > 0 and kept["attention"] > 0
+        assert quantization["towers"][tower]["quantized_nodes"] > 0
+        assert quantization["gate"]["embedding"][tower]["held_back_min_cosine"] >= TINY_GATE.min_cosine
+        assert manifest["verification"][tower]["by"] == "quality gate"
+        graph = onnx.load(str(int8_dir / manifest["towers"][tower]["file"]))
+        assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)
+    assert quantization["gate"]["retrieval"]["store_items"] == TINY_GATE.store_items
+    engine = load_engine("onnxruntime", int8_dir, "cpu", precision="int8")
+    assert engine.precision == "int8"
+    pixels = torch.randn(2, 3, tiny_model.image_size, tiny_model.image_size)
+    out = engine.encode_image(pixels)
+    assert out.shape == (2, tiny_model.embed_dim) and torch.allclose(out.norm(dim=-1), torch.ones(2), atol=1e-4)
+    with pytest.raises(MPSCLIPError, match="exported in int8, asked for fp32"):
+        load_engine("onnxruntime", int8_dir, "cpu", precision="fp32")
+    with pytest.raises(MPSCLIPError, match="mpsclip export"):
+        load_engine("torch", tiny_model, "cpu", precision="int8")
+
+
+def test_int8_store_records_precision_and_fp32_query_is_said(int8_dir, ckpt, synth, tmp_path, capsys) -> None:
+    store = tmp_path / "store"
+    rc = main(["embed", str(synth / "images"), "--out", str(store), "--checkpoint", str(ckpt), "--device", "cpu",
+               "--engine", "onnxruntime", "--engine-dir", str(int8_dir), "--precision", "int8", "--workers", "0",
+               "--quiet"])
+    assert rc == 0
+    assert json.loads((store / "manifest.json").read_text())["engine_precision"] == "int8"
+    capsys.readouterr()
+    assert main(["search", str(store), "an airport", "--device", "cpu", "-k", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "embedded at int8, queries are encoded at fp32" in captured.err
+    assert captured.out.strip()
+
+
+def test_broken_gate_layer_is_refused(ckpt, tmp_path, monkeypatch, capsys) -> None:
+    """The G²A gate's input forced to int8 with a scale 1000x too small: every value saturates."""
+
+    def broken(fp32_path, out_path, inputs, keep_fp32=(), overrides=None):  # noqa: ANN001, ANN202
+        model = onnx.load(str(fp32_path))
+        names = set(node_classes(model)["g2a_gate"])
+        gate_inputs = [n.input[0] for n in model.graph.node if n.name in names]
+        scale, zero = np.array(1e-5, dtype=np.float32), np.array(128, dtype=np.uint8)
+        bad = {name: [{"scale": scale, "zero_point": zero}] for name in gate_inputs}
+        return quantize_tower(fp32_path, out_path, inputs, (), bad)
+
+    monkeypatch.setattr(export_module, "quantize_tower", broken)
+    out = tmp_path / "q8"
+    with pytest.raises(MPSCLIPError, match="int8 quality gate missed, nothing was written") as err:
+        export(ckpt, "onnx", out, precision="int8", towers=("image",), calibration_items=ITEMS, gate=TINY_GATE)
+    assert "image tower: min cosine to fp32" in str(err.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gate_figures_of_an_unquantized_copy_are_perfect(tiny_model, tmp_path) -> None:
+    """The fp32 export through the same gate: cosine 1 and full overlap (the gate measures only the quantization)."""
+    from mpsclip.export.onnx import write_onnx
+
+    folder = tmp_path / "fp32"
+    folder.mkdir()
+    write_onnx(tiny_model, "text", folder / "text_encoder.onnx")
+    (folder / "manifest.json").write_text(json.dumps({"precision": "fp32", "towers": {"text": {
+        "file": "text_encoder.onnx"}}}))
+    calibration = load_calibration(None, tiny_model.image_size, 10)
+    figures = run_gate(tiny_model, load_engine("onnxruntime", folder, "cpu"), calibration,
+                       GateSettings(store_items=20, queries=5))
+    assert figures["passed"], figures["failures"]
+    assert figures["embedding"]["text"]["calibration_min_cosine"] > 0.9999
+    assert figures["retrieval"]["top_k_overlap"] == 1.0
