@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import pickle
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ from mpsclip.archive.store import count_complete_shards, read_manifest
 from mpsclip.checkpoints import resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
-__all__ = ["RayExecutor", "embed_archive_ray"]
+__all__ = ["RayExecutor", "ShardRecord", "embed_archive_ray"]
 
+ACTOR_START_TIMEOUT_S = 600
+"""How long the actor pool may take to start (models loaded on every node) before the job fails."""
 CONNECT_TIMEOUT_S = 5.0
 """How long to wait for a ``--ray-address`` cluster to answer before giving up."""
 
@@ -84,14 +87,38 @@ def _unpack(text: str) -> list[Item]:
     return [Item(d["id"], Path(d["path"]), d["meta"], d["kind"]) for d in json.loads(text)]
 
 
-class _ShardWorker:
-    """A Ray actor holding one :class:`Embedder`: each row in, that shard's pickled ``(rows, failed)`` out."""
+def _node_address(ray: Any) -> str:
+    return str(ray.util.get_node_ip_address())
 
-    def __init__(self, checkpoint: Path, arch: str | None, settings: EmbedSettings) -> None:
+
+def _check_readable(node: str, what: str, path: Path) -> None:
+    """Fail on this node, naming it and the path, when ``path`` (SOURCE's root or the checkpoint) is not there."""
+    if not path.exists():
+        raise MPSCLIPError(
+            f"Ray node {node} cannot read the {what} {path}: every node must see the same paths (a shared file "
+            "system or the same copy on each node); mount it there, or remove the node from the cluster"
+        )
+
+
+class _ShardWorker:
+    """A Ray actor holding one :class:`Embedder`: each row in, that shard's pickled ``(rows, failed)`` out, with
+    the address of the node that embedded it. It first checks that its node sees the source and the checkpoint."""
+
+    def __init__(self, checkpoint: Path, arch: str | None, settings: EmbedSettings, root: str) -> None:
+        import ray
+
+        self.node = _node_address(ray)
+        _check_readable(self.node, "checkpoint", checkpoint)
+        if "://" not in root:  # a local folder (cloud sources are read over the network)
+            _check_readable(self.node, "source folder", Path(root))
         self.embedder = Embedder.load(checkpoint, arch, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [pickle.dumps(self.embedder.embed(_unpack(str(text)))) for text in batch["items"]]
+        results = []
+        for text in batch["items"]:
+            started = time.perf_counter()
+            result = self.embedder.embed(_unpack(str(text)))
+            results.append(pickle.dumps((result, self.node, time.perf_counter() - started)))
         return {"shard": batch["shard"], "result": np.array(results, dtype=object)}
 
 
@@ -127,11 +154,29 @@ def _plan_actors(ray: Any, settings: EmbedSettings, num_actors: int | None, gpus
     return _Actors(num_actors, cpus, gpus, replace(settings, device="cuda" if gpus > 0 else "cpu"))
 
 
-class RayExecutor:
-    """Embeds shards on a Ray Data actor pool (see the module's docstring); the cluster must be connected."""
+@dataclass(frozen=True)
+class ShardRecord:
+    """Where and how long one shard was embedded (one line of ``--ray-log``)."""
 
-    def __init__(self, ray: Any, checkpoint: Path, arch: str | None, actors: _Actors) -> None:
-        self.ray, self.checkpoint, self.arch, self.actors = ray, checkpoint, arch, actors
+    shard: int
+    node: str
+    items: int
+    seconds: float
+
+
+class RayExecutor:
+    """Embeds shards on a Ray Data actor pool (see the module's docstring); the cluster must be connected.
+    ``on_shard`` hears where each shard was embedded, in shard order."""
+
+    def __init__(
+        self,
+        ray: Any,
+        checkpoint: Path,
+        arch: str | None,
+        actors: _Actors,
+        on_shard: Callable[[ShardRecord], None] | None = None,
+    ) -> None:
+        self.ray, self.checkpoint, self.arch, self.actors, self.on_shard = ray, checkpoint, arch, actors, on_shard
 
     def embed_shards(self, job: Job, shards: list[int]) -> Iterator[ShardResult]:
         """Embed ``shards`` in a Ray actor pool; yields ``(shard, rows, failed)`` in shard order."""
@@ -140,17 +185,47 @@ class RayExecutor:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
         ds.context.enable_progress_bars = False  # the driver shows one bar over items
+        ds.context.max_consecutive_actor_init_deaths = 2  # a node that cannot read the paths fails the job
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # the whole pool is up before shards are handed out
+        kwargs = {"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings}
         ds = ds.map_batches(
             _ShardWorker,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors.count, len(rows))),
-            fn_constructor_kwargs={"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings},
+            fn_constructor_kwargs=kwargs | {"root": str(job.manifest["source_root"])},
             num_cpus=actors.cpus,
             num_gpus=actors.gpus,
         )
-        for row in ds.iter_rows():
-            shard_rows, failed = pickle.loads(row["result"])
-            yield int(row["shard"]), shard_rows, failed
+        for row in _rows_or_clear_error(ray, ds):
+            (shard_rows, failed), node, seconds = pickle.loads(row["result"])
+            shard = int(row["shard"])
+            if self.on_shard is not None:
+                self.on_shard(ShardRecord(shard, node, len(shard_rows.ids) + len(failed), round(seconds, 3)))
+            yield shard, shard_rows, failed
+
+
+def _rows_or_clear_error(ray: Any, ds: Any) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; an actor that failed with an :class:`MPSCLIPError` (a node that cannot read a path)
+    ends the job with that message instead of Ray's traceback."""
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.RayError as err:
+        cause = _mpsclip_cause(err)
+        if cause is None:
+            raise
+        raise MPSCLIPError(str(cause)) from None
+
+
+def _mpsclip_cause(err: BaseException) -> MPSCLIPError | None:
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MPSCLIPError):
+            return current
+        nested = getattr(current, "cause", None)
+        current = nested if isinstance(nested, BaseException) else (current.__cause__ or current.__context__)
+    return None
 
 
 def _all_done(store: Path, n_items: int, settings: EmbedSettings) -> bool:
@@ -178,6 +253,7 @@ def embed_archive_ray(
     num_actors: int | None = None,
     gpus_per_actor: float | None = None,
     progress: bool = True,
+    on_shard: Callable[[ShardRecord], None] | None = None,
 ) -> EmbedSummary:
     """Embed ``source`` into ``store`` (resuming a partial store) with a Ray Data actor pool.
 
@@ -185,7 +261,8 @@ def embed_archive_ray(
     local instance (shut down at the end), ``"auto"`` joins a running cluster; an address where nothing answers
     fails within :data:`CONNECT_TIMEOUT_S`. ``num_actors`` defaults to one actor per GPU (``gpus_per_actor``,
     default 1 when the cluster has GPUs), else to the CPUs divided by each actor's share (1 +
-    ``settings.workers``). A store whose shards are all done is closed without starting Ray."""
+    ``settings.workers``). A store whose shards are all done is closed without starting Ray. ``on_shard`` hears
+    which node embedded each shard (:class:`ShardRecord`), in shard order."""
     ray = _import_ray()
     if num_actors is not None and num_actors < 1:
         raise MPSCLIPError(f"--ray-actors must be 1 or more, got {num_actors}")
@@ -204,7 +281,7 @@ def embed_archive_ray(
         actors = _plan_actors(ray, settings, num_actors, gpus_per_actor)
         decode = resolve_decode(actors.settings.decode, torch.device(actors.settings.device))
         job = open_job(source, store, ckpt, arch, settings, decode, items)
-        return run_job(job, RayExecutor(ray, ckpt, arch, actors), progress)
+        return run_job(job, RayExecutor(ray, ckpt, arch, actors, on_shard), progress)
     finally:
         if started:
             ray.shutdown()

@@ -18,12 +18,18 @@ example:
   mpsclip embed scenes/ --out tiles.store --checkpoint best.safetensors --tile-size 224 --resolution 10
   mpsclip embed 'shards/train-{0000..0099}.tar' --out web.store --checkpoint best.safetensors
   mpsclip embed archive/ --out archive.store --checkpoint best.safetensors --ray --ray-address auto
+  mpsclip embed /shared/archive --out /shared/store --checkpoint /shared/best.safetensors --ray \
+      --ray-address 10.0.0.1:6379 --ray-log shards.jsonl   # on the head node of a cluster
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from mpsclip.archive.items import TileSettings
 from mpsclip.choices import DECODERS, PERSPECTIVES, RUNTIMES
@@ -136,6 +142,13 @@ def _ray_arguments(group: argparse._ArgumentGroup) -> None:
         metavar="N",
         help="with --ray: embedding actors (default: one per GPU, else as many as the CPUs hold)",
     )
+    group.add_argument(
+        "--ray-log",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --ray: append one JSON line per shard (shard, node address, items, seconds) to FILE",
+    )
 
 
 def parse_bands(text: str) -> tuple[int, ...]:
@@ -185,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ray:
         from mpsclip.archive.ray_executor import embed_archive_ray
 
+        nodes = _NodeLog(args.ray_log)
+
         summary = embed_archive_ray(
             args.source,
             args.out,
@@ -194,9 +209,10 @@ def run(args: argparse.Namespace) -> int:
             address=args.ray_address,
             num_actors=args.ray_actors,
             progress=not args.quiet,
+            on_shard=nodes.record,
         )
-    elif args.ray_address is not None or args.ray_actors is not None:
-        raise MPSCLIPError("--ray-address and --ray-actors are only used with --ray; add it or drop them")
+    elif args.ray_address is not None or args.ray_actors is not None or args.ray_log is not None:
+        raise MPSCLIPError("--ray-address, --ray-actors and --ray-log are only used with --ray; add it or drop them")
     else:
         summary = embed_archive(
             args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet
@@ -210,4 +226,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"  resumed after {summary.n_resumed_shards} existing shards")
     if summary.n_failed:
         print(f"  {summary.n_failed} unreadable items skipped, listed in {summary.store / 'failures.jsonl'}")
+    if args.ray and nodes.shards:
+        print("  shards per Ray node: " + ", ".join(f"{node} {n}" for node, n in sorted(nodes.shards.items())))
     return 0
+
+
+class _NodeLog:
+    """Counts the shards each Ray node embedded and appends each shard's record to ``--ray-log``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.shards = path, Counter[str]()
+
+    def record(self, record: Any) -> None:
+        self.shards[record.node] += 1
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(asdict(record)) + "\n")
