@@ -92,10 +92,10 @@ def _node_address(ray: Any) -> str:
 
 
 def _check_readable(node: str, what: str, path: Path) -> None:
-    """Fail on this node, naming it and the path, when ``path`` (SOURCE's root or the checkpoint) is not there."""
-    if not path.exists():
+    """Fail on this node, naming it and the path, when ``path`` (a file of SOURCE or the checkpoint) is not there."""
+    if not path.is_file():
         raise MPSCLIPError(
-            f"Ray node {node} cannot read the {what} {path}: every node must see the same paths (a shared file "
+            f"Ray node {node} cannot read the {what}: every node must see the same paths (a shared file "
             "system or the same copy on each node); mount it there, or remove the node from the cluster"
         )
 
@@ -104,13 +104,15 @@ class _ShardWorker:
     """A Ray actor holding one :class:`Embedder`: each row in, that shard's pickled ``(rows, failed)`` out, with
     the address of the node that embedded it. It first checks that its node sees the source and the checkpoint."""
 
-    def __init__(self, checkpoint: Path, arch: str | None, settings: EmbedSettings, root: str) -> None:
+    def __init__(
+        self, checkpoint: Path, arch: str | None, settings: EmbedSettings, root: str, probe: str | None
+    ) -> None:
         import ray
 
         self.node = _node_address(ray)
         _check_readable(self.node, "checkpoint", checkpoint)
-        if "://" not in root:  # a local folder (cloud sources are read over the network)
-            _check_readable(self.node, "source folder", Path(root))
+        if probe is not None:
+            _check_readable(self.node, f"source folder {root} (no {probe} there)", Path(root) / probe)
         self.embedder = Embedder.load(checkpoint, arch, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -192,7 +194,7 @@ class RayExecutor:
             _ShardWorker,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors.count, len(rows))),
-            fn_constructor_kwargs=kwargs | {"root": str(job.manifest["source_root"])},
+            fn_constructor_kwargs=kwargs | _source_probe(job),
             num_cpus=actors.cpus,
             num_gpus=actors.gpus,
         )
@@ -204,27 +206,32 @@ class RayExecutor:
             yield shard, shard_rows, failed
 
 
+def _source_probe(job: Job) -> dict[str, str | None]:
+    """The source root and one of its files every actor must see: the first listed item's, when it is local."""
+    root = str(job.manifest["source_root"])
+    local = [item.path for item in job.items[:1] if str(item.path).startswith(root)]
+    return {"root": root, "probe": local[0].relative_to(root).as_posix() if local else None}
+
+
 def _rows_or_clear_error(ray: Any, ds: Any) -> Iterator[dict[str, Any]]:
     """The dataset's rows; an actor that failed with an :class:`MPSCLIPError` (a node that cannot read a path)
     ends the job with that message instead of Ray's traceback."""
     try:
         yield from ds.iter_rows()
     except ray.exceptions.RayError as err:
-        cause = _mpsclip_cause(err)
-        if cause is None:
+        message = _mpsclip_message(err)
+        if message is None:
             raise
-        raise MPSCLIPError(str(cause)) from None
+        raise MPSCLIPError(message) from None
 
 
-def _mpsclip_cause(err: BaseException) -> MPSCLIPError | None:
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, MPSCLIPError):
-            return current
-        nested = getattr(current, "cause", None)
-        current = nested if isinstance(nested, BaseException) else (current.__cause__ or current.__context__)
+def _mpsclip_message(err: BaseException) -> str | None:
+    """The message of the :class:`MPSCLIPError` behind a Ray error: Ray keeps an actor's creation error only as
+    text (``ActorDiedError``), so it is found in the error's lines."""
+    marker = f"{MPSCLIPError.__module__}.{MPSCLIPError.__name__}: "
+    for line in str(err).splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
     return None
 
 
