@@ -1,4 +1,4 @@
-"""`mpsclip embed --ray` on a real multi-node Ray cluster: hosts in their own network namespaces (tests/raycluster.py).
+"""`mpsclip embed --ray` on a real multi-node Ray cluster: hosts in network namespaces (mpsclip.bench.raycluster).
 
 The driver runs on the head host, as on a real cluster, and the embedding actors on worker hosts of one CPU each.
 What a single-node test cannot show is checked here: shards embedded on several hosts giving the same store as one
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from extras import expect, require
-from raycluster import RayCluster, netns_unavailable, ray_cluster
+from mpsclip.bench.raycluster import RayCluster, netns_unavailable, ray_cluster
 
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.data.synth import generate
