@@ -4,9 +4,10 @@ A real multi-node cluster is made on this machine (:mod:`mpsclip.bench.raycluste
 run as root): a head host for the driver and three worker hosts of ``--num-cpus 1``. The same synthetic source is
 embedded by a single process on one thread and by the cluster with 1, 2 and 3 actors (one per host). Each run's
 time is the job's own (``mpsclip embed``'s summary: listing the source to the last shard, so actor start-up is
-included), its store is checked byte-identical to the single process's, and the hosts that embedded its shards are
-recorded. The scheduling overhead per shard is the difference in job time between small and large shards on one
-host, divided by the difference in shard counts (start-up cancels out).
+included) and its steady rate the items recorded after the first shard over the time from the first shard's record
+to the last (``--ray-log`` times: start-up excluded); its store is checked byte-identical to the single process's,
+and the hosts that embedded its shards are recorded. The scheduling overhead per shard is the difference in job
+time between small and large shards on one host, divided by the difference in shard counts (start-up cancels out).
 
     sudo .venv/bin/python -m mpsclip.bench.ray_scaling --out bench/results/CPU-x2-ray-cluster --checkpoint m.safetensors
 
@@ -60,8 +61,10 @@ def _ray_run(cluster: RayCluster, source: Path, work: Path, ckpt: Path, shard: i
     run = _embed(cluster.exec_prefix(), source, store, ckpt, shard, extra)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     hosts = sorted({r["node"] for r in records})
+    span = records[-1]["recorded_at"] - records[0]["recorded_at"]
+    steady = sum(r["items"] for r in records[1:]) / span if span > 0 else None
     return run | {"actors": actors, "hosts": hosts, "shard_compute_s": round(sum(r["seconds"] for r in records), 3),
-                  "store": store}
+                  "steady_rate": steady, "store": store}
 
 
 def measure(ckpt: Path, images: int, shard: int, work: Path) -> dict[str, Any]:
@@ -94,15 +97,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['load_end']} at the end. {result['settings']['images']} synthetic 64-px images, shards of "
         f"{result['settings']['shard_size']}, tiny random-weight model, fp32, one thread per host.",
         "",
-        "| run | hosts used | items | shards | job s | items/s | vs single | same store |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | hosts used | items | shards | job s | items/s | vs single | steady items/s | vs single | same store |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = result["rows"][0]["rate"]
     for row in result["rows"]:
         hosts = ", ".join(row.get("hosts", [])) or "-"
         same = {True: "yes", False: "NO"}.get(row.get("identical_store"), "-")
+        steady = row.get("steady_rate")
+        steady_cells = f"{steady:.1f} | {steady / base:.2f}x" if steady else "- | -"
         lines.append(f"| {row['run']} | {hosts} | {row['embedded']} | {row['shards']} | {row['seconds']:.1f} | "
-                     f"{row['rate']:.1f} | {row['rate'] / base:.2f}x | {same} |")
+                     f"{row['rate']:.1f} | {row['rate'] / base:.2f}x | {steady_cells} | {same} |")
     over = result["overhead"]
     lines += ["", f"Scheduling overhead per shard (one host, shards of {result['settings']['shard_size']} vs "
               f"{max(1, result['settings']['shard_size'] // 4)}): {over['per_shard_s'] * 1000:.0f} ms.", ""]
@@ -113,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the model to embed with")
-    parser.add_argument("--images", type=int, default=192, help="synthetic images (default: 192)")
-    parser.add_argument("--shard-size", type=int, default=8, help="items per shard (default: 8)")
+    parser.add_argument("--images", type=int, default=768, help="synthetic images (default: 768)")
+    parser.add_argument("--shard-size", type=int, default=16, help="items per shard (default: 16)")
     args = parser.parse_args(argv)
     why = netns_unavailable()
     if why is not None:

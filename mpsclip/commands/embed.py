@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -147,7 +148,7 @@ def _ray_arguments(group: argparse._ArgumentGroup) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="with --ray: append one JSON line per shard (shard, node address, items, seconds) to FILE",
+        help="with --ray: append one JSON line per shard (shard, node address, items, seconds, time) to FILE",
     )
 
 
@@ -241,4 +242,4 @@ class _NodeLog:
         self.shards[record.node] += 1
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as log:
-                log.write(json.dumps(asdict(record)) + "\n")
+                log.write(json.dumps(asdict(record) | {"recorded_at": round(time.time(), 3)}) + "\n")
