@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import pickle
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,10 @@ from mpsclip.archive.store import read_manifest
 from mpsclip.checkpoints import resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 
-__all__ = ["RayExecutor", "embed_archive_ray"]
+__all__ = ["RayExecutor", "ShardRecord", "embed_archive_ray"]
 
+ACTOR_START_TIMEOUT_S = 600
+"""How long the actor pool may take to start (models loaded on every node) before the job fails."""
 CONNECT_TIMEOUT_S = 5.0
 """How long to wait for a ``--ray-address`` cluster to answer before giving up."""
 
@@ -95,14 +98,40 @@ def _unpack(text: str) -> list[Item]:
     return [Item(d["id"], Path(d["path"]), d["meta"], d["kind"], tuple(d["hrefs"])) for d in json.loads(text)]
 
 
-class _ShardWorker:
-    """A Ray actor holding one :class:`Embedder`: each row in, that shard's pickled ``(rows, failed)`` out."""
+def _node_address(ray: Any) -> str:
+    return str(ray.util.get_node_ip_address())
 
-    def __init__(self, checkpoint: Path, arch: str | None, settings: EmbedSettings) -> None:
+
+def _check_readable(node: str, what: str, path: Path) -> None:
+    """Fail on this node, naming it and the path, when ``path`` (a file of SOURCE or the checkpoint) is not there."""
+    if not path.is_file():
+        raise MPSCLIPError(
+            f"Ray node {node} cannot read the {what}: every node must see the same paths (a shared file "
+            "system or the same copy on each node); mount it there, or remove the node from the cluster"
+        )
+
+
+class _ShardWorker:
+    """A Ray actor holding one :class:`Embedder`: each row in, that shard's pickled ``(rows, failed)`` out, with
+    the address of the node that embedded it. It first checks that its node sees the source and the checkpoint."""
+
+    def __init__(
+        self, checkpoint: Path, arch: str | None, settings: EmbedSettings, root: str, probe: str | None
+    ) -> None:
+        import ray
+
+        self.node = _node_address(ray)
+        _check_readable(self.node, "checkpoint", checkpoint)
+        if probe is not None:
+            _check_readable(self.node, f"source folder {root} (no {probe} there)", Path(root) / probe)
         self.embedder = Embedder.load(checkpoint, arch, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [pickle.dumps(self.embedder.embed(_unpack(str(text)))) for text in batch["items"]]
+        results = []
+        for text in batch["items"]:
+            started = time.perf_counter()
+            result = self.embedder.embed(_unpack(str(text)))
+            results.append(pickle.dumps((result, self.node, time.perf_counter() - started)))
         return {"shard": batch["shard"], "result": np.array(results, dtype=object)}
 
 
@@ -138,11 +167,29 @@ def _plan_actors(ray: Any, settings: EmbedSettings, num_actors: int | None, gpus
     return _Actors(num_actors, cpus, gpus, replace(settings, device="cuda" if gpus > 0 else "cpu"))
 
 
-class RayExecutor:
-    """Embeds shards on a Ray Data actor pool (see the module's docstring); the cluster must be connected."""
+@dataclass(frozen=True)
+class ShardRecord:
+    """Where and how long one shard was embedded (one line of ``--ray-log``)."""
 
-    def __init__(self, ray: Any, checkpoint: Path, arch: str | None, actors: _Actors) -> None:
-        self.ray, self.checkpoint, self.arch, self.actors = ray, checkpoint, arch, actors
+    shard: int
+    node: str
+    items: int
+    seconds: float
+
+
+class RayExecutor:
+    """Embeds shards on a Ray Data actor pool (see the module's docstring); the cluster must be connected.
+    ``on_shard`` hears where each shard was embedded, in shard order."""
+
+    def __init__(
+        self,
+        ray: Any,
+        checkpoint: Path,
+        arch: str | None,
+        actors: _Actors,
+        on_shard: Callable[[ShardRecord], None] | None = None,
+    ) -> None:
+        self.ray, self.checkpoint, self.arch, self.actors, self.on_shard = ray, checkpoint, arch, actors, on_shard
 
     def embed_shards(self, job: Job, shards: list[int]) -> Iterator[ShardResult]:
         """Embed ``shards`` in a Ray actor pool; yields ``(shard, rows, failed)`` in shard order."""
@@ -151,17 +198,52 @@ class RayExecutor:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
         ds.context.enable_progress_bars = False  # the driver shows one bar over items
+        ds.context.max_consecutive_actor_init_deaths = 2  # a node that cannot read the paths fails the job
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # the whole pool is up before shards are handed out
+        kwargs = {"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings}
         ds = ds.map_batches(
             _ShardWorker,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors.count, len(rows))),
-            fn_constructor_kwargs={"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings},
+            fn_constructor_kwargs=kwargs | _source_probe(job),
             num_cpus=actors.cpus,
             num_gpus=actors.gpus,
         )
-        for row in ds.iter_rows():
-            shard_rows, failed = pickle.loads(row["result"])
-            yield int(row["shard"]), shard_rows, failed
+        for row in _rows_or_clear_error(ray, ds):
+            (shard_rows, failed), node, seconds = pickle.loads(row["result"])
+            shard = int(row["shard"])
+            if self.on_shard is not None:
+                self.on_shard(ShardRecord(shard, node, len(shard_rows.ids) + len(failed), round(seconds, 3)))
+            yield shard, shard_rows, failed
+
+
+def _source_probe(job: Job) -> dict[str, str | None]:
+    """The source root and one of its files every actor must see: the first listed item's, when it is local."""
+    root = str(job.manifest["source_root"])
+    local = [item.path for item in job.items[:1] if str(item.path).startswith(root)]
+    return {"root": root, "probe": local[0].relative_to(root).as_posix() if local else None}
+
+
+def _rows_or_clear_error(ray: Any, ds: Any) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; an actor that failed with an :class:`MPSCLIPError` (a node that cannot read a path)
+    ends the job with that message instead of Ray's traceback."""
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.RayError as err:
+        message = _mpsclip_message(err)
+        if message is None:
+            raise
+        raise MPSCLIPError(message) from None
+
+
+def _mpsclip_message(err: BaseException) -> str | None:
+    """The message of the :class:`MPSCLIPError` behind a Ray error: Ray keeps an actor's creation error only as
+    text (``ActorDiedError``), so it is found in the error's lines."""
+    marker = f"{MPSCLIPError.__module__}.{MPSCLIPError.__name__}: "
+    for line in str(err).splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
 
 
 def _all_done(store: Path, items: list[Item], retry_failed: bool) -> bool:
@@ -190,6 +272,7 @@ def embed_archive_ray(
     progress: bool = True,
     prune: bool = False,
     retry_failed: bool = False,
+    on_shard: Callable[[ShardRecord], None] | None = None,
 ) -> EmbedSummary:
     """Embed ``source`` into ``store`` (resuming a partial store) with a Ray Data actor pool.
 
@@ -198,7 +281,8 @@ def embed_archive_ray(
     fails within :data:`CONNECT_TIMEOUT_S`. ``num_actors`` defaults to one actor per GPU (``gpus_per_actor``,
     default 1 when the cluster has GPUs), else to the CPUs divided by each actor's share (1 +
     ``settings.workers``). A store whose shards are all done is closed without starting Ray; ``prune`` and
-    ``retry_failed`` as in :func:`~mpsclip.archive.job.open_job`."""
+    ``retry_failed`` as in :func:`~mpsclip.archive.job.open_job`. ``on_shard`` hears which node embedded each shard
+    (:class:`ShardRecord`), in shard order."""
     ray = _import_ray()
     if num_actors is not None and num_actors < 1:
         raise MPSCLIPError(f"--ray-actors must be 1 or more, got {num_actors}")
@@ -218,7 +302,7 @@ def embed_archive_ray(
         actors = _plan_actors(ray, settings, num_actors, gpus_per_actor)
         decode = resolve_decode(actors.settings.decode, torch.device(actors.settings.device))
         job = open_job(source, store, ckpt, arch, settings, decode, items, **grow)
-        return run_job(job, RayExecutor(ray, ckpt, arch, actors), progress)
+        return run_job(job, RayExecutor(ray, ckpt, arch, actors, on_shard), progress)
     finally:
         if started:
             ray.shutdown()

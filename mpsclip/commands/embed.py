@@ -34,14 +34,20 @@ example:
   mpsclip embed --stac-api https://earth-search.aws.element84.com/v1 --collections sentinel-2-l2a \
       --bbox 15.0,45.0,15.2,45.2 --datetime 2024-05-01/2024-05-31 --query 'eo:cloud_cover<20' --assets visual \
       --out s2.store --checkpoint best.safetensors --tile-size 224
+  mpsclip embed /shared/archive --out /shared/store --checkpoint /shared/best.safetensors --ray \
+      --ray-address 10.0.0.1:6379 --ray-log shards.jsonl   # on the head node of a cluster
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mpsclip.choices import DECODERS, PERSPECTIVES, PRECISIONS, RUNTIMES
 from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
@@ -221,6 +227,13 @@ def _ray_arguments(group: argparse._ArgumentGroup) -> None:
         metavar="N",
         help="with --ray: embedding actors (default: one per GPU, else as many as the CPUs hold)",
     )
+    group.add_argument(
+        "--ray-log",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --ray: append one JSON line per shard (shard, node address, items, seconds, time) to FILE",
+    )
 
 
 def parse_bands(text: str) -> tuple[int, ...]:
@@ -297,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ray:
         from mpsclip.archive.ray_executor import embed_archive_ray
 
+        nodes = _NodeLog(args.ray_log)
+
         summary = embed_archive_ray(
             args.source,
             args.out,
@@ -308,9 +323,10 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             prune=args.prune,
             retry_failed=args.retry_failed,
+            on_shard=nodes.record,
         )
-    elif args.ray_address is not None or args.ray_actors is not None:
-        raise MPSCLIPError("--ray-address and --ray-actors are only used with --ray; add it or drop them")
+    elif args.ray_address is not None or args.ray_actors is not None or args.ray_log is not None:
+        raise MPSCLIPError("--ray-address, --ray-actors and --ray-log are only used with --ray; add it or drop them")
     else:
         summary = embed_archive(
             args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet,
@@ -327,4 +343,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {summary.n_pruned} stored items whose source disappeared are pruned (searches skip them)")
     if summary.n_failed:
         print(f"  {summary.n_failed} unreadable items skipped, listed in {summary.store / 'failures.jsonl'}")
+    if args.ray and nodes.shards:
+        print("  shards per Ray node: " + ", ".join(f"{node} {n}" for node, n in sorted(nodes.shards.items())))
     return 0
+
+
+class _NodeLog:
+    """Counts the shards each Ray node embedded and appends each shard's record to ``--ray-log``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.shards = path, Counter[str]()
+
+    def record(self, record: Any) -> None:
+        self.shards[record.node] += 1
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(asdict(record) | {"recorded_at": round(time.time(), 3)}) + "\n")
