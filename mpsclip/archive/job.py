@@ -37,7 +37,7 @@ from mpsclip import __version__
 from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
 from mpsclip.archive.hrefs import REMOTE_KINDS, remote_hosts
 from mpsclip.archive.items import PATH_KEYS, Item, TileSettings, contained_path
-from mpsclip.archive.sources import iter_items, source_root
+from mpsclip.archive.sources import iter_items, source_identity, source_root
 from mpsclip.archive.store import (
     FAILURES,
     MANIFEST,
@@ -180,7 +180,7 @@ def _identity(model: dict[str, Any], settings: EmbedSettings, decode: str, sourc
         "sub_root": str(settings.sub_root.resolve()) if settings.sub_root else None,
         "max_sub_images": settings.max_sub_images,
         "shard_size": settings.shard_size,
-        "source": str(source.resolve()),
+        "source": source_identity(source),  # a URL as given (Path() would fold its //)
         "tiles": _tiles_identity(settings.tiles),
         "runtime": settings.engine,
         "engine_precision": settings.engine_precision(),
