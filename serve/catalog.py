@@ -41,6 +41,7 @@ from mpsclip.archive.store import (
     StoreInfo,
     count_complete_shards,
     open_store,
+    pruned_rows,
     read_manifest,
     read_shard,
     relocate_source,
@@ -137,6 +138,8 @@ class Store:
     """Why the store's index is not used (it could not be loaded), or None."""
     exact: bool = False
     """Score every query exactly even when the store has an index ('mpsclip serve --exact')."""
+    pruned: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Rows of items ``mpsclip embed --prune`` recorded as gone: never answered, as in 'mpsclip search'."""
 
     def views(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mode's views as fp32 on the store's device, converted and copied there once (CPU fp16 matrix
@@ -179,12 +182,13 @@ class Store:
         if path == "index":
             if self.index is None:
                 raise MPSCLIPError(f"store {self.name}: scoring path 'index', but the store has no index loaded")
-            return self.index.search(queries, k, mode)
+            return _without(self.index.search(queries, k, mode), self.pruned)
         views, valid = self.views(mode)
         rows = torch.from_numpy(np.arange(len(self.ids)))  # numpy: torch.arange took 9 ms for 100k rows here
         where = item_filter(bbox, interval, max_cloud)
-        if where is not None:
-            keep = torch.from_numpy(where.rows(self.filter_arrays()))
+        if where is not None or len(self.pruned):
+            chosen = where.rows(self.filter_arrays()) if where is not None else np.arange(len(self.ids))
+            keep = torch.from_numpy(chosen[~np.isin(chosen, self.pruned)])
             rows = rows[keep]
             keep_on_device = keep.to(self.device)
             views = views[keep_on_device]
@@ -197,6 +201,17 @@ class Store:
             return ordered_topk(product(queries, views[:, 0]), rows, n)
         scores, found = scored_topk(queries.to(views.device).float(), views, valid, rows, n)
         return scores.cpu(), found.cpu()
+
+
+def _without(found: tuple[torch.Tensor, torch.Tensor], pruned: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """An index's ``(scores, rows)`` with pruned rows moved out (padding row -1, score -inf), as search drops them."""
+    scores, rows = found
+    if not len(pruned):
+        return scores, rows
+    gone = torch.from_numpy(np.isin(rows.numpy(), pruned))
+    order = torch.argsort(gone.to(torch.int8), dim=1, stable=True)  # kept hits first, in their order
+    scores = torch.where(gone, torch.tensor(float("-inf")), scores).gather(1, order)
+    return scores, torch.where(gone, torch.tensor(-1), rows).gather(1, order)
 
 
 def scoring_path(
@@ -259,7 +274,7 @@ def load_store_memory(name: str, path: Path, old: Store | None = None, source_ro
     ids = [i for p in parts for i in p["id"]]
     metas = [m for p in parts for m in p["meta"]]
     rows = {item_id: row for row, item_id in enumerate(ids)}
-    return Store(name, info, ids, metas, columns, rows, version=version)
+    return Store(name, info, ids, metas, columns, rows, version=version, pruned=pruned_rows(info))
 
 
 def read_before(old: Store, info: StoreInfo, version: DiskVersion, shard: int) -> bool:

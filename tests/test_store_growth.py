@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mpsclip.serve.catalog import _without, load_store_memory
 
 from mpsclip.archive.embedder import Embedder
 from mpsclip.archive.job import EmbedSettings, EmbedSummary, LocalExecutor, open_job, run_job
@@ -189,6 +190,12 @@ def test_embed_cli_prune_and_searches_skip_pruned_items(
     assert [(h.rank, h.id) for h in hits] == [(1, names[0]), (2, names[5])]
     assert main(["search", str(store), "a harbor", "-k", "10", "--format", "json", "--device", "cpu"]) == 0
     assert names[3] not in capsys.readouterr().out
+    served = load_store_memory("s", store)  # mpsclip serve skips them too, exactly and through an index's answer
+    for mode in ("fused", "global", "max-response"):
+        scores, rows = served.topk(query, 10, mode)
+        assert 3 not in rows[0].tolist() and (rows[0] >= 0).sum() == 5
+    scores, rows = _without((torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[3, 0, 5]])), served.pruned)
+    assert rows.tolist() == [[0, 5, -1]] and scores[0, 2] == float("-inf")
     shutil.copy(synth / "images" / names[3], source / names[3])  # back again: no longer pruned, not embedded twice
     assert embed(source, store).n_new == 0
     assert read_pruned(store) == [] and _shards(store) == before
