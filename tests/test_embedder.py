@@ -146,6 +146,9 @@ def test_runtime_errors(jpegs: Path, ckpt: Path, tiny_model: MPSCLIP, tmp_path: 
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"checkpoint": {"sha256": "0" * 64}, "towers": {}}))
     with pytest.raises(MPSCLIPError, match="another checkpoint"):
+        settings = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=fake, precision="fp32")
+        embed_archive(jpegs, tmp_path / "b", ckpt, settings=settings, progress=False)
+    with pytest.raises(MPSCLIPError, match="has no .onnx tower"):  # the store's identity reads the folder first
         settings = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=fake)
         embed_archive(jpegs, tmp_path / "b", ckpt, settings=settings, progress=False)
     with pytest.raises(MPSCLIPError, match="only used with --engine"):
