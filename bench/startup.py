@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from mpsclip.bench.report import cpu_model
+
 from mpsclip.io import atomic_write
 
 BASELINE = "python -c pass"
@@ -102,16 +104,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output prefix (writes OUT.json and OUT.md)")
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m mpsclip.bench.startup " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "load_average_start": load_start,
