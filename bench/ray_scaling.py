@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mpsclip.bench.raycluster import RayCluster, netns_unavailable, ray_cluster
-from mpsclip.bench.report import command_line, cpu_model, load_average
+from mpsclip.bench.report import command_line, cpu_model, load_average, write_json
 
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command_line(), "machine": machine,
               "settings": {"images": args.images, "shard_size": args.shard_size}, **measured}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "results.json", json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     atomic_write(args.out / "results.md", markdown(result))
     print(markdown(result))
     return 0

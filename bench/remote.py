@@ -19,7 +19,6 @@ tile covers (from the TIFF's tile byte counts). The machine's load average is re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 import rasterio
 import torch
 from affine import Affine
-from mpsclip.bench.report import load_average
+from mpsclip.bench.report import load_average, write_json
 from mpsclip.bench.servers import delaying_proxy, nginx
 
 from mpsclip.archive import remote
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "results.json", json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     atomic_write(args.out / "results.md", markdown(result))
     print(markdown(result))
     return 0
