@@ -32,6 +32,7 @@ from mpsclip.bench.checkpoints import randomized_model
 from mpsclip.export.aoti import describe_exit
 from mpsclip.export.manifest import MANIFEST
 
+from mpsclip.engines.manifest import contained_file
 from mpsclip.io import atomic_write
 
 STDERR_TAIL = 1500
@@ -125,7 +126,7 @@ def time_tower(folder: Path, tower: str, device: str, batches: list[int], warmup
     """Load one tower's artefact (this process was started for it) and time it at each batch size."""
     manifest = json.loads((folder / MANIFEST).read_text())
     entry = manifest["towers"][tower]
-    path = folder / entry["file"]
+    path = contained_file(folder, entry.get("file"), f"{folder / MANIFEST}: towers.{tower}.file")
     if path.suffix == ".pt2":
         runner = torch._inductor.aoti_load_package(str(path))
 
