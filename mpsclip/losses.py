@@ -44,7 +44,8 @@ def max_view_scores(views: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def multi_view_contrastive_loss(views: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (diagonal targets, both directions) on ``exp(logit_scale)``-scaled max-view logits."""
+    """Cross-entropy (diagonal targets, both directions) on max-view logits times ``logit_scale`` (the model's
+    already exponentiated scale, :attr:`mpsclip.model.MPSCLIP.logit_scale`)."""
     logits = logit_scale * max_view_scores(views, text)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
