@@ -108,9 +108,12 @@ def markdown_table(results: dict[str, dict[str, float]], chance: float | None = 
     return header + rows + tail
 
 
-def write_results(out: Path, results: dict[str, dict[str, float]], n_images: int, n_texts: int) -> None:
-    """``<out>.json`` and ``<out>.md``, each written atomically."""
+def write_results(out: Path, results: dict[str, dict[str, float]], n_images: int, n_texts: int) -> tuple[Path, Path]:
+    """``<out>.json`` and ``<out>.md`` (the suffixes appended: ``run/last.safetensors.eval`` gives
+    ``run/last.safetensors.eval.json``), each written atomically; returns their paths."""
     chance = chance_r_mean(n_images, max(1, round(n_texts / max(1, n_images))))
     payload = {"images": n_images, "texts": n_texts, "chance_r_mean": chance, "modes": results}
-    atomic_write(out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
-    atomic_write(out.with_suffix(".md"), markdown_table(results, chance))
+    json_path, md_path = out.with_name(f"{out.name}.json"), out.with_name(f"{out.name}.md")
+    atomic_write(json_path, json.dumps(payload, indent=2) + "\n")
+    atomic_write(md_path, markdown_table(results, chance))
+    return json_path, md_path

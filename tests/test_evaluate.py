@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,9 @@ def test_evaluate_cli_on_authors_checkpoint(tiny_model, tmp_path, capsys):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["images"] == 4 and set(saved["modes"]) == {"fused", "global", "max-response"}
     assert out.with_suffix(".md").read_text().startswith("| mode |")
+    assert main(argv[:-2]) == 0  # no --out: next to the checkpoint, the suffixes appended to its whole name
+    assert f"wrote {ckpt}.eval.json and {ckpt}.eval.md" in capsys.readouterr().out
+    assert json.loads(Path(f"{ckpt}.eval.json").read_text()) == saved
 
 
 def test_max_response_is_max_over_global_and_views():

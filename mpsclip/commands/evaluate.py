@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-file", help="per-image evaluation annotations (JSON)")
     parser.add_argument("--image-root", help="folder holding the images")
     parser.add_argument("--sub-root", help="folder of <image stem>/<noun>_blackbg.png sub-images")
-    add_out(parser, "results path without suffix (default: <checkpoint>.eval)")
+    add_out(parser, "results path; .json and .md are appended (default: <checkpoint>.eval)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument(
@@ -70,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{n_images} images, {n_texts} captions from {eval_file}")
     print(markdown_table(results, chance_r_mean(n_images, max(1, round(n_texts / max(1, n_images))))))
     out = args.out or Path(str(args.checkpoint) + ".eval")
-    write_results(out, results, n_images, n_texts)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    json_path, md_path = write_results(out, results, n_images, n_texts)
+    print(f"wrote {json_path} and {md_path}")
     return 0
