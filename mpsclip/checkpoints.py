@@ -6,7 +6,8 @@ Readable formats, detected from the file itself (:func:`read_checkpoint`):
   adapters under ``model.``, the MPR head under ``mpr_head.`` and the buffers ``temp`` and ``*.pos_enc.pe``;
 - foreign state dicts: an open_clip state dict (optionally under ``state_dict`` with a ``module.`` prefix), a
   PriorCLIP release (``state_dict``), or an OpenAI JIT archive.
-Pickles are read as data only (``torch.load(weights_only=True)``: tensors and plain values). TorchScript archives
+Pickles are read as data only (``torch.load(weights_only=True)``: tensors and plain values, numpy's numeric scalars
+included, which the authors' training script stores). TorchScript archives
 (OpenAI, GeoRSCLIP) run code when loaded, so they are read only when trusted (``trust_checkpoint=True`` or the CLI's
 ``--trust-checkpoint``, see :mod:`mpsclip.trust`); they are recognised from their zip entries without running them.
 Which family builds a model from what was read is :mod:`mpsclip.factory`'s business. Nothing is ever loaded
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -158,13 +160,24 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu", trust_checkpoin
     return Checkpoint(path, kind, state)
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """What unpickling a numpy numeric scalar (``np.float64(0.5)``: an epoch, a best score) calls: numpy's scalar
+    constructor (under its numpy 1 and numpy 2 module names) and the numeric dtypes. Both only build numbers from
+    bytes; object dtypes and arrays stay refused."""
+    scalar = np.float64(0).__reduce__()[0]  # numpy.core.multiarray.scalar (numpy._core in numpy 2)
+    numeric = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *numeric]
+
+
 def load_plain(path: Path, what: str, remedy: str, map_location: str = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never other
-    Python objects. Errors name the file's kind (``what``: "a checkpoint") and what to do (``remedy``)."""
+    """``torch.load(path, weights_only=True)``: tensors, numbers (numpy's numeric scalars too), strings and
+    containers of them, never other Python objects. Errors name the file's kind (``what``: "a checkpoint") and what
+    to do (``remedy``)."""
     if is_torchscript(path):
         raise MPSCLIPError(f"{path}: a TorchScript archive, not {what}; {remedy}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = _REFUSED_GLOBAL.search(str(err))
         if refused is None:

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -48,6 +49,22 @@ def test_authors_layout_loads(tiny_model, batch, tmp_path):
     torch.save({"model": authors_state(tiny_model), "config": {"is_mps": True, "temp1": 0.07}}, path)
     loaded = MPSCLIP.from_checkpoint(path, arch=TINY).eval()
     _assert_same(_outputs(tiny_model, batch), _outputs(loaded, batch))
+
+
+def test_authors_checkpoint_with_numpy_scalars_loads(tiny_model, batch, tmp_path):
+    """Their training script stores the epoch and best score as numpy scalars beside the weights."""
+    path = tmp_path / "checkpoint_best.pth"
+    extras = {"epoch": np.int64(7), "best_rsum": np.float64(412.5), "lr": np.float32(1e-4), "done": np.bool_(True)}
+    torch.save({"model": authors_state(tiny_model), "config": {"is_mps": True}, **extras}, path)
+    loaded = MPSCLIP.from_checkpoint(path, arch=TINY).eval()
+    _assert_same(_outputs(tiny_model, batch), _outputs(loaded, batch))
+
+
+def test_numpy_object_arrays_stay_refused(tiny_model, tmp_path):
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": authors_state(tiny_model), "extra": np.array([print], dtype=object)}, path)
+    with pytest.raises(MPSCLIPError, match="holds the Python object numpy"):
+        read_checkpoint(path)
 
 
 def test_backbone_only_open_clip_state_dict(tmp_path, batch):
