@@ -133,7 +133,7 @@ def test_a_trusted_torchscript_backbone_still_works(data, tmp_path, capsys):
     torch.manual_seed(5)
     clip = open_clip.create_model(TINY).eval()
     path = tmp_path / "ViT-tiny.pt"
-    torch.jit.trace(_ClipParameters(clip), torch.randn(1, 3, 224, 224), check_trace=False).save(str(path))
+    torch.jit.trace(ClipParameters(clip), torch.randn(1, 3, 224, 224), check_trace=False).save(str(path))
     argv = ["evaluate", "--checkpoint", str(path), "--arch", TINY, "--data", str(data), "--out", str(tmp_path / "e"),
             "--num-workers", "0", "--device", "cpu", "--quiet"]
     assert main(argv) == 2 and "TorchScript" in capsys.readouterr().err
@@ -142,7 +142,7 @@ def test_a_trusted_torchscript_backbone_still_works(data, tmp_path, capsys):
     assert read_checkpoint(path, trust_checkpoint=True).kind == "backbone"
 
 
-class _ClipParameters(torch.nn.Module):
+class ClipParameters(torch.nn.Module):
     """OpenAI's archive layout: the CLIP's modules and parameters at the top level of the traced module."""
 
     def __init__(self, clip: torch.nn.Module) -> None:

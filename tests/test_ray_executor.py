@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from extras import require
@@ -19,6 +20,8 @@ from mpsclip.archive.ray_executor import embed_archive_ray
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError
+from tests.conftest import TINY
+from tests.test_hostile_checkpoints import ClipParameters
 
 ray = require("ray")
 require("ray.data")
@@ -113,6 +116,22 @@ def test_embed_cli_ray_is_byte_identical(
     assert _files(tmp_path / "s") == _files(reference)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["counts"] == {"items": 6, "embedded": 5, "failed": 1, "shards": 3}
+
+
+def test_trust_checkpoint_reaches_the_ray_actors(
+    local_ray: None, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TorchScript backbone is loaded in the actors' processes only when the command was given --trust-checkpoint."""
+    torch.manual_seed(5)
+    path = tmp_path / "ViT-tiny.pt"
+    clip = open_clip.create_model(TINY).eval()
+    torch.jit.trace(ClipParameters(clip), torch.randn(1, 3, 224, 224), check_trace=False).save(str(path))
+    args = ["embed", str(images), "--checkpoint", str(path), "--arch", TINY, "--shard-size", "3", "--batch-size", "3",
+            "--quiet", "--workers", "0", "--device", "cpu", "--ray", "--ray-actors", "1"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "TorchScript" in capsys.readouterr().err
+    assert main([*args, "--trust-checkpoint", "--out", str(tmp_path / "s")]) == 0
+    assert "5 of 6 items embedded" in capsys.readouterr().out
 
 
 def test_embed_cli_ray_errors(images: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,6 +41,7 @@ from mpsclip.archive.job import (
 from mpsclip.archive.store import read_manifest
 from mpsclip.checkpoints import resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
+from mpsclip.trust import checkpoints_trusted, trusting_checkpoints
 
 __all__ = ["RayExecutor", "ShardRecord", "embed_archive_ray"]
 
@@ -116,7 +117,7 @@ class _ShardWorker:
     the address of the node that embedded it. It first checks that its node sees the source and the checkpoint."""
 
     def __init__(
-        self, checkpoint: Path, arch: str | None, settings: EmbedSettings, root: str, probe: str | None
+        self, checkpoint: Path, arch: str | None, settings: EmbedSettings, root: str, probe: str | None, trust: bool
     ) -> None:
         import ray
 
@@ -124,7 +125,8 @@ class _ShardWorker:
         _check_readable(self.node, "checkpoint", checkpoint)
         if probe is not None:
             _check_readable(self.node, f"source folder {root} (no {probe} there)", Path(root) / probe)
-        self.embedder = Embedder.load(checkpoint, arch, settings)
+        with trusting_checkpoints(trust):  # the driver's --trust-checkpoint: this is another process
+            self.embedder = Embedder.load(checkpoint, arch, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = []
@@ -200,7 +202,8 @@ class RayExecutor:
         ds.context.enable_progress_bars = False  # the driver shows one bar over items
         ds.context.max_consecutive_actor_init_deaths = 2  # a node that cannot read the paths fails the job
         ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # the whole pool is up before shards are handed out
-        kwargs = {"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings}
+        kwargs = {"checkpoint": self.checkpoint, "arch": self.arch, "settings": actors.settings,
+                  "trust": checkpoints_trusted()}
         ds = ds.map_batches(
             _ShardWorker,
             batch_size=1,
