@@ -32,7 +32,10 @@ from mpsclip.bench.checkpoints import randomized_model
 from mpsclip.export.aoti import describe_exit
 from mpsclip.export.manifest import MANIFEST
 
+from mpsclip.choices import DEVICES
+from mpsclip.devices import resolve_device
 from mpsclip.engines.manifest import contained_file
+from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 
 STDERR_TAIL = 1500
@@ -205,7 +208,7 @@ def _cosines(figures: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the results (e.g. bench/results)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when a GPU is visible")
     parser.add_argument("--arch", default="ViT-B-32-quickgelu")
     parser.add_argument("--formats", default="aoti,onnx")
     parser.add_argument("--precisions", default="fp32,fp16")
@@ -217,18 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tower", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    try:
+        device = resolve_device(args.device).type
+    except MPSCLIPError as err:
+        raise SystemExit(str(err)) from err
     if args.time_folder is not None:
-        rows = time_tower(args.time_folder, args.tower, args.device, batches, args.warmup, args.repeats)
+        rows = time_tower(args.time_folder, args.tower, device, batches, args.warmup, args.repeats)
         print(json.dumps(rows))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible; use --device cpu")
     import onnxruntime
 
-    meta = {"device": device_name(args.device), "target": args.device, "torch": torch.__version__,
+    meta = {"device": device_name(device), "target": device, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "arch": args.arch, "batches": batches,
             "warmup": args.warmup, "repeats": args.repeats, **cuda_toolchain()}
-    settings = Settings(args.device, batches, args.warmup, args.repeats, args.timeout)
+    settings = Settings(device, batches, args.warmup, args.repeats, args.timeout)
     exports = []
     with tempfile.TemporaryDirectory(prefix="mpsclip-export-bench.") as tmp:
         checkpoint = randomized_model(args.arch).save(Path(tmp) / "random")

@@ -39,10 +39,11 @@ from urllib.parse import quote
 
 import torch
 
+from mpsclip import choices
 from mpsclip.io import atomic_write
 
 API_KEY = "fuzz-key"
-MODES = ["fused", "global", "max-response", "best", ""]
+MODES = [*choices.MODES, "best", ""]  # the valid modes and two that are not
 STORES = ["s", "other", "", "..", "s/..", "%2e%2e"]
 NO_ANSWER = 0  # the status recorded when the server did not answer (a dead or hung worker)
 

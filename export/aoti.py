@@ -22,23 +22,27 @@ import torch
 from mpsclip.export.onnx import mha_fast_path_disabled, tower_module
 from mpsclip.export.towers import example_input
 
+from mpsclip.choices import DEVICES
+from mpsclip.devices import resolve_device
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
-DEVICES = ("cpu", "cuda")
 STANDALONE = Path(__file__).with_name("aoti_standalone.py")
 FRESH_PROCESS_TIMEOUT_S = 600
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """What ``--device auto`` compiles for: CUDA when a GPU is visible, else the CPU."""
+    return resolve_device("auto").type
 
 
 def require_device(device: str) -> None:
-    if device not in DEVICES:
-        raise MPSCLIPError(f"unknown AOTInductor device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MPSCLIPError("--device cuda: no NVIDIA CUDA GPU is visible to PyTorch here; use --device cpu")
+    """``device`` is a device kind AOTInductor compiles for (``cpu`` or ``cuda``, as :data:`mpsclip.choices.DEVICES`
+    names them) and is visible here."""
+    kinds = [d for d in DEVICES if d != "auto"]
+    if device not in kinds:
+        raise MPSCLIPError(f"unknown AOTInductor device {device!r}; choose one of {', '.join(kinds)}")
+    resolve_device(device)  # cuda without a visible GPU: a clear error
 
 
 def compile_tower(

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from mpsclip.model import MPSCLIP
+from mpsclip.triton_config import INPUT_NAMES, OUTPUT_NAME  # noqa: F401  (the towers' tensor names, defined once)
 
 TOWERS = ("image", "text")
-INPUT_NAMES = {"image": "pixels", "text": "tokens"}
-OUTPUT_NAME = "embedding"
 
 
 class ImageTower(nn.Module):

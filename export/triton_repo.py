@@ -4,64 +4,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpsclip.export.towers import INPUT_NAMES, OUTPUT_NAME, input_shape
+from mpsclip.export.towers import input_shape
 
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
+from mpsclip.triton_config import (
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    DynamicBatching,
+    EnsembleStep,
+    InstanceGroup,
+    TensorSpec,
+    TritonModel,
+    tower_model,
+)
 
 BACKENDS = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
-TRITON_TYPES = {"image": "TYPE_FP32", "text": "TYPE_INT64"}
-QUEUE_DELAY_US = 500
 
 
 def model_name(tower: str) -> str:
     return f"{tower}_encoder"
 
 
-def config_text(model: MPSCLIP, tower: str, backend: str, *, opt_batch: int, max_batch: int) -> str:
-    """``config.pbtxt`` for one tower: batched I/O (Triton adds the batch axis), dynamic batching."""
-    dims = ", ".join(str(d) for d in input_shape(model, tower)[1:])
+def tower_config(model: MPSCLIP, tower: str, backend: str, *, opt_batch: int, max_batch: int) -> TritonModel:
+    """The model of one tower: batched I/O (Triton adds the batch axis), dynamic batching with the default queue
+    delay, one instance. A TensorRT engine runs on the GPU and prefers the batch sizes its profile was optimised
+    for (``opt_batch``, ``max_batch``); ONNX Runtime takes the largest batch it can, as Triton advises."""
     kind = "KIND_GPU" if backend == "tensorrt" else "KIND_AUTO"
-    preferred = sorted({min(opt_batch, max_batch), max_batch})
-    return f"""name: "{model_name(tower)}"
-backend: "{backend}"
-max_batch_size: {max_batch}
-input [
-  {{
-    name: "{INPUT_NAMES[tower]}"
-    data_type: {TRITON_TYPES[tower]}
-    dims: [ {dims} ]
-  }}
-]
-output [
-  {{
-    name: "{OUTPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {model.embed_dim} ]
-  }}
-]
-dynamic_batching {{
-  preferred_batch_size: [ {", ".join(str(b) for b in preferred)} ]
-  max_queue_delay_microseconds: {QUEUE_DELAY_US}
-}}
-instance_group [
-  {{
-    count: 1
-    kind: {kind}
-  }}
-]
-"""
-
-
-def parse_config(text: str) -> object:
-    """Parse ``text`` with Triton's own ModelConfig protobuf (from ``tritonclient[grpc]``)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    try:
-        return text_format.Parse(text, model_config_pb2.ModelConfig())
-    except text_format.ParseError as err:
-        raise MPSCLIPError(f"generated config.pbtxt does not parse as a Triton ModelConfig ({err})") from err
+    preferred = tuple(sorted({min(opt_batch, max_batch), max_batch})) if backend == "tensorrt" else ()
+    return tower_model(
+        tower,
+        name=model_name(tower),
+        input_dims=[int(d) for d in input_shape(model, tower)[1:]],
+        embed_dim=model.embed_dim,
+        max_batch_size=max_batch,
+        batching=DynamicBatching(preferred_batch_sizes=preferred),
+        backend=backend,
+        instances=(InstanceGroup(kind=kind),),
+    )
 
 
 def readme_text(model: MPSCLIP, backend: str) -> str:
@@ -130,93 +110,43 @@ def write_docs(folder: Path, model: MPSCLIP, backend: str) -> None:
 
 
 def write_config(folder: Path, model: MPSCLIP, tower: str, backend: str, *, opt_batch: int, max_batch: int) -> Path:
-    """Write ``<tower>_encoder/config.pbtxt``, validated when ``tritonclient[grpc]`` is importable."""
+    """Write ``<tower>_encoder/config.pbtxt`` (:func:`tower_config`)."""
     if backend not in BACKENDS:
         raise MPSCLIPError(f"unknown Triton backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    text = config_text(model, tower, backend, opt_batch=opt_batch, max_batch=max_batch)
-    try:
-        parse_config(text)
-    except ImportError:
-        pass  # validation is optional: tritonclient[grpc] is not a dependency
     path = folder / model_name(tower) / "config.pbtxt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(tower_config(model, tower, backend, opt_batch=opt_batch, max_batch=max_batch).pbtxt())
     return path
 
 
 TOKENIZER = "tokenizer"
 TEXT_ENSEMBLE = "text_ensemble"
+TEXT_INPUT = TensorSpec("TEXT", "TYPE_STRING", (1,))
+"""The raw strings the tokenizer and the ensemble take, one per row."""
 
 
-def tokenizer_config_text(model: MPSCLIP, *, max_batch: int) -> str:
-    """``config.pbtxt`` of the Python-backend tokenizer: raw strings ``TEXT`` → token ids."""
-    return f"""name: "{TOKENIZER}"
-backend: "python"
-max_batch_size: {max_batch}
-input [
-  {{
-    name: "TEXT"
-    data_type: TYPE_STRING
-    dims: [ 1 ]
-  }}
-]
-output [
-  {{
-    name: "{INPUT_NAMES["text"]}"
-    data_type: TYPE_INT64
-    dims: [ {input_shape(model, "text")[1]} ]
-  }}
-]
-parameters {{
-  key: "arch"
-  value: {{ string_value: "{model.config.arch}" }}
-}}
-instance_group [
-  {{
-    count: 1
-    kind: KIND_CPU
-  }}
-]
-"""
+def tokenizer_config(model: MPSCLIP, *, max_batch: int) -> TritonModel:
+    """The Python-backend tokenizer on the CPU: raw strings ``TEXT`` → token ids (its ``arch`` parameter names
+    the open_clip tokenizer)."""
+    tokens = TensorSpec(INPUT_NAMES["text"], "TYPE_INT64", (int(input_shape(model, "text")[1]),))
+    return TritonModel(
+        name=TOKENIZER, backend="python", max_batch_size=max_batch, inputs=(TEXT_INPUT,), outputs=(tokens,),
+        batching=None, instances=(InstanceGroup(kind="KIND_CPU"),), parameters={"arch": model.config.arch},
+    )
 
 
-def ensemble_config_text(model: MPSCLIP, *, max_batch: int) -> str:
-    """``config.pbtxt`` of the ensemble: raw strings → ``tokenizer`` → ``text_encoder`` → embedding."""
+def ensemble_config(model: MPSCLIP, *, max_batch: int) -> TritonModel:
+    """The ensemble: raw strings → ``tokenizer`` → ``text_encoder`` → embedding."""
     tokens = INPUT_NAMES["text"]
-    return f"""name: "{TEXT_ENSEMBLE}"
-platform: "ensemble"
-max_batch_size: {max_batch}
-input [
-  {{
-    name: "TEXT"
-    data_type: TYPE_STRING
-    dims: [ 1 ]
-  }}
-]
-output [
-  {{
-    name: "{OUTPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {model.embed_dim} ]
-  }}
-]
-ensemble_scheduling {{
-  step [
-    {{
-      model_name: "{TOKENIZER}"
-      model_version: -1
-      input_map {{ key: "TEXT" value: "TEXT" }}
-      output_map {{ key: "{tokens}" value: "ensemble_tokens" }}
-    }},
-    {{
-      model_name: "{model_name("text")}"
-      model_version: -1
-      input_map {{ key: "{tokens}" value: "ensemble_tokens" }}
-      output_map {{ key: "{OUTPUT_NAME}" value: "{OUTPUT_NAME}" }}
-    }}
-  ]
-}}
-"""
+    steps = (
+        EnsembleStep(TOKENIZER, input_map={"TEXT": "TEXT"}, output_map={tokens: "ensemble_tokens"}),
+        EnsembleStep(model_name("text"), input_map={tokens: "ensemble_tokens"}, output_map={OUTPUT_NAME: OUTPUT_NAME}),
+    )
+    embedding = TensorSpec(OUTPUT_NAME, "TYPE_FP32", (model.embed_dim,))
+    return TritonModel(
+        name=TEXT_ENSEMBLE, platform="ensemble", max_batch_size=max_batch, inputs=(TEXT_INPUT,),
+        outputs=(embedding,), batching=None, steps=steps,
+    )
 
 
 TOKENIZER_MODEL_PY = '''"""Triton Python backend: strings (TEXT, BYTES [B, 1]) -> open_clip token ids (INT64 [B, L])."""
@@ -251,16 +181,9 @@ class TritonPythonModel:
 def write_text_ensemble(folder: Path, model: MPSCLIP, *, max_batch: int) -> list[Path]:
     """Add the Python-backend ``tokenizer`` and the ``text_ensemble`` (strings → embedding) to a repository."""
     written = []
-    for name, text in (
-        (TOKENIZER, tokenizer_config_text(model, max_batch=max_batch)),
-        (TEXT_ENSEMBLE, ensemble_config_text(model, max_batch=max_batch)),
-    ):
-        try:
-            parse_config(text)
-        except ImportError:
-            pass  # validation is optional: tritonclient[grpc] is not a dependency
-        (folder / name / "1").mkdir(parents=True, exist_ok=True)
-        (folder / name / "config.pbtxt").write_text(text)
-        written.append(folder / name / "config.pbtxt")
+    for config in (tokenizer_config(model, max_batch=max_batch), ensemble_config(model, max_batch=max_batch)):
+        (folder / config.name / "1").mkdir(parents=True, exist_ok=True)
+        (folder / config.name / "config.pbtxt").write_text(config.pbtxt())
+        written.append(folder / config.name / "config.pbtxt")
     (folder / TOKENIZER / "1" / "model.py").write_text(TOKENIZER_MODEL_PY % INPUT_NAMES["text"])
     return written

@@ -29,9 +29,10 @@ from typing import Any, TextIO
 from mpsclip.serve.catalog import Catalog
 from mpsclip.serve.encoders import InProcessEncoder, QueryEncoder, TritonEncoder
 from mpsclip.serve.towers import TowerSet
-from mpsclip.serve.triton import MAX_BATCH_SIZE, QUEUE_DELAY_US, TritonSettings, TritonTowers
+from mpsclip.serve.triton import TritonSettings, TritonTowers
 
 from mpsclip.errors import MPSCLIPError
+from mpsclip.triton_config import MAX_BATCH_SIZE, QUEUE_DELAY_US
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_FORMAT = "%(levelname)s:    %(message)s"  # as uvicorn's own lines

@@ -11,8 +11,9 @@ For each checkpoint served, two models are bound (KServe v2 protocol, any ``trit
 With more than one checkpoint the names get ``_<sha256[:12]>`` appended. The bound functions run in this process
 (the server calls back over PyTriton's IPC) through :class:`~mpsclip.serve.towers.Tower`, so they use the engine
 the caller chose. Dynamic batching merges concurrent requests up to ``max_batch_size`` rows, waiting at most
-``queue_delay_us`` for more (see :data:`QUEUE_DELAY_US`); ``dynamic_batching=False`` runs every request alone
-(the benchmark's unbatched baseline). HTTP, gRPC and metrics all bind 127.0.0.1.
+``queue_delay_us`` for more (:data:`mpsclip.triton_config.QUEUE_DELAY_US` by default, as in the exported model
+repository: both are described by :func:`mpsclip.triton_config.tower_model`); ``dynamic_batching=False`` runs every
+request alone (the benchmark's unbatched baseline). HTTP, gRPC and metrics all bind 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ from mpsclip.serve import metrics
 from mpsclip.serve.towers import Tower
 
 from mpsclip.errors import MPSCLIPError
+from mpsclip.triton_config import (
+    INPUT_NAMES,
+    MAX_BATCH_SIZE,
+    OUTPUT_NAME,
+    PERSPECTIVES_NAME,
+    QUEUE_DELAY_US,
+    DynamicBatching,
+    TritonModel,
+    tower_model,
+)
 
 HOST = "127.0.0.1"
-MAX_BATCH_SIZE = 32
-QUEUE_DELAY_US = 2000
-"""Chosen from the sweep in bench/results/serve-load.md (2-core shared CPU, MPS-Tiny, text queries through the
-API): 0 / 2000 / 8000 µs gave p50 15.7 / 17.3 / 23.2 ms at one client and 117 / 168 / 206 requests/s at 32 clients
-(10 / 10 / 13 rows per tower call). A delay costs about itself when load is light; 2 ms keeps one client within
-2 ms of no wait and gives 1.4x the throughput of 0 µs under load, where 8 ms buys another 1.2x for a third more
-latency at one client. One run on a noisy machine: rerun ``python -m mpsclip.bench.serve --queue-delays ...``
-where the towers are heavier (a GPU, ViT-B-32)."""
 MIN_GLIBC = (2, 35)
 EXIT_TIMEOUT_S = 5
 """How long a stopping server waits for in-flight inferences and open client connections."""
@@ -139,15 +142,15 @@ class BoundTowers:
         return [{n: a[lo:hi] for n, a in arrays.items()} for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def text(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        tokens, sizes = self._rows(requests, "tokens", "text")
-        return self._split({"embedding": self.tower.encode_text(tokens)}, sizes)
+        tokens, sizes = self._rows(requests, INPUT_NAMES["text"], "text")
+        return self._split({OUTPUT_NAME: self.tower.encode_text(tokens)}, sizes)
 
     def image(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        pixels, sizes = self._rows(requests, "pixels", "image")
+        pixels, sizes = self._rows(requests, INPUT_NAMES["image"], "image")
         glob = self.tower.encode_image(pixels)
-        outputs = {"embedding": glob}
+        outputs = {OUTPUT_NAME: glob}
         if self.tower.has_perspectives:
-            outputs["perspectives"] = self.tower.perspectives(glob)
+            outputs[PERSPECTIVES_NAME] = self.tower.perspectives(glob)
         return self._split(outputs, sizes)
 
 
@@ -189,32 +192,26 @@ class TritonTowers:
         """Rows per call of every bound ``kind`` ("text"/"image") function so far."""
         return [n for bound in self.bound.values() for n in bound.batch_sizes[kind]]
 
-    def _model_config(self) -> Any:
-        from pytriton.model_config import DynamicBatcher, ModelConfig
-
-        s = self.settings
-        batcher = DynamicBatcher(max_queue_delay_microseconds=s.queue_delay_us) if s.dynamic_batching else None
-        return ModelConfig(batching=True, max_batch_size=s.max_batch_size, batcher=batcher)  # type: ignore[arg-type]
-
-    def _bind(self, triton: Any, key: str) -> None:
-        from pytriton.model_config import Tensor
-
-        tower, bound = self.towers[key], self.bound[key]
+    def models(self, key: str) -> tuple[TritonModel, TritonModel]:
+        """The text and image models bound for checkpoint ``key``: :func:`~mpsclip.triton_config.tower_model`, as
+        the exported repository describes its towers, on the Python backend (PyTriton calls back into this process)
+        with this server's batching; the image model also gives MPR perspectives where the checkpoint has them."""
+        tower, s = self.towers[key], self.settings
         text_name, image_name = self.names[key]
         dim, size = tower.embed_dim, tower.image_size
-        embedding = Tensor(name="embedding", dtype=np.float32, shape=(dim,))
-        triton.bind(
-            text_name, bound.text, inputs=[Tensor(name="tokens", dtype=np.int64, shape=(tower.context_length,))],
-            outputs=[embedding], config=self._model_config(), strict=True,
+        batching = DynamicBatching(queue_delay_us=s.queue_delay_us) if s.dynamic_batching else None
+        k = int(tower.perspectives(torch.zeros(1, dim)).shape[1]) if tower.has_perspectives else 0
+        common: dict[str, Any] = {"embed_dim": dim, "max_batch_size": s.max_batch_size, "batching": batching}
+        return (
+            tower_model("text", name=text_name, input_dims=(tower.context_length,), **common),
+            tower_model("image", name=image_name, input_dims=(3, size, size), perspectives=k, **common),
         )
-        image_outputs = [embedding]
-        if tower.has_perspectives:
-            k = int(tower.perspectives(torch.zeros(1, dim)).shape[1])
-            image_outputs.append(Tensor(name="perspectives", dtype=np.float32, shape=(k, dim)))
-        triton.bind(
-            image_name, bound.image, inputs=[Tensor(name="pixels", dtype=np.float32, shape=(3, size, size))],
-            outputs=image_outputs, config=self._model_config(), strict=True,
-        )
+
+    def _bind(self, triton: Any, key: str) -> None:
+        bound = self.bound[key]
+        text, image = self.models(key)
+        triton.bind(infer_func=bound.text, strict=True, **text.pytriton())
+        triton.bind(infer_func=bound.image, strict=True, **image.pytriton())
 
     def start(self) -> float:
         """Start the server and load every model; returns the seconds it took."""

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from mpsclip.engines import load_engine
 from mpsclip.errors import MPSCLIPError
+from mpsclip.triton_config import QUEUE_DELAY_US
 from tests.conftest import TINY
 from tests.test_checkpoints import authors_state
 
@@ -57,14 +58,15 @@ def test_cli_exports_authors_pth(tiny_model, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_triton_repo_configs_parse(checkpoint, tmp_path):
-    require("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
-    from mpsclip.export.triton_repo import parse_config
+    pb = require("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] provides Triton's ModelConfig")
+    from google.protobuf import text_format
 
     out = export(checkpoint, "triton-repo", tmp_path / "repo", max_batch=64, opt_batch=16, verify=False)
     for tower, dim in (("image", [3, 224, 224]), ("text", [32])):
-        config = parse_config((out / f"{tower}_encoder" / "config.pbtxt").read_text())
+        config = text_format.Parse((out / f"{tower}_encoder" / "config.pbtxt").read_text(), pb.ModelConfig())
         assert config.max_batch_size == 64 and list(config.input[0].dims) == dim
-        assert list(config.dynamic_batching.preferred_batch_size) == [16, 64]
+        assert config.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
+        assert list(config.dynamic_batching.preferred_batch_size) == []  # ONNX Runtime: the largest batch it can
         assert (out / f"{tower}_encoder" / "1" / "model.onnx").is_file()
     compile((out / "client_example.py").read_text(), "client_example.py", "exec")
     assert "tritonserver --model-repository" in (out / "README.md").read_text()

@@ -26,16 +26,19 @@ def _free_port() -> int:
 
 
 def test_tokenizer_and_ensemble_configs_parse(ckpt, tmp_path):
-    require("tritonclient.grpc", reason="tritonclient[grpc] provides Triton's ModelConfig protobuf")
-    from mpsclip.export.triton_repo import parse_config
+    pb = require("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] provides Triton's ModelConfig")
+    from google.protobuf import text_format
 
     out = export(ckpt, "triton-repo", tmp_path / "repo", towers=("text",), max_batch=8, opt_batch=4, verify=False)
-    tokenizer = parse_config((out / "tokenizer" / "config.pbtxt").read_text())
+    tokenizer = text_format.Parse((out / "tokenizer" / "config.pbtxt").read_text(), pb.ModelConfig())
     assert tokenizer.backend == "python" and tokenizer.parameters["arch"].string_value == TINY
     assert list(tokenizer.output[0].dims) == [32] and (out / "tokenizer" / "1" / "model.py").is_file()
-    ensemble = parse_config((out / "text_ensemble" / "config.pbtxt").read_text())
+    assert not tokenizer.HasField("dynamic_batching") and tokenizer.input[0].data_type == pb.TYPE_STRING
+    assert [(g.count, g.kind) for g in tokenizer.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
+    ensemble = text_format.Parse((out / "text_ensemble" / "config.pbtxt").read_text(), pb.ModelConfig())
     steps = [step.model_name for step in ensemble.ensemble_scheduling.step]
     assert ensemble.platform == "ensemble" and steps == ["tokenizer", "text_encoder"]
+    assert dict(ensemble.ensemble_scheduling.step[1].input_map) == {"tokens": "ensemble_tokens"}
 
 
 @pytest.mark.triton
