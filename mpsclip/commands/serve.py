@@ -36,6 +36,7 @@ from pathlib import Path
 
 from mpsclip.choices import PRECISIONS, SERVE_ENGINES
 from mpsclip.commands._args import add_checkpoint, add_device
+from mpsclip.triton_config import MAX_BATCH_SIZE, QUEUE_DELAY_US
 
 HELP = "serve stores over HTTP (search API + web page)"
 
@@ -47,7 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_checkpoint(parser, "model for text/image queries (default: each store's)")
     add_device(parser)
     parser.add_argument("--no-batching", action="store_true", help="encode one query at a time")
-    parser.add_argument("--max-batch", type=int, default=32, help="largest encoder batch (default: 32)")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH_SIZE,
+                        help=f"largest encoder batch (default: {MAX_BATCH_SIZE})")
     parser.add_argument("--max-queue", type=int, default=256, help="queued queries before 503 (default: 256)")
     parser.add_argument("--triton", action=argparse.BooleanOptionalAction, default=None,
                         help="run the towers on Triton Inference Server (default: yes where its binary can run)")
@@ -62,8 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-metrics-port", type=int, metavar="PORT",
                         help="Triton Prometheus port (default: --port + 3)")
     parser.add_argument("--triton-queue-delay-us", type=int, metavar="US",
-                        help="Triton dynamic batching: longest wait for more requests (default: the measured "
-                        "choice, mpsclip.serve.triton.QUEUE_DELAY_US)")
+                        help="Triton dynamic batching: longest wait for more requests (default: "
+                        f"{QUEUE_DELAY_US}, measured in bench/results/serve-load.md)")
     parser.add_argument("--api-key", default=os.environ.get("MPSCLIP_API_KEY") or None, metavar="KEY",
                         help="require KEY (header 'Authorization: Bearer KEY' or 'X-API-Key'; browser: /?key=KEY) "
                         "everywhere but /healthz and /readyz (default: $MPSCLIP_API_KEY; the variable keeps the "
