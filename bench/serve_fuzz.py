@@ -39,11 +39,11 @@ from urllib.parse import quote
 
 import torch
 
-from mpsclip import choices
+from mpsclip.choices import MODES
 from mpsclip.io import atomic_write
 
 API_KEY = "fuzz-key"
-MODES = [*choices.MODES, "best", ""]  # the valid modes and two that are not
+FUZZ_MODES = [*MODES, "best", ""]  # the API's modes and two it refuses
 STORES = ["s", "other", "", "..", "s/..", "%2e%2e"]
 NO_ANSWER = 0  # the status recorded when the server did not answer (a dead or hung worker)
 
@@ -191,7 +191,7 @@ def request_strategy(ids: list[str], dim: int, bomb: bytes, png: bytes) -> Any:
         "item_id": st.sampled_from(ids) | st.text(max_size=30) | json_values,
         "embedding": st.lists(floats, min_size=dim, max_size=dim) | st.lists(floats, max_size=dim + 2) | json_values,
         "k": st.integers(-(2**70), 2**70) | st.sampled_from([0, 1, 1000, 1001]) | json_values,
-        "mode": st.sampled_from(MODES) | json_values,
+        "mode": st.sampled_from(FUZZ_MODES) | json_values,
         "bbox": st.lists(floats, max_size=6) | st.lists(st.text(max_size=5), max_size=4) | json_values,
         "store": st.sampled_from(STORES) | st.text(max_size=20) | json_values,
     })
@@ -213,7 +213,7 @@ def request_strategy(ids: list[str], dim: int, bomb: bytes, png: bytes) -> Any:
         st.tuples(st.just("POST"), st.just("/search/upload"), st.builds(
             lambda data, form: {"files": {"file": ("q.bin", data)}, "data": form},
             image_bytes() | named_image,
-            st.fixed_dictionaries({}, optional={"k": st.text(max_size=8), "mode": st.sampled_from(MODES),
+            st.fixed_dictionaries({}, optional={"k": st.text(max_size=8), "mode": st.sampled_from(FUZZ_MODES),
                                                 "bbox": st.text(max_size=30), "store": st.sampled_from(STORES)}))),
         st.tuples(st.just("POST"), st.just("/search/upload"), broken_json.map(lambda b: {"data": b})),
         st.tuples(st.just("GET"), st.builds(lambda s, i: f"/items/{quote(s, safe='')}/{quote(i, safe='/')}",

@@ -5,6 +5,9 @@
 * :class:`TritonEncoder` (``--triton``): each query is one gRPC request to the towers on the Triton Inference
   Server (:mod:`mpsclip.serve.triton`), whose dynamic batcher merges concurrent requests.
 
+A batch of queries (:meth:`QueryEncoder.encode_many`, ``POST /search/batch``) is one batcher request in process
+(one tower call per checkpoint and kind) and concurrent gRPC requests to Triton, which its batcher merges.
+
 Both raise :class:`~mpsclip.serve.batching.Overloaded` when ``max_queue`` queries already wait (the API answers 503
 with Retry-After), and an HTTP 503 naming the cause when the towers cannot answer.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Literal, Protocol
 
@@ -33,6 +37,7 @@ NORM_TOLERANCE = 1e-2
 VERSIONED = ("numpy", "torch", "nvidia-pytriton", "tritonclient")
 Kind = Literal["text", "image"]
 Query = str | Image.Image
+Job = tuple[Tower, Kind, Query]
 LOG = logging.getLogger(__name__)
 
 
@@ -50,6 +55,10 @@ class QueryEncoder(Protocol):
 
     async def encode(self, store: Store, kind: Kind, query: Query) -> torch.Tensor:
         """The L2-normalised embedding ``[D]`` (float32, CPU) of one query with ``store``'s checkpoint."""
+        ...
+
+    async def encode_many(self, queries: Sequence[tuple[Store, Kind, Query]]) -> list[torch.Tensor]:
+        """:meth:`encode` of each ``(store, kind, query)``, handed to the towers together (``POST /search/batch``)."""
         ...
 
 
@@ -87,11 +96,18 @@ class InProcessEncoder:
         return self.batcher.depth
 
     async def encode(self, store: Store, kind: Kind, query: Query) -> torch.Tensor:
-        return await self.batcher.submit((tower_for(self.towers, store), kind, query))
+        return (await self.encode_many([(store, kind, query)]))[0]
+
+    async def encode_many(self, queries: Sequence[tuple[Store, Kind, Query]]) -> list[torch.Tensor]:
+        """The queries as one request to the batcher: they reach the towers in the same batch."""
+        jobs = [(tower_for(self.towers, store), kind, query) for store, kind, query in queries]
+        return await self.batcher.submit(jobs)
 
     @staticmethod
-    def encode_batch(jobs: list[tuple[Tower, Kind, Query]]) -> list[torch.Tensor]:
-        """One tower call per (checkpoint, kind) among ``jobs`` (run in the batcher's worker thread)."""
+    def encode_batch(requests: list[list[Job]]) -> list[list[torch.Tensor]]:
+        """Each request's embeddings, with one tower call per (checkpoint, kind) among all their jobs (run in the
+        batcher's worker thread)."""
+        jobs = [job for request in requests for job in request]
         metrics.BATCH.observe(len(jobs))
         out = [torch.empty(0)] * len(jobs)
         groups: dict[tuple[str, Kind], list[int]] = {}
@@ -106,7 +122,8 @@ class InProcessEncoder:
                 emb = tower.encode_image(tower.pixels(queries))  # type: ignore[arg-type]
             for row, i in enumerate(positions):
                 out[i] = emb[row]
-        return out
+        answers = iter(out)
+        return [[next(answers) for _ in request] for request in requests]
 
 
 class TritonEncoder:
@@ -163,6 +180,13 @@ class TritonEncoder:
         finally:
             self.in_flight -= 1
         return torch.from_numpy(np.array(result.as_numpy("embedding")[0], dtype=np.float32))
+
+    async def encode_many(self, queries: Sequence[tuple[Store, Kind, Query]]) -> list[torch.Tensor]:
+        """The queries as concurrent requests, which Triton's dynamic batcher merges (one model call when they fit
+        in its ``max_batch_size``)."""
+        if self.in_flight + len(queries) > self.max_queue:
+            raise Overloaded
+        return list(await asyncio.gather(*(self.encode(store, kind, query) for store, kind, query in queries)))
 
 
 def versions(names: tuple[str, ...] = VERSIONED) -> str:

@@ -205,7 +205,7 @@ def test_the_api_checks_boxes_as_the_cli_does() -> None:
     from extras import require
 
     require("fastapi", "pip install 'mpsclip[serve]'")
-    from mpsclip.serve.app import SearchRequest
+    from mpsclip.serve.queries import SearchRequest
     from pydantic import ValidationError
 
     assert SearchRequest(text="a port", bbox=[170, -20, -170, -10]).bbox == [170, -20, -170, -10]

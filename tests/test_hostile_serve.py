@@ -35,8 +35,7 @@ require("fastapi")
 uvicorn = require("uvicorn")
 
 import georef  # noqa: E402
-from mpsclip.serve import app as app_module  # noqa: E402
-from mpsclip.serve import quicklook  # noqa: E402
+from mpsclip.serve import quicklook, routes_search  # noqa: E402
 from mpsclip.serve.app import create_app  # noqa: E402
 from mpsclip.serve.catalog import Catalog  # noqa: E402
 from mpsclip.serve.guard import allowed_hosts, host_name  # noqa: E402
@@ -245,14 +244,14 @@ def test_healthz_answers_while_an_upload_is_decoded(geo: tuple[Path, Path], synt
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode is held until /healthz has answered: on the event loop it would block /healthz (and time out)."""
     decoding, release = threading.Event(), threading.Event()
-    real = app_module.decode_image
+    real = routes_search.decode_image
 
     def held(data: bytes, field: str) -> Image.Image:
         decoding.set()
         release.wait(60)
         return real(data, field)
 
-    monkeypatch.setattr(app_module, "decode_image", held)
+    monkeypatch.setattr(routes_search, "decode_image", held)
     catalog = Catalog([geo[0]], lambda info: load_search_model(info.manifest, None))
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(buffer, "PNG")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from mpsclip.serve.app import MAX_UPLOAD_BYTES, create_app
+from mpsclip.serve.app import create_app
 from mpsclip.serve.catalog import Catalog, store_names
+from mpsclip.serve.queries import MAX_UPLOAD_BYTES
 from PIL import Image
 
 from mpsclip.archive.job import EmbedSettings, embed_archive

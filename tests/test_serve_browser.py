@@ -224,7 +224,8 @@ def test_search_more_like_this_bbox_geojson_and_reload(page, server_url: str, ge
     page.click("#more-like-this")
     wait_for_search(page, f"like {first}")
     assert_same_hits(page, post(server_url + "/search", {"item_id": first, "k": 8, "mode": "fused"})["hits"])
-    assert url_state(page.url)["like"] == first
+    assert url_state(page.url)["like"] == first and "q" not in url_state(page.url)
+    assert page.input_value("#query") == f"like: {first}"  # the box says what is searched, not the old text
 
     # A box over the harbour scene's west half: the search runs again, limited to tiles touching the box.
     harbour = scenes["harbour.tif"]
@@ -258,7 +259,7 @@ def test_search_more_like_this_bbox_geojson_and_reload(page, server_url: str, ge
     before = shown(page)
     page.goto(page.url)
     wait_for_search(page, "inside the box")
-    assert shown(page) == before and page.input_value("#k") == "8" and page.input_value("#query") == QUERY
+    assert shown(page) == before and page.input_value("#k") == "8" and page.input_value("#query") == f"like: {first}"
     assert page.locator(".scene rect.bbox").count() == 1
     page.locator(".hit").first.click()
     page.wait_for_selector("#details:not([hidden]) dd")
@@ -317,3 +318,45 @@ def test_date_range_filters_and_is_kept_in_the_url(page, server_url: str) -> Non
     page.fill("#date-from", "")
     page.wait_for_function("document.querySelectorAll('.hit').length === 10")
     assert "from" not in url_state(page.url) and "10 results for “forest”" in page.locator("#message").inner_text()
+
+
+NARROW = 420  # CSS pixels: a phone held upright
+
+
+def page_width(page) -> int:  # noqa: ANN001
+    """The page's width in CSS pixels, sideways overflow included."""
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+def test_narrow_window_and_the_search_box_during_more_like_this(page, server_url: str) -> None:  # noqa: ANN001
+    """At 420 px wide nothing overflows sideways, through results, details (the hostile scene's long ids) and
+    "more like this"; the search box then shows "like: <id>", which submitted again gives the same hits, and
+    typed text searches the text again."""
+    page.set_viewport_size({"width": NARROW, "height": 900})
+    page.goto(server_url + "/?k=6")
+    page.wait_for_selector(".scene img")
+    assert page_width(page) <= NARROW
+    page.fill("#query", QUERY)
+    page.press("#query", "Enter")
+    wait_for_search(page, QUERY)
+    assert page_width(page) <= NARROW
+    hostile = page.locator(".hit", has_text=georef.HOSTILE).first  # an id without a space, 50 characters long
+    item = hostile.locator(".id").inner_text()
+    hostile.click()
+    page.wait_for_selector("#details:not([hidden]) dd")
+    assert page.locator("#details-id").inner_text() == item and page_width(page) <= NARROW
+    page.click("#more-like-this")
+    wait_for_search(page, f"like {item}")
+    assert page.input_value("#query") == f"like: {item}" and page_width(page) <= NARROW
+    liked = post(server_url + "/search", {"item_id": item, "k": 6, "mode": "fused"})["hits"]
+    assert_same_hits(page, liked)
+    page.evaluate("document.getElementById('results').replaceChildren()")
+    page.press("#query", "Enter")  # the box's "like: <id>" submitted: the same search again
+    page.wait_for_function("document.querySelectorAll('.hit').length === 6")
+    assert_same_hits(page, liked)
+    assert url_state(page.url)["like"] == item
+    page.fill("#query", "a forest")
+    page.press("#query", "Enter")
+    wait_for_search(page, "“a forest”")
+    state = url_state(page.url)
+    assert state["q"] == "a forest" and "like" not in state and page_width(page) <= NARROW

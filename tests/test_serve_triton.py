@@ -134,10 +134,12 @@ def test_search_through_triton_equals_search_store(
     want = search_store(info, encode_queries(model_of(catalog), QUERIES), 4, mode)
     encoder = TritonEncoder(towers, triton.grpc_url, triton.names)
     with TestClient(create_app(catalog, encoder=encoder)) as client:
-        for query, hits in zip(QUERIES, want, strict=True):
+        batch = client.post("/search/batch", json={"queries": [{"text": q, "k": 4, "mode": mode} for q in QUERIES]})
+        for query, hits, in_batch in zip(QUERIES, want, batch.json()["results"], strict=True):
             got = client.post("/search", json={"text": query, "k": 4, "mode": mode}).json()
             assert [h["id"] for h in got["hits"]] == [h.id for h in hits]
             assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in hits], abs=1e-3)
+            assert [h["id"] for h in in_batch["hits"]] == [h["id"] for h in got["hits"]]
         first = sorted((synth / "images").glob("*.png"))[0]
         png = base64.b64encode(first.read_bytes()).decode()
         by_image = client.post("/search", json={"image": png, "k": 1, "mode": "global"}).json()

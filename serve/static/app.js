@@ -6,7 +6,8 @@ const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const MAX_SCENES = 12; // scenes shown before a search (afterwards: the scenes holding hits)
 const SCENE_HEIGHT = 320; // tallest scene overview, in CSS pixels
-const state = { stores: [], hits: [], selected: null, bbox: null, like: null, last: null };
+const LIKE = "like: "; // the search box during a "more like this" search: "like: <item id>"
+const state = { stores: [], hits: [], selected: null, bbox: null, like: null, last: null, shown: null };
 
 function el(tag, attrs = {}, text = null) {
   const node = document.createElement(tag);
@@ -69,7 +70,7 @@ function readUrl() {
 function writeUrl() {
   const params = new URLSearchParams();
   const q = $("query").value.trim();
-  if (q) params.set("q", q);
+  if (q && q !== state.shown) params.set("q", q); // not the label of an item or image search
   if (state.like) params.set("like", state.like);
   params.set("mode", $("mode").value);
   params.set("k", $("k").value);
@@ -107,8 +108,18 @@ async function run(label, request) {
   }
 }
 
+// The search box shows what is searched: the typed text, or "like: <id>" / "image: <file>" (a label; submitting
+// it unchanged searches the same again, and "like: <id>" typed in searches like that item).
+function showQuery(label) {
+  $("query").value = label;
+  state.shown = label;
+}
+
 function searchText() {
   const text = $("query").value.trim();
+  if (text.startsWith(LIKE) && text.length > LIKE.length) return searchItem(text.slice(LIKE.length).trim());
+  if (text === state.shown && state.last) return state.last();
+  state.shown = null;
   state.like = null;
   writeUrl();
   if (!text) return message("Type a query, drop an image, or pick a result for “more like this”.");
@@ -120,6 +131,7 @@ function searchText() {
 function searchItem(id) {
   state.last = () => searchItem(id);
   state.like = id;
+  showQuery(`${LIKE}${id}`);
   writeUrl();
   return run(`like ${id}`, () => api("/search", jsonPost({ ...common(), item_id: id })));
 }
@@ -128,6 +140,7 @@ function searchFile(file) {
   if (!file.type.startsWith("image/")) return message(`${file.name} is not an image`, true);
   state.last = () => searchFile(file);
   state.like = null;
+  showQuery(`image: ${file.name}`);
   writeUrl();
   const form = new FormData();
   form.append("file", file);
