@@ -191,3 +191,18 @@ def test_served_kernel_ranks_alike(store: Path, mode: str) -> None:
     assert_same(Catalog([store]).get(None).topk_by("maxsim-kernel", _queries(), K, mode), brute_force(mode))
     views, valid = scoring.mode_views(_gallery(), mode)
     assert_same(scoring.topk(_queries(), views, valid, torch.arange(N), K, "maxsim-kernel"), brute_force(mode))
+
+
+@pytest.mark.gpu
+@parent
+@pytest.mark.parametrize("mode", MODES)
+def test_search_serve_and_bench_on_cuda_rank_alike(store: Path, mode: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the kernel path is tested under the Triton interpreter above")
+    require("triton")
+    from mpsclip.serve.catalog import Catalog
+
+    want, queries = brute_force(mode), _queries().cuda()
+    assert_same(exact_topk(open_store(store), queries, K, mode), want)
+    assert_same(Catalog([store], device="cuda").get(None).topk(queries, K, mode), want)
+    assert_same(memory_search(load_store(store), mode)(queries), want)
