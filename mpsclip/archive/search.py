@@ -6,8 +6,7 @@ Scores: ``fused`` = retrieval·q, ``global`` = global·q, ``max-response`` = max
 the valid perspectives. Each shard's top-k comes from :func:`mpsclip.scoring.topk` (the Triton kernel on a GPU; a
 matrix product or the exact chunked torch reference on the CPU) and is merged into a running top-k, ties going to
 the lower store row, so only one shard's columns are in memory at a time; ids and metas are read for the final
-hits only. Writing the hits out
-(table, JSON, GeoJSON, HTML) is :mod:`mpsclip.archive.render`'s job.
+hits only. Writing the hits out (table, JSON, GeoJSON, HTML) is :mod:`mpsclip.archive.render`'s job.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from mpsclip.archive.readers import open_rgb
 from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_where
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
-from mpsclip.scoring import MODE_COLUMNS, backend_for, check_mode, merge, mode_views, padding, topk
+from mpsclip.scoring import MODE_COLUMNS, backend_for, merge, mode_views, padding, topk
 
 BBox = tuple[float, float, float, float]
 READ_AHEAD = 2  # shards decoded ahead of the one being scored
@@ -129,9 +128,8 @@ def exact_topk(
     ``max_cloud`` are scored; pruned items (:func:`~mpsclip.archive.store.pruned_rows`) are skipped."""
     if k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {k}")
-    check_mode(mode)
     queries = queries.float()
-    backend = backend_for(queries.device, mode)
+    backend = backend_for(queries.device, mode)  # refuses an unknown mode
     best = padding(len(queries), k, queries.device)
     skip = pruned_rows(info)
     where = item_filter(bbox, interval, max_cloud)
