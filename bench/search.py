@@ -28,7 +28,7 @@ from mpsclip.bench.report import command_line, load_average, machine, save_png
 from tqdm import tqdm
 
 from mpsclip.archive.index import IndexSettings, build_index, import_faiss, load_index, recall_at_k
-from mpsclip.archive.search import Hit, exact_topk, mode_views, scored_topk, to_hits
+from mpsclip.archive.search import Hit, exact_topk, to_hits
 from mpsclip.archive.store import (
     FAILURES,
     MANIFEST,
@@ -43,6 +43,7 @@ from mpsclip.archive.store import (
 )
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
+from mpsclip.scoring import backend_for, mode_views, topk
 
 SCHEMA = "mpsclip-bench-search/1"
 K = 10
@@ -197,13 +198,14 @@ def memory_hits(data: StoreData) -> Hits:
 
 
 def memory_search(data: StoreData, mode: str) -> Search:
-    """Exact search over the store held in memory: one scored top-k over all rows, the views converted to fp32
-    once (as ``mpsclip serve`` holds them: a CPU has no fast fp16 matrix product)."""
-    columns = {"retrieval": data.retrieval.numpy(), "global": data.glob.numpy(),
-               "perspectives": data.perspectives.numpy(), "valid": data.valid.numpy()}
+    """Exact search over the store held in memory: one scored top-k over all rows (:func:`mpsclip.scoring.topk`
+    along the backend of the queries' device), the views converted to fp32 once (as ``mpsclip serve`` holds them:
+    a CPU has no fast fp16 matrix product)."""
+    columns = {"retrieval": data.retrieval, "global": data.glob, "perspectives": data.perspectives,
+               "valid": data.valid}
     views, valid = mode_views(columns, mode)
     views, rows = views.float(), torch.arange(len(views))
-    return lambda q: scored_topk(q.float(), views, valid, rows, K)
+    return lambda q: topk(q, views, valid, rows, K, backend_for(q.device, mode))
 
 
 def nlist(index: Any) -> int | None:

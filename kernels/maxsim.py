@@ -54,10 +54,11 @@ def _check(queries: torch.Tensor, gallery: torch.Tensor, k: int, valid: torch.Te
     return views
 
 
-def _block_scores(
+def maxsim_scores(
     queries: torch.Tensor, gallery: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """Exact fp32 ``[Q, N]`` max-response scores of a gallery chunk (reference building block)."""
+    """Exact fp32 ``[Q, N]`` max-response scores of a gallery (or a chunk of one: the reference's building block);
+    an invalid view never wins the max."""
     q = queries.float()
     g = gallery.float()
     if gallery.ndim == 3:  # text → image: views on the gallery
@@ -109,7 +110,7 @@ def maxsim_topk_reference(
         v = None
         if valid is not None:
             v = valid[start:stop].to(device) if gallery.ndim == 3 else valid.to(device)
-        s = _block_scores(queries, g, v)
+        s = maxsim_scores(queries, g, v)
         idx = torch.arange(start, stop, device=device).expand(n_queries, -1)
         best_s, best_i = merge_topk(torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1), k)
     return merge_topk(best_s, best_i, k)

@@ -2,7 +2,8 @@
 
 - ``fused``: the authors' retrieval embedding ``normalize(0.5 * (global + regions))``;
 - ``global``: the global image embedding alone (no sub-images);
-- ``max-response``: score = max over the global embedding and the MPR perspectives.
+- ``max-response``: score = max over the global embedding and the valid MPR perspectives (an image without
+  sub-images has none), as 'mpsclip search' scores a store (:mod:`mpsclip.scoring`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from mpsclip.data.annotations import EvalImage
 from mpsclip.data.collate import collate
 from mpsclip.data.datasets import EvalImageDataset
 from mpsclip.io import atomic_write
-from mpsclip.losses import max_view_scores
 from mpsclip.metrics import chance_r_mean, retrieval_metrics
 from mpsclip.model import MPSCLIP
+from mpsclip.scoring import mode_views, perspective_validity, similarity
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
@@ -33,6 +34,7 @@ class EvalEmbeddings:
     glob: torch.Tensor  # [I, D]
     retrieval: torch.Tensor  # [I, D]
     perspectives: torch.Tensor  # [I, K, D]
+    valid: torch.Tensor  # [I, K] bool: the perspectives of images with sub-images (perspective_validity)
     text: torch.Tensor  # [T, D]
     txt2img: list[int]
     img2txt: list[list[int]]
@@ -59,7 +61,7 @@ def embed_eval_set(
         print(f"skipped {dataset.num_skipped} evaluation images that could not be read")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=partial(collate))
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-    glob, retrieval, views, kept = [], [], [], []
+    glob, retrieval, views, valid, kept = [], [], [], [], []
     with amp:
         for batch in tqdm(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
             batch = batch.to(device)
@@ -67,6 +69,7 @@ def embed_eval_set(
             glob.append(out["global"].float().cpu())
             retrieval.append(out["retrieval"].float().cpu())
             views.append(out["perspectives"].float().cpu())
+            valid.append(perspective_validity(batch.mask, out["perspectives"].shape[1]).cpu())
             kept.extend(batch.image_ids.tolist())
         captions = [c for i in kept for c in images[i].captions]
         text = []
@@ -79,20 +82,15 @@ def embed_eval_set(
         txt2img.extend([row] * len(images[i].captions))
         img2txt.append(list(range(first, len(txt2img))))
     return EvalEmbeddings(
-        torch.cat(glob), torch.cat(retrieval), torch.cat(views), torch.cat(text), txt2img, img2txt
+        torch.cat(glob), torch.cat(retrieval), torch.cat(views), torch.cat(valid), torch.cat(text), txt2img, img2txt
     )
 
 
 def mode_similarity(emb: EvalEmbeddings, mode: str) -> torch.Tensor:
-    """[images, texts] scores for one scoring mode."""
-    if mode == "fused":
-        return emb.retrieval @ emb.text.t()
-    if mode == "global":
-        return emb.glob @ emb.text.t()
-    if mode == "max-response":
-        views = torch.cat([emb.glob.unsqueeze(1), emb.perspectives], dim=1)
-        return max_view_scores(views, emb.text)
-    raise ValueError(f"unknown scoring mode {mode!r}; choose from {', '.join(MODES)}")
+    """[images, texts] scores for one scoring mode (:func:`mpsclip.scoring.similarity`)."""
+    columns = {"retrieval": emb.retrieval, "global": emb.glob, "perspectives": emb.perspectives, "valid": emb.valid}
+    views, valid = mode_views(columns, mode)
+    return similarity(emb.text, views, valid).t()
 
 
 def score_all_modes(emb: EvalEmbeddings) -> dict[str, dict[str, float]]:

@@ -35,7 +35,7 @@ from mpsclip.archive.index import (
     index_answers,
     load_index,
 )
-from mpsclip.archive.search import BBox, mode_views, scored_topk
+from mpsclip.archive.search import BBox
 from mpsclip.archive.store import (
     MANIFEST,
     StoreInfo,
@@ -49,14 +49,14 @@ from mpsclip.archive.store import (
     shard_rows,
 )
 from mpsclip.errors import MPSCLIPError
+from mpsclip.scoring import Backend, TopK, backend_for, mode_views, topk
 
 LOG = logging.getLogger("mpsclip.serve")
 COLUMNS = ["id", "meta", "retrieval", "global", "perspectives", "valid"]
-TIE_MARGIN = 8  # extra columns torch.topk proposes, so that ties at the k-th score rarely need a full scan
 READ_TRIES = 3  # reads of a store that changed while being read, before the reload is reported as failed
 RELOAD_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, TypeError, pa.ArrowException)
 INDEX_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, RuntimeError)  # RuntimeError: FAISS's read_index
-ScoringPath = Literal["index", "maxsim-kernel", "numpy-product", "maxsim-reference"]
+ScoringPath = Literal["index"] | Backend
 SCORING = (
     "Hits are scored as 'mpsclip search' scores them: a store with a FAISS index ('mpsclip index STORE') answers "
     f"through it (the index's top {CANDIDATE_FACTOR} x k rows, at the nprobe it was built with, scored exactly in "
@@ -142,8 +142,8 @@ class Store:
     """Rows of items ``mpsclip embed --prune`` recorded as gone: never answered, as in 'mpsclip search'."""
 
     def views(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mode's views as fp32 on the store's device, converted and copied there once (CPU fp16 matrix
-        products are many times slower; 'mpsclip search' scores fp32 on a GPU too)."""
+        """The mode's views (:func:`mpsclip.scoring.mode_views`) as fp32 on the store's device, converted and copied
+        there once (CPU fp16 matrix products are many times slower; 'mpsclip search' scores fp32 on a GPU too)."""
         if mode not in self.cache:
             views, valid = mode_views(self.columns, mode)
             on_device = valid.to(self.device) if valid is not None else None
@@ -167,7 +167,7 @@ class Store:
     def topk(
         self, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None,
         interval: Interval | None = None, max_cloud: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> TopK:
         """``(scores [Q, k], rows [Q, k])`` on the CPU, padding row -1, as 'mpsclip search' answers: through the
         index where :func:`scoring_path` says so, else exactly as :func:`mpsclip.archive.search.exact_topk`
         (among the items passing ``bbox``, ``interval`` and ``max_cloud``)."""
@@ -177,8 +177,9 @@ class Store:
     def topk_by(
         self, path: ScoringPath, queries: torch.Tensor, k: int, mode: str, bbox: BBox | None = None,
         interval: Interval | None = None, max_cloud: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`topk` along ``path`` (a :func:`scoring_path` answer)."""
+    ) -> TopK:
+        """:meth:`topk` along ``path`` (a :func:`scoring_path` answer: the index, or a backend of
+        :func:`mpsclip.scoring.topk`)."""
         if path == "index":
             if self.index is None:
                 raise MPSCLIPError(f"store {self.name}: scoring path 'index', but the store has no index loaded")
@@ -193,17 +194,11 @@ class Store:
             keep_on_device = keep.to(self.device)
             views = views[keep_on_device]
             valid = valid[keep_on_device] if valid is not None else None
-        if len(rows) == 0:
-            empty = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
-            return torch.full((queries.shape[0], k), float("-inf")), empty
-        n = min(k, len(rows))
-        if path == "numpy-product":  # fused/global on the CPU: one matrix product, see product()
-            return ordered_topk(product(queries, views[:, 0]), rows, n)
-        scores, found = scored_topk(queries.to(views.device).float(), views, valid, rows, n)
+        scores, found = topk(queries.to(self.device), views, valid, rows, k, path)
         return scores.cpu(), found.cpu()
 
 
-def _without(found: tuple[torch.Tensor, torch.Tensor], pruned: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _without(found: TopK, pruned: np.ndarray) -> TopK:
     """An index's ``(scores, rows)`` with pruned rows moved out (padding row -1, score -inf), as search drops them."""
     scores, rows = found
     if not len(pruned):
@@ -219,41 +214,13 @@ def scoring_path(
     interval: Interval | None = None, max_cloud: float | None = None,
 ) -> ScoringPath:
     """How a query is scored: through the store's index where 'mpsclip search' would use it
-    (:func:`~mpsclip.archive.index.index_answers`); else on a CUDA device by the max-over-views top-k kernel
-    (:func:`~mpsclip.kernels.maxsim.maxsim_topk`: no ``[Q, N]`` score tensor, views held there once); on the CPU
-    fused/global by a numpy matrix product, max-response by the chunked exact reference."""
+    (:func:`~mpsclip.archive.index.index_answers`); else exactly along the backend 'mpsclip search' takes on
+    ``device`` (:func:`mpsclip.scoring.backend_for`: on a CUDA device the max-over-views top-k kernel, no ``[Q, N]``
+    score tensor, views held there once; on the CPU fused/global by a numpy matrix product, max-response by the
+    chunked exact reference)."""
     if indexed and index_answers(exact, bbox, interval, max_cloud):
         return "index"
-    if device.type == "cuda":
-        return "maxsim-kernel"
-    return "numpy-product" if mode in ("fused", "global") else "maxsim-reference"
-
-
-def product(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``queries [Q, D] @ rows [n, D].T`` in fp32 through numpy: for the one query of a request, numpy's BLAS
-    (OpenBLAS) ran this about 2x faster than torch's (MKL, whose sgemv is slow on AMD CPUs) on the 2-core EPYC
-    of bench/results/serve-score.md."""
-    return torch.from_numpy(queries.detach().float().cpu().numpy() @ rows.numpy().T)
-
-
-def ordered_topk(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of ``scores [Q, n]`` (columns are the store rows ``rows``, ascending) by (score desc, row asc):
-    the order of :func:`mpsclip.archive.search.search_store`, equal scores included. ``torch.topk`` proposes
-    ``k + TIE_MARGIN`` columns; only when the k-th score is still tied at the window's end are all columns reaching
-    it gathered; :func:`~mpsclip.kernels.maxsim.merge_topk` ranks the candidates."""
-    from mpsclip.kernels.maxsim import merge_topk
-
-    n = scores.shape[1]
-    top_s, top_i = torch.topk(scores, min(n, k + TIE_MARGIN), dim=1)
-    out_s, out_r = [], []
-    for q, (q_top_s, candidates) in enumerate(zip(top_s, top_i, strict=True)):
-        kth = q_top_s[k - 1]
-        if len(candidates) < n and q_top_s[-1] == kth:  # ties may go on past the window: take them all
-            candidates = torch.from_numpy(np.flatnonzero(scores[q].numpy() >= kth.item()))
-        s, r = merge_topk(scores[q, candidates][None], rows[candidates][None], k)
-        out_s.append(s)
-        out_r.append(r)
-    return torch.cat(out_s), torch.cat(out_r)
+    return backend_for(device, mode)
 
 
 def load_store_memory(name: str, path: Path, old: Store | None = None, source_root: Path | None = None) -> Store:

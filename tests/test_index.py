@@ -19,8 +19,9 @@ from mpsclip.archive.index import (
     recall_at_k,
 )
 from mpsclip.archive.job import EmbedSettings, embed_archive
-from mpsclip.archive.search import MODES, exact_topk
+from mpsclip.archive.search import exact_topk
 from mpsclip.archive.store import open_store, write_manifest
+from mpsclip.choices import MODES
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
 from mpsclip.errors import MPSCLIPError

@@ -22,8 +22,9 @@ from mpsclip.archive.index import (
     update_index,
     vector_path,
 )
-from mpsclip.archive.search import MODES, exact_topk
+from mpsclip.archive.search import exact_topk
 from mpsclip.archive.store import open_store, read_manifest, read_shard, shard_path, write_manifest
+from mpsclip.choices import MODES
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 

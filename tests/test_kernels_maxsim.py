@@ -21,7 +21,7 @@ def test_kernels_under_triton_interpreter():
 
 def _brute_force(queries, gallery, k, valid=None):
     """Full [Q, N] scores sorted by (score desc, index asc), padded to k."""
-    s = maxsim._block_scores(queries, gallery, valid)
+    s = maxsim.maxsim_scores(queries, gallery, valid)
     idx = torch.arange(s.shape[1]).expand_as(s)
     return maxsim.merge_topk(s, idx, k)
 
@@ -52,7 +52,7 @@ def test_text_to_image_matches_reference(n_queries, n_items, views, dim, k):
     want = maxsim.maxsim_topk_reference(q, g, k, valid, chunk=64)
     _assert_same(got, want, atol=1e-3)
     assert torch.equal(want[1], _brute_force(q, g, k, valid)[1])
-    top = maxsim._block_scores(q, g, valid).gather(1, got[1].clamp(min=0))
+    top = maxsim.maxsim_scores(q, g, valid).gather(1, got[1].clamp(min=0))
     torch.testing.assert_close(top[got[1] >= 0], got[0][got[1] >= 0], atol=1e-3, rtol=0)
     if k > n_items:
         assert (got[1][:, n_items:] == -1).all() and torch.isinf(got[0][:, n_items:]).all()

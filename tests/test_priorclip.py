@@ -207,7 +207,8 @@ def test_embed_all_fits_evaluation(model, images):
         out = model.embed_all(images, torch.zeros(3, 0, 3, 224, 224), torch.zeros(3, 0, dtype=torch.bool))
         text = model.encode_text(model.tokenize(["a", "b", "c"]))
     assert out["perspectives"].shape == (3, 1, 64) and torch.equal(out["retrieval"], out["global"])
-    emb = EvalEmbeddings(out["global"], out["retrieval"], out["perspectives"], text, [0, 1, 2], [[0], [1], [2]])
+    none = torch.zeros(3, 1, dtype=torch.bool)  # no sub-images: no valid perspective
+    emb = EvalEmbeddings(out["global"], out["retrieval"], out["perspectives"], none, text, [0, 1, 2], [[0], [1], [2]])
     results = score_all_modes(emb)
     assert results["fused"] == results["global"] == results["max-response"]
 

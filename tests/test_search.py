@@ -17,7 +17,6 @@ from mpsclip.archive.items import Item, item_from_meta
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.render import to_html
 from mpsclip.archive.search import (
-    MODES,
     Hit,
     encode_images,
     encode_queries,
@@ -27,6 +26,7 @@ from mpsclip.archive.search import (
 )
 from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import ShardRows, load_store, open_store, shard_path, write_manifest, write_shard
+from mpsclip.choices import MODES
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP

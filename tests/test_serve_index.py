@@ -12,8 +12,9 @@ from extras import require
 from mpsclip.bench.search import synthetic_queries, synthetic_store
 
 from mpsclip.archive.index import IndexSettings, build_index, index_answers, load_index
-from mpsclip.archive.search import MODES, exact_topk, search_store
+from mpsclip.archive.search import exact_topk, search_store
 from mpsclip.archive.store import open_store
+from mpsclip.choices import MODES
 from tests.interpreter import INTERPRETED, interpreted, run_in_interpreter
 
 require("faiss")

@@ -45,6 +45,7 @@ from mpsclip.engines.manifest import read_export
 from mpsclip.engines.precision import DEFAULT_PRECISION
 from mpsclip.errors import MPSCLIPError
 from mpsclip.family import RetrievalModel
+from mpsclip.scoring import perspective_validity
 
 READ_THREADS = 8
 """Items of a batch read at once when it holds remote items, so object-store latency overlaps."""
@@ -322,8 +323,7 @@ class Embedder:
                 metas.append(json.dumps(meta, sort_keys=True))
             for name in ("retrieval", "global", "perspectives"):
                 parts[name].append(out[name].float().cpu().numpy().astype(np.float16))
-            has_regions = mask.any(dim=1, keepdim=True).cpu().numpy()
-            parts["valid"].append(np.repeat(has_regions, self.views, axis=1))
+            parts["valid"].append(perspective_validity(mask, self.views).cpu().numpy())
         rows = ShardRows(
             ids=[items[i].id for i in kept],
             metas=metas,

@@ -27,11 +27,13 @@ from tqdm import tqdm
 
 from mpsclip.archive.dates import Interval
 from mpsclip.archive.filters import item_filter
-from mpsclip.archive.search import MODE_COLUMNS, MODES, BBox, check_mode, exact_topk, mode_views, scored_topk
+from mpsclip.archive.search import BBox, exact_topk
 from mpsclip.archive.store import MANIFEST, StoreInfo, read_shard, shard_path
 from mpsclip.checkpoints import file_sha256
+from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
+from mpsclip.scoring import MODE_COLUMNS, backend_for, check_mode, mode_views, topk
 
 INDEX_FILE = "index.faiss"
 INDEX_JSON = "index.json"
@@ -168,6 +170,7 @@ class StoreIndex:
         if candidates is not None and candidates < k:
             raise MPSCLIPError(f"--candidates must be at least -k ({k}), got {candidates}")
         queries = queries.detach().float().cpu()
+        backend = backend_for(queries.device, mode)
         found = self.candidates(queries, candidates or k * CANDIDATE_FACTOR, nprobe)
         scores = torch.full((len(queries), k), float("-inf"))
         rows = torch.full((len(queries), k), -1, dtype=torch.int64)
@@ -177,7 +180,7 @@ class StoreIndex:
                 continue
             columns = {c: np.asarray(self.vectors[c][q_rows]) for c in MODE_COLUMNS[mode]}
             views, valid = mode_views(columns, mode)
-            s, r = scored_topk(queries[q : q + 1], views, valid, torch.from_numpy(q_rows), k)
+            s, r = topk(queries[q : q + 1], views, valid, torch.from_numpy(q_rows), k, backend)
             scores[q], rows[q] = s[0], r[0]
         return scores, rows
 

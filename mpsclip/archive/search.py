@@ -3,10 +3,10 @@
 Filters (:mod:`mpsclip.archive.filters`: a bbox, a date interval, a largest cloud cover) are pushed down to the
 Parquet reader: row groups whose statistics exclude them are not decoded.
 Scores: ``fused`` = retrieval·q, ``global`` = global·q, ``max-response`` = max over the global embedding and
-the valid perspectives. Each shard's top-k comes from :func:`mpsclip.kernels.maxsim_topk` (Triton on a GPU, an
-exact chunked torch path on CPU) and is merged into a running top-k, ties going to the lower store row, so only
-one shard's columns are in memory at a time; ids and metas are read for the final hits only. Writing the hits out
-(table, JSON, GeoJSON, HTML) is :mod:`mpsclip.archive.render`'s job.
+the valid perspectives. Each shard's top-k comes from :func:`mpsclip.scoring.topk` (the Triton kernel on a GPU; a
+matrix product or the exact chunked torch reference on the CPU) and is merged into a running top-k, ties going to
+the lower store row, so only one shard's columns are in memory at a time; ids and metas are read for the final
+hits only. Writing the hits out (table, JSON, GeoJSON, HTML) is :mod:`mpsclip.archive.render`'s job.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
 from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_where
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
-from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
+from mpsclip.scoring import MODE_COLUMNS, backend_for, merge, mode_views, padding, topk
 
-MODE_COLUMNS = {"fused": ["retrieval"], "global": ["global"], "max-response": ["global", "perspectives", "valid"]}
 BBox = tuple[float, float, float, float]
 READ_AHEAD = 2  # shards decoded ahead of the one being scored
 
@@ -113,41 +112,6 @@ def footprint(meta: dict[str, Any]) -> BBox | None:
     return valid_footprint(meta.get("footprint"))
 
 
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise MPSCLIPError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-
-
-def mode_views(columns: dict[str, np.ndarray], mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[n, V, D]`` fp16 views scored for ``mode`` (from the columns of :data:`MODE_COLUMNS`) and their
-    ``[n, V]`` validity (None: all valid)."""
-    check_mode(mode)
-    if mode == "fused":
-        return torch.from_numpy(columns["retrieval"]).unsqueeze(1), None
-    glob = torch.from_numpy(columns["global"]).unsqueeze(1)
-    if mode == "global":
-        return glob, None
-    views = torch.cat([glob, torch.from_numpy(columns["perspectives"])], dim=1)
-    valid = torch.from_numpy(columns["valid"])
-    return views, torch.cat([torch.ones(len(valid), 1, dtype=torch.bool), valid], dim=1)
-
-
-def scored_topk(
-    queries: torch.Tensor, views: torch.Tensor, valid: torch.Tensor | None, rows: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` of the gallery ``views`` (whose store rows are ``rows``, ascending) for fp32 ``queries``:
-    ``(scores [Q, k], store rows [Q, k])`` on the queries' device, padding row ``-1``. On a GPU the views are
-    scored in fp32 as on the CPU."""
-    from mpsclip.kernels import maxsim_topk
-
-    device = queries.device
-    views = views.to(device).float() if device.type == "cuda" else views
-    valid = valid.to(device) if valid is not None else None
-    scores, found = maxsim_topk(queries, views, k, valid)
-    rows = rows.to(device)
-    return scores, torch.where(found < 0, -1, rows[found.clamp(min=0)])
-
-
 def exact_topk(
     info: StoreInfo,
     queries: torch.Tensor,
@@ -162,30 +126,22 @@ def exact_topk(
     ``(scores [Q, k], store rows [Q, k])`` on the CPU, sorted by (score desc, row asc); padding row ``-1``.
     Only items passing the :class:`~mpsclip.archive.filters.ItemFilter` of ``bbox``, ``interval`` and
     ``max_cloud`` are scored; pruned items (:func:`~mpsclip.archive.store.pruned_rows`) are skipped."""
-    from mpsclip.kernels.maxsim import merge_topk
-
     if k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {k}")
-    check_mode(mode)
-    columns = MODE_COLUMNS[mode]
     queries = queries.float()
-    device, n_queries = queries.device, queries.shape[0]
-    best_s = torch.full((n_queries, 0), float("-inf"), device=device)
-    best_i = torch.full((n_queries, 0), -1, dtype=torch.int64, device=device)
+    backend = backend_for(queries.device, mode)  # refuses an unknown mode
+    best = padding(len(queries), k, queries.device)
     skip = pruned_rows(info)
     where = item_filter(bbox, interval, max_cloud)
-    for offset, (positions, cols) in _prefetched(info, columns, where, progress):
+    for offset, (positions, cols) in _prefetched(info, MODE_COLUMNS[mode], where, progress):
         views, valid = mode_views(cols, mode)
         rows = torch.arange(offset, offset + len(views)) if positions is None else torch.from_numpy(positions) + offset
         if len(skip):
             keep = torch.from_numpy(~np.isin(rows.numpy(), skip))
             views, valid, rows = views[keep], None if valid is None else valid[keep], rows[keep]
-        if len(rows) == 0:
-            continue
-        s, i = scored_topk(queries, views, valid, rows, k)
-        best_s, best_i = merge_topk(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
-    best_s, best_i = merge_topk(best_s, best_i, k)  # pads to k columns when fewer rows were scored
-    return best_s.cpu(), best_i.cpu()
+        if len(rows):
+            best = merge(best, topk(queries, views, valid, rows, k, backend), k)
+    return best[0].cpu(), best[1].cpu()
 
 
 ShardPart = tuple[np.ndarray | None, dict[str, np.ndarray]]
