@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_adapters
+from kills import killed_after_shards
 
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.sources import iter_items
@@ -67,8 +68,9 @@ def test_embed_store_layout(store: Path) -> None:
 @pytest.mark.slow
 def test_resume_is_byte_identical(synth: Path, ckpt: Path, store: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
-    first = embed_archive(synth / "images", out, ckpt, settings=SMALL, stop_after_shards=1, progress=False)
-    assert not first.complete and first.n_shards == 1
+    with killed_after_shards(1):
+        embed_archive(synth / "images", out, ckpt, settings=SMALL, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.parquet"]
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     second = embed_archive(synth / "images", out, ckpt, settings=SMALL, progress=False)
     assert second.complete and second.n_resumed_shards == 1 and second.n_embedded == 6

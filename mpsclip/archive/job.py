@@ -385,12 +385,9 @@ class LocalExecutor:
             yield shard, rows, failed
 
 
-def run_job(
-    job: Job, executor: ShardExecutor, progress: bool = True, stop_after_shards: int | None = None
-) -> EmbedSummary:
-    """Embed the job's pending shards on ``executor``, record them in order and close the job;
-    ``stop_after_shards`` stops after writing that many shards (for tests of resuming)."""
-    shards = list(job.pending())[:stop_after_shards]
+def run_job(job: Job, executor: ShardExecutor, progress: bool = True) -> EmbedSummary:
+    """Embed the job's pending shards on ``executor``, record them in order and close the job."""
+    shards = list(job.pending())
     n_items = len(job.items)
     with tqdm(
         total=n_items,
@@ -412,17 +409,15 @@ def embed_archive(
     checkpoint: str | Path,
     arch: str | None = None,
     settings: EmbedSettings | None = None,
-    stop_after_shards: int | None = None,
     progress: bool = True,
     prune: bool = False,
     retry_failed: bool = False,
 ) -> EmbedSummary:
     """Embed ``source`` into ``store`` in this process (resuming a partial store, or growing a complete one with
-    the source's new items); ``stop_after_shards`` stops after writing that many shards in this call (for tests of
-    resuming); ``prune`` and ``retry_failed`` as in :func:`open_job`."""
+    the source's new items); ``prune`` and ``retry_failed`` as in :func:`open_job`."""
     settings = settings or EmbedSettings()
     settings.check()
     source, store, ckpt = Path(source), Path(store), resolve_checkpoint(checkpoint)
     executor = LocalExecutor(ckpt, arch, settings)
     job = open_job(source, store, ckpt, arch, settings, executor.decode(), prune=prune, retry_failed=retry_failed)
-    return run_job(job, executor, progress, stop_after_shards)
+    return run_job(job, executor, progress)
