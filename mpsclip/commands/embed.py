@@ -55,6 +55,7 @@ from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
     from mpsclip.archive.items import TileSettings
+    from mpsclip.archive.job import EmbedSummary
 
 HELP = "embed an image archive into a Parquet store for text search"
 
@@ -332,12 +333,8 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet,
             prune=args.prune, retry_failed=args.retry_failed,
         )
-    rate = (summary.n_new / summary.seconds) if summary.seconds > 0 else 0.0
-    print(
-        f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in "
-        f"{summary.n_shards} shards ({summary.seconds:.1f} s, {rate:.1f} items/s overall)"
-    )
-    if summary.n_resumed_shards:
+    print(summary_line(summary))
+    if summary.n_resumed_shards and summary.n_shards > summary.n_resumed_shards:
         print(f"  {summary.n_new} new items embedded after {summary.n_resumed_shards} existing shards")
     if summary.n_pruned:
         print(f"  {summary.n_pruned} stored items whose source disappeared are pruned (searches skip them)")
@@ -346,6 +343,21 @@ def run(args: argparse.Namespace) -> int:
     if args.ray and nodes.shards:
         print("  shards per Ray node: " + ", ".join(f"{node} {n}" for node, n in sorted(nodes.shards.items())))
     return 0
+
+
+def summary_line(summary: EmbedSummary) -> str:
+    """What a run did: the store's counts and the rate over the items this run embedded (a run that found every
+    item embedded says so instead of dividing its listing time into them)."""
+    if summary.n_shards == summary.n_resumed_shards:
+        return (
+            f"store {summary.store}: nothing to do: {summary.n_embedded} items already embedded in "
+            f"{summary.n_shards} shards ({summary.seconds:.1f} s)"
+        )
+    rate = summary.n_new / summary.seconds if summary.seconds > 0 else 0.0
+    return (
+        f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in {summary.n_shards} "
+        f"shards ({summary.seconds:.1f} s, {rate:.1f} items/s over the {summary.n_new} embedded in this run)"
+    )
 
 
 class _NodeLog:
