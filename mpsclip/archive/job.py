@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mpsclip import __version__
 from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
 from mpsclip.archive.hrefs import REMOTE_KINDS, remote_hosts
-from mpsclip.archive.items import PATH_KEYS, Item, TileSettings, contained_path
+from mpsclip.archive.items import IMAGE_FORMATS, PATH_KEYS, Item, TileSettings, contained_path
 from mpsclip.archive.sources import iter_items, source_identity, source_root
 from mpsclip.archive.store import (
     FAILURES,
@@ -137,7 +137,7 @@ def list_items(source: Path, settings: EmbedSettings) -> list[Item]:
     item's file lies outside the source folder (:func:`~mpsclip.archive.items.contained_path`)."""
     items = list(iter_items(source) if settings.tiles is None else iter_items(source, settings.tiles))
     if not items:
-        raise MPSCLIPError(f"{source}: no JPEG/PNG/TIFF images found")
+        raise MPSCLIPError(f"{source}: no {IMAGE_FORMATS} images found")
     items.sort(key=lambda item: item.id)
     for before, item in pairwise(items):
         if before.id == item.id:
