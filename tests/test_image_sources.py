@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mpsclip.archive import readers
 from mpsclip.archive.items import Item, TileSettings, image_windows, item_from_meta
 from mpsclip.archive.job import EmbedSettings, embed_archive, list_items
 from mpsclip.archive.readers import open_item
@@ -63,9 +64,11 @@ def test_plain_image_tiles(tmp_path: Path) -> None:
     assert [i.id for i in items if i.kind == "file"] == ["small.jpg"]
     assert [i.id for i in tiles] == [f"big.png/r{r:06d}_c{c:06d}" for r in (0, 32, 38) for c in (0, 32, 64, 68)]
     assert tiles[7].meta == {"kind": "image-window", "path": "big.png", "window": [68, 32, 32, 32]}
-    for item in (tiles[0], tiles[7], tiles[-1]):
+    readers._decoded.cache_clear()
+    for item in tiles:
         col, row, width, height = item.meta["window"]
         assert np.array_equal(np.asarray(open_item(item)), pixels[row : row + height, col : col + width])
+    assert readers._decoded.cache_info().misses == 1  # the 12 tiles decode the image once
     again = item_from_meta(tiles[7].id, tiles[7].meta, tmp_path)  # as a store's row is read again
     assert np.array_equal(np.asarray(open_item(again)), pixels[32:64, 68:100])
     assert len(list(iter_items(tmp_path / "big.png", TileSettings(64, 48)))) == 4  # one file, with a stride
