@@ -13,7 +13,7 @@ from typing import Any
 from mpsclip.bench.builds import build_all
 from mpsclip.bench.engines import ROTATING_INPUTS, GridSettings, ModelGrid, export_jobs, prepare, records_json
 from mpsclip.bench.report import SCHEMA, command_line, load_average, machine, write_all
-from mpsclip.bench.timing import estimate_seconds, run_grid
+from mpsclip.bench.timing import estimate, estimate_message, run_grid
 
 from mpsclip.checkpoints import file_sha256
 from mpsclip.devices import resolve_device
@@ -64,9 +64,9 @@ def bench(checkpoints: list[Path], settings: GridSettings, out: Path, progress: 
                     say(f"{grid.name}: {r.engine} {r.precision} skipped: {r.reason}")
         cells = [c for g in grids for c in g.cells]
         prepared_s = time.perf_counter() - started
-        estimate = estimate_seconds(cells, settings.timing)
-        say(f"{len(cells)} cells; preparing took {prepared_s:.0f} s; timing will take about {estimate:.0f} s "
-            f"(whole run about {prepared_s + estimate:.0f} s)")
+        expected = estimate(cells, settings.timing)
+        say(f"{len(cells)} cells; preparing took {prepared_s:.0f} s; {estimate_message(expected, settings.timing)} "
+            f"(whole run about {prepared_s + expected.total_s:.0f} s)")
         timing_start = time.perf_counter()
         rows = run_grid(cells, settings.timing, device, progress)
         timing_s = time.perf_counter() - timing_start
@@ -77,7 +77,7 @@ def bench(checkpoints: list[Path], settings: GridSettings, out: Path, progress: 
         "machine": {**info, "load_average_end": load_average()},
         "settings": {**asdict(settings), "rotating_inputs": ROTATING_INPUTS, "build_workers": workers},
         "timing": {"exports_s": round(exports_s, 3), "prepare_s": round(prepared_s, 3),  # ms: a tiny run takes < 0.1 s
-                   "estimated_timing_s": round(estimate, 3), "timing_s": round(timing_s, 3),
+                   "estimated_timing_s": round(expected.total_s, 3), "timing_s": round(timing_s, 3),
                    "total_s": round(time.perf_counter() - started, 3)},
         "models": models,
         "engines": [e for g in grids for e in records_json(g.records)],

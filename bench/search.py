@@ -168,17 +168,17 @@ Hits = Callable[[torch.Tensor, torch.Tensor], list[list[Hit]]]
 
 
 def timed_row(name: str, mode: str, search: Search, hits: Hits, queries: torch.Tensor, alone: int,
-              exact: torch.Tensor) -> dict[str, Any]:
+              exact: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Median ms of the first ``alone`` queries one by one (to rows, then to hits), the whole batch's ms per
     query to hits, and recall@10 against ``exact``."""
     alone = min(alone, len(queries))
     single_rows = [_timed_ms(lambda i=i: search(queries[i : i + 1])) for i in range(alone)]
     single_hits = [_timed_ms(lambda i=i: hits(*search(queries[i : i + 1]))) for i in range(alone)]
-    found: list[torch.Tensor] = []
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def whole_batch() -> None:
         scores, rows = search(queries)
-        found.append(rows)
+        found.append((scores, rows))
         hits(scores, rows)
 
     batch_ms = _timed_ms(whole_batch)
@@ -224,7 +224,7 @@ def measure(info: StoreInfo, queries: torch.Tensor, settings: SearchSettings, pr
             ) -> tuple[list[dict], list[dict], float]:
     """Rows of every search × mode, index build records, and the seconds loading the store into memory."""
     hits_from_store: Hits = lambda s, r: to_hits(info, s, r)  # noqa: E731
-    exact = {mode: exact_topk(info, queries, K, mode, progress=progress)[1] for mode in settings.modes}
+    exact = {mode: exact_topk(info, queries, K, mode, progress=progress) for mode in settings.modes}
     rows = []
     say("exact streamed search ...")
     for mode in settings.modes:
@@ -252,7 +252,7 @@ def measure(info: StoreInfo, queries: torch.Tensor, settings: SearchSettings, pr
         probes = [None] if lists is None else sorted({record["nprobe"], *(p for p in settings.nprobes if p <= lists)})
         for nprobe in probes:
             name = record["factory"] if nprobe is None else f"{record['factory']} nprobe {nprobe}"
-            faiss_only = recall_at_k(torch.from_numpy(index.candidates(queries, K, nprobe)), exact["fused"]) \
+            faiss_only = recall_at_k(index.search(queries, K, "fused", candidates=K, nprobe=nprobe), exact["fused"]) \
                 if "fused" in exact else None
             for mode in settings.modes:
                 search = lambda q, m=mode, p=nprobe, i=index: i.search(q, K, m, nprobe=p)  # noqa: E731

@@ -6,7 +6,9 @@ it is prepared; the group's cells are then timed together in rounds, one call of
 order rotating), so that a load that drifts on a shared machine weighs on an engine and on its baseline
 alike. ``--repeats`` rounds are timed, or with ``--duration`` as many as fit the group's share of it (at
 least :data:`MIN_ROUNDS`). The estimate follows the same rules from the probes, so it is what the timing
-will take as long as the machine's load stays as it was during the probes.
+will take as long as the machine's load stays as it was during the probes; :func:`estimate_message` says how it
+relates to ``--duration`` (which counts timed rounds only: warm-up calls come on top, a group's last round ends
+past its share, a slow group still gets MIN_ROUNDS rounds and a fast one stops at ``--repeats``).
 """
 
 from __future__ import annotations
@@ -122,15 +124,64 @@ def expected_rounds(round_s: float, share: float | None, repeats: int) -> int:
     return min(repeats, max(MIN_ROUNDS, past))
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What :func:`run_grid` is expected to take, in parts: warm-up calls and timed rounds (seconds), and how
+    many groups (of ``groups``) stop at ``--repeats`` before their share of ``--duration`` is spent (``capped``)
+    or run their MIN_ROUNDS past it (``floored``)."""
+
+    warmup_s: float
+    rounds_s: float
+    groups: int
+    capped: int = 0
+    floored: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.warmup_s + self.rounds_s
+
+
+def estimate(cells: list[Cell], settings: TimingSettings) -> Estimate:
+    """The :class:`Estimate` for probed ``cells``: each group's calls at its cells' probe times."""
+    groups = groups_of(cells)
+    warmup_s = rounds_s = 0.0
+    capped = floored = 0
+    for key, share in shares(groups, settings.duration).items():
+        round_s = sum(c.probe_ms for c in groups[key]) / 1e3
+        rounds = expected_rounds(round_s, share, settings.repeats)
+        warmup_s += max(0, settings.warmup - 1) * round_s
+        rounds_s += rounds * round_s
+        if share is not None:
+            capped += rounds == settings.repeats and rounds * round_s < share
+            floored += rounds == MIN_ROUNDS and (rounds - 1) * round_s > share
+    return Estimate(warmup_s, rounds_s, len(groups), capped, floored)
+
+
 def estimate_seconds(cells: list[Cell], settings: TimingSettings) -> float:
     """Seconds :func:`run_grid` is expected to take for probed ``cells``: warm-up calls and timed rounds at
     each cell's probe time."""
-    groups = groups_of(cells)
-    total = 0.0
-    for key, share in shares(groups, settings.duration).items():
-        round_s = sum(c.probe_ms for c in groups[key]) / 1e3
-        total += (max(0, settings.warmup - 1) + expected_rounds(round_s, share, settings.repeats)) * round_s
-    return total
+    return estimate(cells, settings).total_s
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+def estimate_message(found: Estimate, settings: TimingSettings) -> str:
+    """The estimate as 'mpsclip bench' prints it before timing: with ``--duration``, its timed rounds next to
+    ``--duration`` and why they differ from it, if they do."""
+    head = f"timing will take about {_seconds(found.total_s)}"
+    warmup = f"{_seconds(found.warmup_s)} of warm-up calls"
+    if settings.duration is None:
+        return f"{head} ({settings.repeats} timed rounds per group, {warmup})"
+    parts = [f"{_seconds(found.rounds_s)} of timed rounds for --duration {settings.duration:g} s", warmup]
+    if found.capped:
+        parts.append(
+            f"{found.capped} of {found.groups} groups stop at --repeats {settings.repeats} rounds before their share"
+        )
+    if found.floored:
+        parts.append(f"{found.floored} of {found.groups} groups run their {MIN_ROUNDS} rounds past their share")
+    return f"{head}: " + ", ".join(parts)
 
 
 def time_group(group: list[Cell], timer: Timer, settings: TimingSettings, share: float | None) -> list[list[float]]:

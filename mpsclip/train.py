@@ -205,15 +205,11 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     resume: bool = False,
-    stop_after_steps: int | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> dict:
     """Train on ``device`` (``--device``; ``auto``: a GPU when present), evaluating each epoch; writes
-    ``last``/``best`` checkpoints, ``state.pt`` and ``log.jsonl``. ``progress`` False (``--quiet``): no bars.
-
-    ``stop_after_steps`` ends the run abruptly after that many optimizer steps (to test crash recovery).
-    """
+    ``last``/``best`` checkpoints, ``state.pt`` and ``log.jsonl``. ``progress`` False (``--quiet``): no bars."""
     out = Path(out_dir)
     rt = init_runtime(device, progress)
     if cfg.train_file is None or cfg.image_root is None:
@@ -243,13 +239,9 @@ def train(
         raise MPSCLIPError(f"{cfg.eval_file}: holds no evaluation images; give a non-empty --eval-file or none")
     inputs = _loss_inputs(model, dataset.records)
     summary: dict[str, Any] = {}
-    steps = 0
     for epoch in range(start_epoch, cfg.epochs):
         loader = _epoch_loader(dataset, cfg, rt, epoch)
-        stats = _train_epoch(net, model, inputs, loader, optimizer, scheduler, rt, epoch, cfg, stop_after_steps, steps)
-        steps = stats.pop("steps")
-        if stop_after_steps is not None and steps >= stop_after_steps:
-            return {"stopped_at_step": steps}
+        stats = _train_epoch(net, model, inputs, loader, optimizer, scheduler, rt, epoch, cfg)
         if eval_images is not None:
             emb = embed_eval_set(
                 model, eval_images, cfg.image_root, cfg.sub_root, cfg.eval_batch_size, cfg.num_workers,
@@ -340,8 +332,6 @@ def _train_epoch(
     rt: Runtime,
     epoch: int,
     cfg: TrainConfig,
-    stop_after_steps: int | None,
-    steps: int,
 ) -> dict[str, Any]:
     net.train()
     totals: dict[str, float] = {}
@@ -361,13 +351,10 @@ def _train_epoch(
             totals[key] = totals.get(key, 0.0) + float(value.detach())
         batches += 1
         seen += batch.images.shape[0] * rt.world_size
-        steps += 1
         rate = seen / max(1e-9, time.perf_counter() - start)
         bar.set_postfix(loss=f"{totals['total'] / batches:.4f}", img_s=f"{rate:.1f}")
-        if stop_after_steps is not None and steps >= stop_after_steps:
-            break
     stats: dict[str, Any] = {k: v / max(1, batches) for k, v in totals.items()}
-    stats.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start, steps=steps)
+    stats.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start)
     stats["lr"] = scheduler.get_last_lr()[0]
     return stats
 

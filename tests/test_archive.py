@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_adapters
+from kills import killed_after_shards
 
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.sources import iter_items
 from mpsclip.archive.store import load_store
 from mpsclip.cli import main
+from mpsclip.commands.embed import summary_line
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP
 
@@ -67,11 +69,13 @@ def test_embed_store_layout(store: Path) -> None:
 @pytest.mark.slow
 def test_resume_is_byte_identical(synth: Path, ckpt: Path, store: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
-    first = embed_archive(synth / "images", out, ckpt, settings=SMALL, stop_after_shards=1, progress=False)
-    assert not first.complete and first.n_shards == 1
+    with killed_after_shards(1):
+        embed_archive(synth / "images", out, ckpt, settings=SMALL, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.parquet"]
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     second = embed_archive(synth / "images", out, ckpt, settings=SMALL, progress=False)
-    assert second.complete and second.n_resumed_shards == 1 and second.n_embedded == 6
+    assert second.complete and second.n_resumed_shards == 1 and second.n_embedded == 6 and second.n_new == 4
+    assert "items/s over the 4 embedded in this run" in summary_line(second)  # not over the 6 the store holds
     assert _files(out) == _files(store)
 
 
@@ -105,7 +109,11 @@ def test_other_model_is_refused(synth: Path, store: Path, tmp_path: Path) -> Non
 def test_embed_cli(synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["embed", str(synth / "images"), "--out", str(tmp_path / "s"), "--checkpoint", str(ckpt)]
     assert main([*args, "--shard-size", "4", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
-    assert "6 of 6 items embedded in 2 shards" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 of 6 items embedded in 2 shards" in out and "items/s over the 6 embedded in this run" in out
+    assert main([*args, "--shard-size", "4", "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do: 6 items already embedded in 2 shards" in out and "items/s" not in out
     assert main([*args, "--sub-root", str(synth)]) == 2
     assert "--sub-root is only used" in capsys.readouterr().err
 

@@ -13,7 +13,17 @@ import torch
 from mpsclip.bench.engines import GridSettings, skip_reason
 from mpsclip.bench.report import PLOTS, SCHEMA, markdown
 from mpsclip.bench.run import bench
-from mpsclip.bench.timing import MIN_ROUNDS, Cell, Timer, TimingSettings, estimate_seconds, probe, run_grid
+from mpsclip.bench.timing import (
+    MIN_ROUNDS,
+    Cell,
+    Timer,
+    TimingSettings,
+    estimate,
+    estimate_message,
+    estimate_seconds,
+    probe,
+    run_grid,
+)
 from PIL import Image
 
 from mpsclip.cli import main
@@ -154,6 +164,34 @@ def test_estimate_follows_the_timing_rules() -> None:
     # --duration 0.2: 0.1 s per group; rounds stop after the first that ends past it, never below MIN_ROUNDS
     bounded = TimingSettings(repeats=50, warmup=2, duration=0.2)
     assert estimate_seconds(cells, bounded) == pytest.approx((1 + 3) * 0.04 + (1 + MIN_ROUNDS) * 0.08)
+
+
+def test_estimate_message_matches_duration() -> None:
+    """The timed rounds match --duration (to within one round per group), the warm-up is said apart, and where
+    --repeats or MIN_ROUNDS make the rounds differ from --duration the line says so."""
+    cells = sleeping_cells({"plain": 10.0, "torch": 30.0}, (1, 2))
+    for cell in cells:
+        cell.probe_ms = cell.batch * (10.0 if cell.name == "plain" else 30.0)  # rounds of 0.04 s and 0.08 s
+    settings = TimingSettings(repeats=1000, warmup=2, duration=12.0)
+    found = estimate(cells, settings)
+    assert 12.0 <= found.rounds_s <= 12.0 + 0.04 + 0.08 + 1e-9 and found.warmup_s == pytest.approx(0.12)
+    assert estimate_message(found, settings) == (
+        "timing will take about 12 s: 12 s of timed rounds for --duration 12 s, 0.1 s of warm-up calls"
+    )
+    capped = TimingSettings(repeats=10, warmup=2, duration=12.0)
+    assert estimate_message(estimate(cells, capped), capped) == (
+        "timing will take about 1.3 s: 1.2 s of timed rounds for --duration 12 s, 0.1 s of warm-up calls, "
+        "2 of 2 groups stop at --repeats 10 rounds before their share"
+    )
+    floored = TimingSettings(repeats=1000, warmup=1, duration=0.1)
+    assert estimate_message(estimate(cells, floored), floored) == (
+        "timing will take about 0.4 s: 0.4 s of timed rounds for --duration 0.1 s, 0.0 s of warm-up calls, "
+        "2 of 2 groups run their 3 rounds past their share"
+    )
+    plain = TimingSettings(repeats=5, warmup=2)
+    assert estimate_message(estimate(cells, plain), plain) == (
+        "timing will take about 0.7 s (5 timed rounds per group, 0.1 s of warm-up calls)"
+    )
 
 
 def test_estimate_is_close_to_what_the_timing_takes() -> None:

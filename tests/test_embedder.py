@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from extras import require
+from kills import killed_after_shards
 from PIL import Image
 
 from mpsclip.archive.embedder import jpeg_pixels
@@ -98,7 +99,8 @@ def test_zero_shot_perspectives_cut_masked_sub_images(tiny_model: MPSCLIP) -> No
 @pytest.mark.slow
 def test_zero_shot_store_has_keywords_and_is_resumable(jpegs: Path, ckpt: Path, tmp_path: Path) -> None:
     embed_archive(jpegs, tmp_path / "full", ckpt, settings=ZERO_SHOT, progress=False)
-    embed_archive(jpegs, tmp_path / "part", ckpt, settings=ZERO_SHOT, progress=False, stop_after_shards=1)
+    with killed_after_shards(1):
+        embed_archive(jpegs, tmp_path / "part", ckpt, settings=ZERO_SHOT, progress=False)
     embed_archive(jpegs, tmp_path / "part", ckpt, settings=ZERO_SHOT, progress=False)
     for name in ("shard-00000.parquet", "shard-00001.parquet", "manifest.json"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "part" / name).read_bytes()

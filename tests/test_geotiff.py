@@ -92,6 +92,8 @@ def test_utm_tiles_and_footprints(tmp_path: Path) -> None:
     assert tile["footprint"] == pytest.approx([min(lons), min(lats), max(lons), max(lats)], abs=1e-6)
     assert 14.9 < tile["footprint"][0] < 15.1 and 45.0 < tile["footprint"][1] < 45.2
     assert len(list(iter_items(tmp_path))) == 2  # without tiles: two whole files
+    alone = list(iter_items(tmp_path / "scene.tif", TILES))  # the scene as SOURCE: its folder is the root
+    assert [(i.id, i.meta) for i in alone] == [(i.id, i.meta) for i in items[1:]]
 
 
 def test_uint16_stretch_and_nodata(tmp_path: Path) -> None:
@@ -233,11 +235,14 @@ def test_embed_tiles_cli_and_broken_window(
     Image.new("RGB", (40, 40), (200, 0, 0)).save(scenes / "plain.png")
     base = ["embed", str(scenes), "--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "s"), "--tile-size", "32", "--bands", "3,2,1"]) == 0
-    assert "6 of 6 items embedded" in capsys.readouterr().out
+    assert "9 of 9 items embedded" in capsys.readouterr().out  # 5 scene tiles, 4 of the 40 px plain image
     data = load_store(tmp_path / "s")
     assert data.manifest["tiles"] == {"tile_size": 32, "stride": 32, "bands": [3, 2, 1]}
     assert sum(m.get("crs") == "EPSG:32633" for m in data.metas) == 5
-    assert main(["search", str(tmp_path / "s"), "a harbor", "-k", "6", "--format", "geojson"]) == 0
+    plain = [(i, m) for i, m in zip(data.ids, data.metas, strict=True) if m["kind"] == "image-window"]
+    assert [i for i, _ in plain] == [f"plain.png/r{r:06d}_c{c:06d}" for r in (0, 8) for c in (0, 8)]
+    assert all("footprint" not in m and "crs" not in m for _, m in plain)
+    assert main(["search", str(tmp_path / "s"), "a harbor", "-k", "9", "--format", "geojson"]) == 0
     assert len(json.loads(capsys.readouterr().out)["features"]) == 5
 
     assert main([*base, "--out", str(tmp_path / "x"), "--stride", "16"]) == 2

@@ -66,17 +66,52 @@ def test_ivf_pq_index(synthetic: Path) -> None:
     assert record["nprobe"] == 2 and record["recall_queries"] == {"store sample": 30, "text": 20}
     assert all(0 <= r <= 1 for recalls in record["recall@10"].values() for r in recalls.values())
     index = load_index(info)
-    exact = exact_topk(info, queries, 10, "max-response")[1]
-    broad = recall_at_k(index.search(queries, 10, "max-response", candidates=200, nprobe=8)[1], exact)
-    assert broad >= recall_at_k(index.search(queries, 10, "max-response", candidates=10, nprobe=1)[1], exact)
+    exact = exact_topk(info, queries, 10, "max-response")
+    broad = recall_at_k(index.search(queries, 10, "max-response", candidates=200, nprobe=8), exact)
+    assert broad >= recall_at_k(index.search(queries, 10, "max-response", candidates=10, nprobe=1), exact)
     assert broad > 0.9
     scores, rows = index.search(queries, 10, "global")
     assert torch.all(scores[:, :-1] >= scores[:, 1:]) and rows.min() >= 0
 
 
-def test_recall_at_k() -> None:
-    exact = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1]])
-    assert recall_at_k(torch.tensor([[4, 3, 9, 8], [6, 5, 0, 7]]), exact) == pytest.approx(0.75)
+def test_recall_at_k_counts_ties_as_equal() -> None:
+    exact = (
+        torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.9, 0.8, -torch.inf, -torch.inf]]),
+        torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1]]),
+    )
+    missed = (torch.tensor([[0.7, 0.6, 0.5, 0.4], [0.9, 0.8, 0.1, 0.0]]), torch.tensor([[3, 4, 9, 8], [6, 5, 0, 7]]))
+    assert recall_at_k(missed, exact) == pytest.approx(0.75)  # rows 9 and 8 score below the 4th exact score
+    tied = (torch.tensor([[0.9, 0.8, 0.7, 0.6]]), torch.tensor([[1, 2, 3, 7]]))  # row 7 ties with row 4
+    assert recall_at_k(tied, (exact[0][:1], exact[1][:1])) == 1.0
+    assert recall_at_k((tied[0] - 1e-3, tied[1]), (exact[0][:1], exact[1][:1])) == pytest.approx(0.75)
+
+
+def test_flat_index_recall_is_one_on_a_store_with_duplicates(tmp_path: Path) -> None:
+    """Each embedding is stored three times: exact search breaks ties by row and FAISS by its own order, so the
+    rows differ while the scores agree; a Flat index must report recall 1.0 in every mode."""
+    import numpy as np
+
+    from mpsclip.archive.store import ShardRows, shard_path, write_shard
+
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((40, DIM)).astype(np.float32)
+    vectors = np.repeat(distinct / np.linalg.norm(distinct, axis=1, keepdims=True), 3, axis=0).astype(np.float16)
+    rng.shuffle(vectors)  # duplicates in rows far apart
+    n = len(vectors)
+    rows = ShardRows([f"{i:04d}.png" for i in range(n)], ["{}"] * n, vectors, vectors,
+                     np.repeat(vectors[:, None], 2, axis=1), np.ones((n, 2), dtype=bool))
+    write_shard(shard_path(tmp_path, 0), rows, DIM, 2)
+    write_manifest(tmp_path, {"complete": True, "counts": {"items": n, "embedded": n, "failed": 0, "shards": 1},
+                              "dim": DIM, "views": 2, "checkpoint": "synthetic", "checkpoint_sha256": "synthetic",
+                              "arch": None, "precision": "fp16"})
+    info = open_store(tmp_path)
+    record = build_index(info, IndexSettings(factory="Flat", recall_queries=30), progress=False)
+    assert record["recall@10"]["store sample"] == {mode: 1.0 for mode in (*MODES, "faiss only")}
+    queries = torch.from_numpy(vectors[:30].astype(np.float32))
+    exact = exact_topk(info, queries, 10, "fused")
+    found = load_index(info).search(queries, 10, "fused", candidates=10)
+    assert not torch.equal(found[1], exact[1])  # the tie order differs somewhere: rows alone would give recall < 1
+    assert recall_at_k(found, exact) == 1.0
 
 
 def test_stale_or_bad_index_is_refused(synthetic: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 from extras import require
+from kills import killed_after_shards
 
 from mpsclip.archive import job as job_mod
 from mpsclip.archive import ray_executor
@@ -52,12 +53,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "images"
 
 
-def _single_process(images: Path, store: Path, ckpt: Path, **kwargs: int) -> None:
+def _single_process(images: Path, store: Path, ckpt: Path) -> None:
     """``embed_archive`` on one CPU thread, as each Ray actor (1 CPU) runs: the same float sums, the same bytes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        embed_archive(images, store, ckpt, settings=SMALL, progress=False, **kwargs)
+        embed_archive(images, store, ckpt, settings=SMALL, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -83,7 +84,8 @@ def test_killed_ray_run_resumes(
 ) -> None:
     """Single process writes shard 0; Ray resumes, writes shard 1 and is killed; single process finishes."""
     store = tmp_path / "s"
-    _single_process(images, store, ckpt, stop_after_shards=1)
+    with killed_after_shards(1):
+        _single_process(images, store, ckpt)
     record = job_mod.record_shard
 
     def record_then_die(job: object, shard: int, *args: object) -> None:

@@ -314,8 +314,11 @@ GROW = EmbedSettings(batch_size=3, shard_size=3, device="cpu")
 @pytest.fixture()
 def growing(synth: Path, ckpt: Path, tmp_path: Path) -> Path:
     """The six scenes' store with its first shard of two only, as a running (or killed) 'mpsclip embed' leaves it."""
+    from kills import killed_after_shards
+
     out = tmp_path / "grow"
-    embed_archive(synth / "images", out, ckpt, settings=GROW, stop_after_shards=1, progress=False)
+    with killed_after_shards(1):
+        embed_archive(synth / "images", out, ckpt, settings=GROW, progress=False)
     return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kills import killed_after_shards
 from mpsclip.serve.catalog import _without, load_store_memory
 
 from mpsclip.archive.embedder import Embedder
@@ -58,10 +59,10 @@ def embed(ckpt: Path) -> Embed:
     """``embed_archive`` with SMALL settings and one model for the whole module (each call loads none)."""
     embedder = Embedder.load(ckpt, None, SMALL)
 
-    def run(source: Path, store: Path, stop_after_shards: int | None = None, **grow: bool) -> EmbedSummary:
+    def run(source: Path, store: Path, **grow: bool) -> EmbedSummary:
         executor = LocalExecutor(ckpt, None, SMALL, embedder)
         job = open_job(source, store, ckpt, None, SMALL, executor.decode(), **grow)
-        return run_job(job, executor, progress=False, stop_after_shards=stop_after_shards)
+        return run_job(job, executor, progress=False)
 
     return run
 
@@ -113,7 +114,8 @@ def test_rename_between_kill_and_resume_gives_no_duplicate_and_no_gap(
 ) -> None:
     source = _source(synth, tmp_path / "src", names)
     store = tmp_path / "store"
-    embed(source, store, 1)  # killed after shard 0
+    with killed_after_shards(1):
+        embed(source, store)
     embedded, waiting = names[0], names[3]
     (source / embedded).rename(source / f"zz_{embedded}")  # an embedded file renamed
     (source / waiting).rename(source / f"a_{waiting}")  # a file still to embed renamed: it now sorts first
@@ -138,7 +140,8 @@ def test_killed_run_with_failures_resumes_to_the_same_files(
     (source / names[2]).write_bytes(b"not an image")  # fails in shard 1
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     embed(source, whole)
-    embed(source, killed, 2)
+    with killed_after_shards(2):
+        embed(source, killed)
     manifest = json.loads((killed / "manifest.json").read_text())
     manifest["shards"] = manifest["shards"][:1]  # killed after shard 1 was renamed in, before the manifest recorded it
     (killed / "manifest.json").write_text(json.dumps(manifest))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from kills import killed_after_steps
 
 from mpsclip.cli import main
 from mpsclip.data.synth import generate
@@ -46,8 +47,8 @@ def _trainable(path):
 def test_killed_run_resumes_to_identical_weights(synth, tmp_path):
     cfg = _config(synth)
     train(cfg, tmp_path / "full")
-    stopped = train(cfg, tmp_path / "crashed", stop_after_steps=4)  # 3 steps per epoch: dies in epoch 2
-    assert stopped == {"stopped_at_step": 4}
+    with killed_after_steps(4):  # 3 steps per epoch: dies in epoch 2
+        train(cfg, tmp_path / "crashed")
     assert json.loads((tmp_path / "crashed" / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     train(cfg, tmp_path / "crashed", resume=True)
     full = _trainable(tmp_path / "full" / "last.safetensors")

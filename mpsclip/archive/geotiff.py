@@ -51,7 +51,14 @@ from rasterio.io import DatasetReader
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
-from mpsclip.archive.items import Item, TileSettings, check_regular_file, relative_to_root
+from mpsclip.archive.items import (
+    Item,
+    TileSettings,
+    check_regular_file,
+    relative_to_root,
+    window_offsets,
+    window_suffix,
+)
 from mpsclip.errors import MPSCLIPError
 
 PERCENTILES = (2.0, 98.0)
@@ -100,16 +107,6 @@ def window_bounds(window: Window, transform: Affine) -> tuple[float, float, floa
     corners = [transform @ (c, r) for c in (col, col + width) for r in (row, row + height)]
     xs, ys = [x for x, _ in corners], [y for _, y in corners]
     return min(xs), min(ys), max(xs), max(ys)
-
-
-def window_offsets(size: int, tile: int, stride: int) -> list[int]:
-    """Window starts along one axis: every ``stride``, the last one shifted to end at ``size``."""
-    if size <= tile:
-        return [0]
-    offsets = list(range(0, size - tile + 1, stride))
-    if offsets[-1] != size - tile:
-        offsets.append(size - tile)
-    return offsets
 
 
 @dataclass(frozen=True)
@@ -354,7 +351,7 @@ def tile_metas(scene: SceneBands, settings: TileSettings, where: str) -> list[tu
         }
         if settings.resolution is not None:
             meta["out_size"] = out_size(w, cut, settings.tile_size, sx, sy)
-        tiles.append((f"r{int(w.row_off):06d}_c{int(w.col_off):06d}", meta))
+        tiles.append((window_suffix(int(w.col_off), int(w.row_off)), meta))
     return tiles
 
 

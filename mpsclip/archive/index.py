@@ -257,12 +257,29 @@ def _check_nprobe(settings: IndexSettings, index: Any, factory: str) -> None:
         raise MPSCLIPError(f"--nprobe: the index {factory!r} has no inverted lists to probe; drop --nprobe")
 
 
-def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """Mean fraction of each query's exact top rows (``-1`` padding aside) found among its approximate ones."""
+TIE_TOLERANCE = 1e-5
+"""Scores this close to a query's k-th exact score count as tied with it (the same fp16 vectors scored in two
+calls may differ in the last float bits)."""
+
+
+Ranked = tuple[torch.Tensor, torch.Tensor]
+"""``(scores [Q, k], store rows [Q, k])`` as :func:`~mpsclip.archive.search.exact_topk` returns them."""
+
+
+def recall_at_k(approx: Ranked, exact: Ranked) -> float:
+    """Mean fraction of each query's exact top-k rows (``-1`` padding aside) that the approximate top-k matches,
+    ties counted as equal: an approximate row is a correct hit when it is among the exact rows or scores as high
+    as the exact k-th (within :data:`TIE_TOLERANCE`), since exact search then breaks the tie only by row order.
+    The approximate scores must be exact scores of their rows (as :meth:`StoreIndex.search` re-ranks them)."""
     found = []
-    for a, e in zip(approx.tolist(), exact.tolist(), strict=True):
-        want = {r for r in e if r >= 0}
-        found.append(len(want & set(a)) / len(want) if want else 1.0)
+    for a_scores, a_rows, e_scores, e_rows in zip(*(t.tolist() for t in (*approx, *exact)), strict=True):
+        want = {r for r in e_rows if r >= 0}
+        if not want:
+            found.append(1.0)
+            continue
+        kth = min(s for s, r in zip(e_scores, e_rows, strict=True) if r >= 0)
+        hits = {r for r, s in zip(a_rows, a_scores, strict=True) if r >= 0 and (r in want or s >= kth - TIE_TOLERANCE)}
+        found.append(min(len(hits), len(want)) / len(want))
     return float(np.mean(found)) if found else float("nan")
 
 
@@ -270,13 +287,14 @@ def measure_recall(
     index: StoreIndex, queries: torch.Tensor, k: int = RECALL_K, progress: bool = False
 ) -> dict[str, float]:
     """Recall@k of index search (candidates re-ranked exactly) against exhaustive search, per mode, and of
-    the raw FAISS top-k against exact fused search (``faiss only``)."""
+    the raw FAISS top-k against exact fused search (``faiss only``: the same rows, scored exactly so that ties
+    count; :func:`recall_at_k`)."""
     recall = {}
     for mode in MODES:
-        _, exact = exact_topk(index.info, queries, k, mode, progress=progress)
-        recall[mode] = recall_at_k(index.search(queries, k, mode)[1], exact)
+        exact = exact_topk(index.info, queries, k, mode, progress=progress)
+        recall[mode] = recall_at_k(index.search(queries, k, mode), exact)
         if mode == "fused":
-            recall["faiss only"] = recall_at_k(torch.from_numpy(index.candidates(queries, k)), exact)
+            recall["faiss only"] = recall_at_k(index.search(queries, k, mode, candidates=k), exact)
     return recall
 
 

@@ -6,6 +6,9 @@ An :class:`Item` has an explicit ``kind``:
 * ``tar-member``: the image member of a WebDataset sample (meta ``tar``, ``member``, ``offset``, ``size``);
 * ``geotiff-window``: a tile of a georeferenced scene (meta ``scene``, ``window``, ...; see
   :mod:`mpsclip.archive.geotiff`);
+* ``image-window``: a tile of a plain (not georeferenced) image file larger than a tile (meta ``path`` and
+  ``window`` ``[col_off, row_off, width, height]`` in the image's pixels; no footprint), cut by
+  :func:`image_windows` as scenes are;
 * ``remote``: a whole raster named by ``hrefs`` (one RGB or grey raster, or red, green and blue single-band
   rasters), each an ``http(s)://`` or ``s3://`` URL or a local path; ``remote-window``: a tile of such rasters
   (meta as ``geotiff-window``'s, with ``hrefs`` instead of ``scene``); see :mod:`mpsclip.archive.remote`.
@@ -31,11 +34,13 @@ from PIL import Image
 from mpsclip.archive.hrefs import REMOTE_KINDS, allowed_remote, gdal_path, host_of, is_url
 from mpsclip.errors import MPSCLIPError
 
-ItemKind = Literal["file", "tar-member", "geotiff-window", "remote", "remote-window"]
+ItemKind = Literal["file", "tar-member", "geotiff-window", "image-window", "remote", "remote-window"]
 ITEM_KINDS: tuple[str, ...] = get_args(ItemKind)
-PATH_KEYS: dict[str, str] = {"file": "path", "tar-member": "tar", "geotiff-window": "scene"}
+PATH_KEYS: dict[str, str] = {"file": "path", "tar-member": "tar", "geotiff-window": "scene", "image-window": "path"}
 """The meta key holding each local kind's file (relative to the source root)."""
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+IMAGE_FORMATS = "JPEG/PNG/TIFF/WEBP"
+"""How messages name the image files of :data:`IMAGE_EXTENSIONS`."""
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What reading a broken or truncated image raises (PIL, rasterio): such items are skipped and listed."""
 
@@ -61,9 +66,9 @@ class Item:
 
 @dataclass(frozen=True)
 class TileSettings:
-    """How to cut georeferenced scenes: square tiles of ``tile_size`` px every ``stride`` px, 1-based ``bands``
-    (None: 1,2,3, or 1 for single-band scenes); with ``resolution``, a pixel covers that many metres (the scene
-    is resampled) instead of one scene pixel."""
+    """How to cut georeferenced scenes and plain images larger than a tile: square tiles of ``tile_size`` px every
+    ``stride`` px; for scenes only, 1-based ``bands`` (None: 1,2,3, or 1 for single-band scenes) and, with
+    ``resolution``, pixels of that many metres (the scene is resampled) instead of one scene pixel."""
 
     tile_size: int
     stride: int
@@ -75,6 +80,32 @@ class TileSettings:
             raise MPSCLIPError(f"--tile-size and --stride must be 1 or more, got {self.tile_size}, {self.stride}")
         if self.resolution is not None and not self.resolution > 0:
             raise MPSCLIPError(f"--resolution must be a number of metres above 0, got {self.resolution}")
+
+
+def window_offsets(size: int, tile: int, stride: int) -> list[int]:
+    """Window starts along one axis: every ``stride``, the last one shifted to end at ``size``."""
+    if size <= tile:
+        return [0]
+    offsets = list(range(0, size - tile + 1, stride))
+    if offsets[-1] != size - tile:
+        offsets.append(size - tile)
+    return offsets
+
+
+def image_windows(width: int, height: int, tile: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """``(col_off, row_off, width, height)`` of the tiles of a ``width`` x ``height`` image, row by row: full
+    tiles every ``stride`` px, the last row and column shifted back to end at the edge (an axis shorter than a
+    tile gives tiles of its length)."""
+    return [
+        (col, row, min(tile, width), min(tile, height))
+        for row in window_offsets(height, tile, stride)
+        for col in window_offsets(width, tile, stride)
+    ]
+
+
+def window_suffix(col: int, row: int) -> str:
+    """A tile's id below its scene or image: ``r<row>_c<col>``, zero-padded so that ids sort row by row."""
+    return f"r{row:06d}_c{col:06d}"
 
 
 def check_regular_file(path: Path) -> int:

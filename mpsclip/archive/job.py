@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mpsclip import __version__
 from mpsclip.archive.embedder import Embedder, EmbedSettings, resolve_decode
 from mpsclip.archive.hrefs import REMOTE_KINDS, remote_hosts
-from mpsclip.archive.items import PATH_KEYS, Item, TileSettings, contained_path
+from mpsclip.archive.items import IMAGE_FORMATS, PATH_KEYS, Item, TileSettings, contained_path
 from mpsclip.archive.sources import iter_items, source_identity, source_root
 from mpsclip.archive.store import (
     FAILURES,
@@ -137,7 +137,7 @@ def list_items(source: Path, settings: EmbedSettings) -> list[Item]:
     item's file lies outside the source folder (:func:`~mpsclip.archive.items.contained_path`)."""
     items = list(iter_items(source) if settings.tiles is None else iter_items(source, settings.tiles))
     if not items:
-        raise MPSCLIPError(f"{source}: no JPEG/PNG/TIFF images found")
+        raise MPSCLIPError(f"{source}: no {IMAGE_FORMATS} images found")
     items.sort(key=lambda item: item.id)
     for before, item in pairwise(items):
         if before.id == item.id:
@@ -385,12 +385,9 @@ class LocalExecutor:
             yield shard, rows, failed
 
 
-def run_job(
-    job: Job, executor: ShardExecutor, progress: bool = True, stop_after_shards: int | None = None
-) -> EmbedSummary:
-    """Embed the job's pending shards on ``executor``, record them in order and close the job;
-    ``stop_after_shards`` stops after writing that many shards (for tests of resuming)."""
-    shards = list(job.pending())[:stop_after_shards]
+def run_job(job: Job, executor: ShardExecutor, progress: bool = True) -> EmbedSummary:
+    """Embed the job's pending shards on ``executor``, record them in order and close the job."""
+    shards = list(job.pending())
     n_items = len(job.items)
     with tqdm(
         total=n_items,
@@ -412,17 +409,15 @@ def embed_archive(
     checkpoint: str | Path,
     arch: str | None = None,
     settings: EmbedSettings | None = None,
-    stop_after_shards: int | None = None,
     progress: bool = True,
     prune: bool = False,
     retry_failed: bool = False,
 ) -> EmbedSummary:
     """Embed ``source`` into ``store`` in this process (resuming a partial store, or growing a complete one with
-    the source's new items); ``stop_after_shards`` stops after writing that many shards in this call (for tests of
-    resuming); ``prune`` and ``retry_failed`` as in :func:`open_job`."""
+    the source's new items); ``prune`` and ``retry_failed`` as in :func:`open_job`."""
     settings = settings or EmbedSettings()
     settings.check()
     source, store, ckpt = Path(source), Path(store), resolve_checkpoint(checkpoint)
     executor = LocalExecutor(ckpt, arch, settings)
     job = open_job(source, store, ckpt, arch, settings, executor.decode(), prune=prune, retry_failed=retry_failed)
-    return run_job(job, executor, progress, stop_after_shards)
+    return run_job(job, executor, progress)

@@ -2,7 +2,8 @@
 
 ``iter_items(source)`` accepts
 
-* a folder: every JPEG/PNG/TIFF file below it and the samples of every ``.tar`` shard below it (recursively,
+* one image file (JPEG, PNG, TIFF or WEBP): that file is the only item (id: its name), its folder the root;
+* a folder: every JPEG/PNG/TIFF/WEBP file below it and the samples of every ``.tar`` shard below it (recursively,
   hidden files and folders skipped);
 * a text file of paths (``.txt`` or ``.lst``): one image path per line, relative to the file's folder unless
   absolute; blank lines and lines starting with ``#`` are ignored;
@@ -19,8 +20,10 @@
 * one ``http(s)://`` or ``s3://`` image URL; a text file may list such URLs too (id: the URL without its query).
 
 With ``tiles`` (``--tile-size``), each georeferenced ``.tif``/``.tiff`` file is replaced by its tiles (see
-:mod:`mpsclip.archive.geotiff`, which needs rasterio; meta ``scene``, ``window``, ``crs``, ``footprint``, ...);
-other files and tar samples stay whole images.
+:mod:`mpsclip.archive.geotiff`, which needs rasterio; meta ``scene``, ``window``, ``crs``, ``footprint``, ...),
+and each other image file wider or taller than a tile by its ``image-window`` tiles, cut the same way in its own
+pixels (id ``<file id>/r<row>_c<col>``, meta ``path`` and ``window``; no CRS nor footprint; ``bands`` and
+``resolution`` are the scenes' alone). Images that fit in one tile, unreadable files and tar samples stay whole.
 
 Items come in a deterministic order (sorted by id) so that shard ``i`` of a store always holds the same items.
 ``Item.meta`` is a plain JSON-able dict (with the item's ``kind``) whose paths are relative to
@@ -34,20 +37,34 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from mpsclip.archive import stac, webdataset
 from mpsclip.archive.hrefs import is_url, public_href
-from mpsclip.archive.items import IMAGE_EXTENSIONS, Item, TileSettings, is_image_file, relative_to_root
+from mpsclip.archive.items import (
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    READ_ERRORS,
+    Item,
+    TileSettings,
+    check_regular_file,
+    image_windows,
+    is_image_file,
+    relative_to_root,
+    window_suffix,
+)
 from mpsclip.errors import MPSCLIPError
 
 LIST_EXTENSIONS = (".txt", ".lst")
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def source_root(source: str | Path) -> Path:
     """The absolute folder every meta path of ``source``'s items is relative to: the folder itself, the folder of
-    a list file or shard, or the leading folder of a pattern of shards (for a URL or STAC source, see
+    an image file, list file or shard, or the leading folder of a pattern of shards (for a URL or STAC source, see
     :func:`mpsclip.archive.stac.stac_root`)."""
     pattern, path = source_text(source), Path(source)
     if stac.is_stac_source(pattern):
@@ -58,8 +75,9 @@ def source_root(source: str | Path) -> Path:
 
 
 def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterator[Item]:
-    """Items of a folder, a text file of paths, a tar shard or a pattern of shards, sorted by id; raises
-    :class:`MPSCLIPError` on a bad source. With ``tiles``, georeferenced GeoTIFF scenes give their tiles."""
+    """Items of an image file, a folder, a text file of paths, a tar shard or a pattern of shards, sorted by id;
+    raises :class:`MPSCLIPError` on a bad source. With ``tiles``, georeferenced GeoTIFF scenes and larger images
+    give their tiles."""
     pattern, source = source_text(source), Path(source)
     remote: list[Item] = []  # remote items come tiled already
     if stac.is_stac_source(pattern):
@@ -70,6 +88,8 @@ def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterato
         items = _shards_items([(shard, shard.relative_to(base).as_posix()) for shard in shards], root)
     elif source.is_dir():
         items = _folder_items(source, source_root(source))
+    elif source.is_file() and is_image_file(source):
+        items = [_file_item(source.name, source, source_root(source))]
     elif source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
         items, urls = _list_items(source, source_root(source))
         remote = _url_items(urls, tiles, source_root(source))
@@ -77,13 +97,14 @@ def iter_items(source: str | Path, tiles: TileSettings | None = None) -> Iterato
         items = _shards_items([(source, source.name)], source_root(source))
     elif not source.exists():
         raise MPSCLIPError(
-            f"{source}: no such folder or file; pass a folder of images, a .txt list of paths or URLs, .tar shards, "
-            "a STAC catalog (.json, http(s)://, s3://) or a stac-geoparquet file"
+            f"{source}: no such folder or file; pass an image, a folder of images, a .txt list of paths or URLs, "
+            ".tar shards, a STAC catalog (.json, http(s)://, s3://) or a stac-geoparquet file"
         )
     else:
         raise MPSCLIPError(
-            f"{source}: not a folder, a text file of paths ({', '.join(LIST_EXTENSIONS)}) nor a .tar shard; "
-            "pass a folder of images, a list file, WebDataset shards or a STAC catalog (.json) or stac-geoparquet file"
+            f"{source}: not an image ({', '.join(IMAGE_EXTENSIONS)}), a folder, a text file of paths "
+            f"({', '.join(LIST_EXTENSIONS)}) nor a .tar shard; pass an image, a folder of images, a list file, "
+            "WebDataset shards or a STAC catalog (.json) or stac-geoparquet file"
         )
     if tiles is not None:
         items = _tiled(items, tiles, source_root(pattern))
@@ -142,18 +163,55 @@ def _url_items(urls: list[str], tiles: TileSettings | None, root: Path) -> list[
     return items
 
 
-def _tiled(items: list[Item], tiles: TileSettings, root: Path) -> list[Item]:
+def _geotiff() -> Any:
+    """:mod:`mpsclip.archive.geotiff`, imported when a listing holds TIFF files to tile (it needs rasterio)."""
     try:
         from mpsclip.archive import geotiff
     except ImportError as err:
-        raise MPSCLIPError(f"--tile-size needs rasterio ({err}); install it with: pip install 'mpsclip[geo]'") from err
+        raise MPSCLIPError(
+            f"--tile-size on TIFF files needs rasterio ({err}); install it with: pip install 'mpsclip[geo]'"
+        ) from err
+    return geotiff
+
+
+def _tiled(items: list[Item], tiles: TileSettings, root: Path) -> list[Item]:
+    """``items`` with each image file cut into its tiles: georeferenced TIFF scenes by
+    :func:`mpsclip.archive.geotiff.scene_tiles`, other images larger than a tile by :func:`image_tiles`."""
     out: list[Item] = []
-    for item in tqdm(items, desc="listing scenes", unit="file", leave=False, disable=None):
-        if item.path.suffix.lower() in (".tif", ".tiff") and geotiff.is_georeferenced(item.path):
-            out.extend(geotiff.scene_tiles(item.path, item.id, tiles, root))
-        else:
+    for item in tqdm(items, desc="listing images", unit="file", leave=False, disable=None):
+        if item.kind != "file":
             out.append(item)
+        elif item.path.suffix.lower() in GEOTIFF_SUFFIXES and _geotiff().is_georeferenced(item.path):
+            out.extend(_geotiff().scene_tiles(item.path, item.id, tiles, root))
+        else:
+            out.extend(image_tiles(item, tiles))
     return out
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from an image file's header, or None when it is not a regular file PIL can open (it
+    is then read whole, and fails there: a failure listed like any unreadable image)."""
+    try:
+        check_regular_file(path)
+        with Image.open(path) as image:
+            return image.size
+    except READ_ERRORS:
+        return None
+
+
+def image_tiles(item: Item, tiles: TileSettings) -> list[Item]:
+    """The ``image-window`` tiles of a plain image file wider or taller than ``tiles.tile_size``, every
+    ``tiles.stride`` pixels (see the module's docstring); ``[item]`` itself when it fits in one tile or cannot be
+    read."""
+    size = image_size(item.path)
+    if size is None or (size[0] <= tiles.tile_size and size[1] <= tiles.tile_size):
+        return [item]
+    base = {"kind": "image-window", "path": item.meta["path"]}
+    return [
+        Item(f"{item.id}/{window_suffix(col, row)}", item.path, {**base, "window": [col, row, width, height]},
+             "image-window")
+        for col, row, width, height in image_windows(*size, tiles.tile_size, tiles.stride)
+    ]
 
 
 def _file_item(item_id: str, path: Path, root: Path) -> Item:
@@ -197,7 +255,7 @@ def _list_items(list_file: Path, root: Path) -> tuple[list[Item], list[str]]:
         name = public_href(entry) if is_url(entry) else entry
         if not is_image_file(Path(name)):
             raise MPSCLIPError(
-                f"{where}: {name!r} is not a JPEG/PNG/TIFF file name ({', '.join(IMAGE_EXTENSIONS)}); "
+                f"{where}: {name!r} is not a {IMAGE_FORMATS} file name ({', '.join(IMAGE_EXTENSIONS)}); "
                 "remove the line or convert the image"
             )
         if name in items or name in urls:

@@ -110,7 +110,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed calls per cell after its first, the probe included (default: 2)")
     parser.add_argument("--duration", type=float, default=None,
-                        help="seconds for all timed rounds: each group of cells gets its share (at least 3 rounds)")
+                        help="seconds for all timed rounds, warm-up calls aside: each group of cells gets its share "
+                             "(at least 3 rounds, at most --repeats)")
     parser.add_argument("--engine-dir", action="append", default=[], metavar="KIND=DIR",
                         help="an mpsclip export folder for engine KIND (onnxruntime, aoti, tensorrt)")
     parser.add_argument("--build-workers", type=int, default=None, metavar="N",

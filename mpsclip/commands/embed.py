@@ -1,14 +1,17 @@
-"""Embed an image archive (folders, path lists, WebDataset shards, GeoTIFF scenes) into a Parquet store for search.
+"""Embed an image archive (an image, folders, path lists, WebDataset shards, GeoTIFF scenes) into a Parquet store.
 
 The store is a folder of shard-NNNNN.parquet files (fp16 embeddings) with manifest.json and failures.jsonl.
 Shards are made from item ids: running embed again on a source that gained items embeds only the new items, into
 new shards, and leaves the existing shards as they are; a killed run resumes where it stopped when started again
 with the same arguments; a store made with another checkpoint or other settings is refused. Unreadable images
 are skipped and listed in failures.jsonl (--retry-failed tries them again); --prune lists the stored items whose
-source disappeared in pruned.jsonl, and searches skip them. Every item's file must lie inside SOURCE.
+source disappeared in pruned.jsonl, and searches skip them. Every item's file must lie inside SOURCE (a single
+image file: inside its folder).
 With --tile-size, georeferenced GeoTIFF scenes are cut into tiles (needs rasterio: pip install 'mpsclip[geo]');
 each tile's meta has its scene, window, CRS and EPSG:4326 footprint (for 'mpsclip search --bbox/--format geojson');
---resolution M reads tiles resampled to M-metre pixels (projected CRS only).
+--resolution M reads tiles resampled to M-metre pixels (projected CRS only). Other images larger than a tile
+(JPEG, PNG, WEBP, TIFF without georeferencing) are cut the same way in their own pixels (--bands and
+--resolution are the scenes' alone), with no footprint; an image that fits in one tile stays whole.
 SOURCE may also be a WebDataset .tar shard or a quoted brace pattern of shards ('shards-{0000..0099}.tar'),
 one item per sample with a jpg/png/tif image; .tar shards inside a folder are read too.
 SOURCE may also be a STAC Catalog, Collection, Item or ItemCollection (a .json file, an http(s):// or s3:// URL),
@@ -19,6 +22,8 @@ pip install 'mpsclip[stac]'). s3:// reads the standard AWS environment (AWS_ENDP
 
 example:
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors
+  mpsclip embed scene.tif --out scene.store --checkpoint runs/best.safetensors --tile-size 224
+  mpsclip embed photo.jpg --out photo.store --checkpoint runs/best.safetensors --tile-size 224 --stride 112
   mpsclip embed archive/ --out archive.store --checkpoint runs/best.safetensors --prune --retry-failed
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives from-dir --sub-root subimages
   mpsclip embed images/ --out store --checkpoint best.safetensors --perspectives zero-shot --keywords-top-k 3
@@ -55,6 +60,7 @@ from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
     from mpsclip.archive.items import TileSettings
+    from mpsclip.archive.job import EmbedSummary
 
 HELP = "embed an image archive into a Parquet store for text search"
 
@@ -65,7 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         default=None,
         metavar="SOURCE",
-        help="folder of images (and .tar shards), a .txt list of paths or URLs, a .tar shard, "
+        help="an image file (JPEG, PNG, TIFF, WEBP), a folder of images (and .tar shards), a .txt list of paths "
+        "or URLs, a .tar shard, "
         "'shards-{0000..0099}.tar', a STAC catalog/collection/item(s) (.json, http(s)://, s3://) or a "
         "stac-geoparquet file (not with --stac-api)",
     )
@@ -79,7 +86,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="embed the items of failures.jsonl again")
     _perspective_arguments(parser.add_argument_group("perspectives (sub-images)"))
     _speed_arguments(parser.add_argument_group("speed and engines"))
-    _tile_arguments(parser.add_argument_group("GeoTIFF scenes (needs rasterio)"))
+    _tile_arguments(parser.add_argument_group("tiles (of GeoTIFF scenes: needs rasterio)"))
     parser.add_argument(
         "--gdal-config",
         action="append",
@@ -144,11 +151,17 @@ def _speed_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _tile_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--tile-size", type=int, default=None, metavar="PX", help="cut GeoTIFF scenes into tiles")
-    group.add_argument("--stride", type=int, default=None, metavar="PX", help="tile step (default: --tile-size)")
-    group.add_argument("--bands", default=None, help="1-based bands as R,G,B or one grey band (default: 1,2,3)")
     group.add_argument(
-        "--resolution", type=float, default=None, metavar="METRES", help="resample tiles to pixels of METRES"
+        "--tile-size", type=int, default=None, metavar="PX",
+        help="cut GeoTIFF scenes and images larger than PX into tiles of PX",
+    )
+    group.add_argument("--stride", type=int, default=None, metavar="PX", help="tile step (default: --tile-size)")
+    group.add_argument(
+        "--bands", default=None, help="GeoTIFF scenes: 1-based bands as R,G,B or one grey band (default: 1,2,3)"
+    )
+    group.add_argument(
+        "--resolution", type=float, default=None, metavar="METRES",
+        help="GeoTIFF scenes: resample tiles to pixels of METRES",
     )
 
 
@@ -196,7 +209,7 @@ def embed_source(args: argparse.Namespace) -> str:
             filter=stac.parse_filter(args.filter),
         ).url()
     elif args.source is None:
-        raise MPSCLIPError("give a SOURCE (a folder, list, shards, STAC catalog or URL) or --stac-api URL")
+        raise MPSCLIPError("give a SOURCE (an image, a folder, list, shards, STAC catalog or URL) or --stac-api URL")
     elif searching:
         flags = ", ".join("--" + f for f in searching)
         raise MPSCLIPError(f"{flags}: only used with --stac-api URL; add it or drop them")
@@ -332,12 +345,8 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.out, args.checkpoint, arch=args.arch, settings=settings, progress=not args.quiet,
             prune=args.prune, retry_failed=args.retry_failed,
         )
-    rate = (summary.n_new / summary.seconds) if summary.seconds > 0 else 0.0
-    print(
-        f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in "
-        f"{summary.n_shards} shards ({summary.seconds:.1f} s, {rate:.1f} items/s overall)"
-    )
-    if summary.n_resumed_shards:
+    print(summary_line(summary))
+    if summary.n_resumed_shards and summary.n_shards > summary.n_resumed_shards:
         print(f"  {summary.n_new} new items embedded after {summary.n_resumed_shards} existing shards")
     if summary.n_pruned:
         print(f"  {summary.n_pruned} stored items whose source disappeared are pruned (searches skip them)")
@@ -346,6 +355,21 @@ def run(args: argparse.Namespace) -> int:
     if args.ray and nodes.shards:
         print("  shards per Ray node: " + ", ".join(f"{node} {n}" for node, n in sorted(nodes.shards.items())))
     return 0
+
+
+def summary_line(summary: EmbedSummary) -> str:
+    """What a run did: the store's counts and the rate over the items this run embedded (a run that found every
+    item embedded says so instead of dividing its listing time into them)."""
+    if summary.n_shards == summary.n_resumed_shards:
+        return (
+            f"store {summary.store}: nothing to do: {summary.n_embedded} items already embedded in "
+            f"{summary.n_shards} shards ({summary.seconds:.1f} s)"
+        )
+    rate = summary.n_new / summary.seconds if summary.seconds > 0 else 0.0
+    return (
+        f"store {summary.store}: {summary.n_embedded} of {summary.n_items} items embedded in {summary.n_shards} "
+        f"shards ({summary.seconds:.1f} s, {rate:.1f} items/s over the {summary.n_new} embedded in this run)"
+    )
 
 
 class _NodeLog:
