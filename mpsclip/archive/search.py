@@ -11,9 +11,7 @@ one shard's columns are in memory at a time; ids and metas are read for the fina
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,21 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from mpsclip.archive.dates import Interval
 from mpsclip.archive.filters import ItemFilter, item_filter
 from mpsclip.archive.geoparquet import valid_footprint
 from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
-from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_where
+from mpsclip.archive.store_reader import StoreInfo, pruned_rows, read_ids_metas, stream
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
 
 MODE_COLUMNS = {"fused": ["retrieval"], "global": ["global"], "max-response": ["global", "perspectives", "valid"]}
 BBox = tuple[float, float, float, float]
-READ_AHEAD = 2  # shards decoded ahead of the one being scored
 
 
 @dataclass(frozen=True)
@@ -188,31 +184,14 @@ def exact_topk(
     return best_s.cpu(), best_i.cpu()
 
 
-ShardPart = tuple[np.ndarray | None, dict[str, np.ndarray]]
-"""The positions in its shard of the rows read (None: all of them) and their columns."""
-
-
-def _read_part(info: StoreInfo, shard: int, columns: list[str], where: ItemFilter | None) -> ShardPart:
-    """A shard's ``columns``; with ``where``, of its items that pass it (pushed down to the Parquet reader: row
-    groups whose statistics exclude it are not decoded)."""
-    if where is None:
-        return None, read_shard(info, shard, columns)
-    return read_shard_where(info, shard, columns, where)
-
-
 def _prefetched(
     info: StoreInfo, columns: list[str], where: ItemFilter | None, progress: bool
-) -> Iterator[tuple[int, ShardPart]]:
-    """``(first row, part)`` of every shard in order, decoding the next shards in threads meanwhile."""
-    offsets = info.offsets()
-    with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
-        ahead = range(min(READ_AHEAD, len(offsets)))
-        pending = deque(pool.submit(_read_part, info, s, columns, where) for s in ahead)
-        for shard in tqdm(range(len(offsets)), desc="search", unit="shard", disable=not progress):
-            part = pending.popleft().result()
-            if shard + READ_AHEAD < len(offsets):
-                pending.append(pool.submit(_read_part, info, shard + READ_AHEAD, columns, where))
-            yield offsets[shard], part
+) -> Iterator[tuple[int, tuple[np.ndarray | None, dict[str, np.ndarray]]]]:
+    """``(first row, (positions in the shard of the rows read, None: all; their columns))`` of every shard in
+    order, as :func:`~mpsclip.archive.store_reader.stream` reads them (``where`` pushed down to the Parquet reader,
+    the next shards decoded meanwhile)."""
+    for part in stream(info, columns, where, progress="search" if progress else None):
+        yield part.offset, (part.positions, part.columns)
 
 
 def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:
