@@ -220,7 +220,7 @@ def load_store_memory(name: str, path: Path, old: Store | None = None, source_ro
     every shard checked, those unchanged since ``old`` was read taken from ``old``, one version of the files).
     ``source_root`` is where the store's SOURCE lies now (:func:`~mpsclip.archive.store_reader.relocate_source`)."""
     index = _index_version(path)
-    data = load_store(path, source_root, _held(old), finished=True)
+    data = load_store(path, source_root, _held(old), finished_shards=True)
     rows = {item_id: row for row, item_id in enumerate(data.ids)}
     return Store(name, data.info, data.ids, data.metas, data.columns, rows, version=DiskVersion(data.version, index),
                  pruned=data.pruned)

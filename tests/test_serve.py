@@ -352,7 +352,7 @@ def test_reload_serves_finished_shards_and_keeps_the_last_good_version(
 
         reads: list[int] = []
         read_shard = store_reader.read_shard
-        counted = lambda info, s, cols: reads.append(s) or read_shard(info, s, cols)  # noqa: E731
+        counted = lambda info, s, *rest: reads.append(s) or read_shard(info, s, *rest)  # noqa: E731
         monkeypatch.setattr(store_reader, "read_shard", counted)
         embed_archive(synth / "images", growing, ckpt, settings=GROW, progress=False)  # the second run finishes it
         assert reload() == {"items": 6, "reload": "reloaded"} and reads == [1]  # shard 0 kept from memory

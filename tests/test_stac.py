@@ -322,9 +322,9 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
     assert len(http.ids) == len(local.ids) == 8  # 2 scenes of 64 px in 32 px tiles
     local_rows = {i.replace("/visual.tif", ""): row for row, i in enumerate(local.ids)}
     order = [local_rows[i.removeprefix("s2/")] for i in http.ids]
-    assert np.array_equal(http.retrieval.numpy(), local.retrieval[order].numpy())
+    assert np.array_equal(http.columns["retrieval"], local.columns["retrieval"][order])
     searched = load_store(tmp_path / "api.store")
-    assert searched.ids == http.ids and np.array_equal(searched.retrieval.numpy(), http.retrieval.numpy())
+    assert searched.ids == http.ids and np.array_equal(searched.columns["retrieval"], http.columns["retrieval"])
     assert "/search?collections=s2&datetime=2024-05-01" in searched.manifest["source"]  # the search, recorded
     meta = http.metas[http.ids.index("s2/scene-1/" + http.ids[-1].rsplit("/", 1)[1])]
     assert meta["stac_item"] == "scene-1" and meta["collection"] == "s2" and meta["datetime"] == "2024-05-10T12:00:00Z"

@@ -186,8 +186,8 @@ def exact_topk(
 
 def _prefetched(
     info: StoreInfo, columns: list[str], where: ItemFilter | None, progress: bool
-) -> Iterator[tuple[int, tuple[np.ndarray | None, dict[str, np.ndarray]]]]:
-    """``(first row, (positions in the shard of the rows read, None: all; their columns))`` of every shard in
+) -> Iterator[tuple[int, tuple[np.ndarray, dict[str, np.ndarray]]]]:
+    """``(first row, (positions in the shard of the rows read, their columns))`` of every shard in
     order, as :func:`~mpsclip.archive.store_reader.stream` reads them (``where`` pushed down to the Parquet reader,
     the next shards decoded meanwhile)."""
     for part in stream(info, columns, where, progress="search" if progress else None):

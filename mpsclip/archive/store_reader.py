@@ -8,7 +8,7 @@ Two ways to read, for the two kinds of callers:
   exclude it are not decoded), decoding the next ones in threads meanwhile: ``mpsclip search``, index building.
 * :func:`load_store` reads a whole store into memory (ids, parsed metas, the embedding columns), taking the shards
   unchanged since a ``previous`` load from it instead of reading them again: ``mpsclip serve`` and its reloads,
-  evaluation and benchmarks.
+  ``mpsclip bench search``.
 
 What is checked, here only: :func:`open_store` refuses an unfinished or incomplete store, compares each shard's
 SHA-256 with its manifest record (a digest is computed again only when a file's size or mtime changed) and
@@ -94,26 +94,27 @@ class StoreInfo:
         return [sum(self.shard_rows[:i]) for i in range(len(self.shard_rows))]
 
 
-def open_store(store: str | Path, source_root: str | Path | None = None, finished: bool = False) -> StoreInfo:
+def open_store(store: str | Path, source_root: str | Path | None = None, finished_shards: bool = False) -> StoreInfo:
     """Check that ``store`` is complete and count its rows; raises :class:`MPSCLIPError` if missing or unfinished.
-    With ``finished``, a store 'mpsclip embed' is still writing opens as the shards it finished so far (what a
-    server serves). ``source_root`` relocates the store's SOURCE (:func:`relocate_source`)."""
+    With ``finished_shards``, a store 'mpsclip embed' is still writing opens as the shards it finished so far (what
+    a server serves). ``source_root`` relocates the store's SOURCE (:func:`relocate_source`)."""
     store = Path(store)
     manifest = read_manifest(store)
     if manifest is None:
         raise MPSCLIPError(f"{store}: no {MANIFEST}; is this a store made by 'mpsclip embed'?")
     if manifest.get("complete"):
         n_shards = _complete_shards(store, manifest)
-    elif not finished:
+    elif not finished_shards:
         raise MPSCLIPError(f"{store}: the store is unfinished; run 'mpsclip embed' again to complete it")
     elif "dim" not in manifest:
         raise MPSCLIPError(f"{store}: 'mpsclip embed' has not finished a shard of it yet; reload once it has")
     else:
         n_shards = count_complete_shards(store)
     rows = _checked_shard_rows(store, manifest, n_shards)
+    if sum(rows) == 0 and manifest.get("complete"):
+        raise MPSCLIPError(f"{store}: the store holds no embeddings")
     if sum(rows) == 0:
-        more = "; reload once more are written" if not manifest.get("complete") else ""
-        raise MPSCLIPError(f"{store}: the store holds no embeddings{more}")
+        raise MPSCLIPError(f"{store}: the shards finished so far hold no embeddings; reload once more are written")
     info = StoreInfo(store, manifest, rows)
     return info if source_root is None else relocate_source(info, source_root)
 
@@ -242,21 +243,17 @@ def _stored_columns(columns: list[str], names: list[str]) -> list[str]:
 @dataclass(frozen=True)
 class ShardPart:
     """Rows of one shard as :func:`read_shard` gives them: the shard's first store row ``offset``, the positions in
-    the shard of the rows read (``positions``; None: all of them, in order) and their ``columns``: ``id`` (str)
+    the shard of the rows read (``positions``, ascending) and their ``columns``: ``id`` (str)
     and ``meta`` (each item's whole meta, a dict) as object arrays, ``retrieval``/``global`` ``[n, D]`` and
     ``perspectives`` ``[n, K, D]`` fp16, ``valid`` ``[n, K]`` bool."""
 
-    shard: int
     offset: int
-    positions: np.ndarray | None
+    positions: np.ndarray
     columns: dict[str, np.ndarray]
 
     def rows(self) -> np.ndarray:
         """The store rows of the rows read."""
-        if self.positions is not None:
-            return self.positions + self.offset
-        n = len(next(iter(self.columns.values()))) if self.columns else 0
-        return np.arange(self.offset, self.offset + n, dtype=np.int64)
+        return self.positions + self.offset
 
 
 def read_shard(info: StoreInfo, shard: int, columns: list[str], where: ItemFilter | None = None) -> ShardPart:
@@ -271,11 +268,12 @@ def read_shard(info: StoreInfo, shard: int, columns: list[str], where: ItemFilte
         names = file.schema_arrow.names
         if where is None:
             table = file.read(columns=_stored_columns(columns, names))
-            return ShardPart(shard, offset, None, _decode(info, table, columns, path, version=version))
+            every = np.arange(table.num_rows, dtype=np.int64)
+            return ShardPart(offset, every, _decode(info, table, columns, path, version=version))
         if BBOX not in names:
             whole = read_shard(info, shard, list(dict.fromkeys([*columns, "meta"])))
             keep = where.rows(meta_arrays(list(whole.columns["meta"])))
-            return ShardPart(shard, offset, keep, {c: whole.columns[c][keep] for c in columns})
+            return ShardPart(offset, keep, {c: whole.columns[c][keep] for c in columns})
         groups = where.row_groups(file.metadata)
         stored = list(dict.fromkeys([*_stored_columns(columns, names), *where.columns(names)]))
         sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
@@ -285,7 +283,7 @@ def read_shard(info: StoreInfo, shard: int, columns: list[str], where: ItemFilte
     keep = where.rows(table_arrays(table))
     positions = positions[keep].astype(np.int64)
     decoded = _decode(info, table.take(pa.array(keep, pa.int64())), columns, path, positions)
-    return ShardPart(shard, offset, positions, decoded)
+    return ShardPart(offset, positions, decoded)
 
 
 def _read_ahead(tasks: list[Callable[[], T]], progress: str | None = None) -> Iterator[T]:
@@ -470,23 +468,23 @@ def load_store(
     store: str | Path,
     source_root: str | Path | None = None,
     previous: StoreData | None = None,
-    finished: bool = False,
+    finished_shards: bool = False,
 ) -> StoreData:
-    """Read the store into memory (:func:`open_store`: ``finished`` takes the shards finished so far of a store
-    still being written, ``source_root`` relocates its SOURCE). Shards whose files are unchanged since
+    """Read the store into memory (:func:`open_store`: ``finished_shards`` takes the shards finished so far of a
+    store still being written, ``source_root`` relocates its SOURCE). Shards whose files are unchanged since
     ``previous`` was read (and of the same rows and layout) are taken from it. Read again when the files change
     meanwhile, so the result is one version of the store."""
     path = Path(store)
     for _ in range(READ_TRIES):
         version = store_version(path)
-        info = open_store(path, source_root, finished)
+        info = open_store(path, source_root, finished_shards)
         parts = _shard_parts(info, version, previous)
         if store_version(path) == version:
             break
     else:
         raise MPSCLIPError(f"{path}: its files changed every time it was read ({READ_TRIES} tries); read it later")
     columns = {c: np.concatenate([p.columns[c] for p in parts]) for c in VECTOR_COLUMNS}
-    ids = [str(i) for p in parts for i in p.columns["id"]]
+    ids = [i for p in parts for i in p.columns["id"]]
     metas = [m for p in parts for m in p.columns["meta"]]
     return StoreData(info, ids, metas, columns, version, pruned_rows(info))
 
@@ -496,7 +494,7 @@ def _shard_parts(info: StoreInfo, version: StoreVersion, previous: StoreData | N
     read (in threads)."""
     kept = {s: _kept_part(previous, info, version, s) for s in range(len(info.shard_rows))}
     tasks = [lambda s=s: read_shard(info, s, ["id", "meta", *VECTOR_COLUMNS]) for s, p in kept.items() if p is None]
-    read = iter(_read_ahead(tasks))
+    read = iter(list(_read_ahead(tasks)))
     return [part if part is not None else next(read) for part in kept.values()]
 
 
@@ -515,7 +513,7 @@ def _kept_part(previous: StoreData | None, info: StoreInfo, version: StoreVersio
     stop = start + info.shard_rows[shard]
     columns = {c: previous.columns[c][start:stop] for c in VECTOR_COLUMNS}
     columns |= {"id": _objects(previous.ids[start:stop]), "meta": _objects(previous.metas[start:stop])}
-    return ShardPart(shard, info.offsets()[shard], None, columns)
+    return ShardPart(info.offsets()[shard], np.arange(stop - start, dtype=np.int64), columns)
 
 
 # ------------------------------------------------------------------------------------------------ verify
