@@ -55,8 +55,6 @@ class ShardRows:
     valid: np.ndarray
 
 
-
-
 def shard_path(store: Path, index: int) -> Path:
     return store / SHARD_PATTERN.format(index)
 
@@ -122,13 +120,10 @@ def reading(path: Path) -> Iterator[None]:
         ) from err
 
 
-
-
 def shard_num_rows(path: Path) -> int:
     """The rows of a shard, from its footer."""
     with reading(path):
         return pq.read_metadata(path).num_rows
-
 
 
 def sha256_file(path: Path) -> str:
@@ -159,7 +154,6 @@ def shard_sha256(path: Path) -> str:
 def shard_record(path: Path) -> dict[str, Any]:
     """What the manifest records of a shard just written: ``file``, ``rows`` and ``sha256``."""
     return {"file": path.name, "rows": shard_num_rows(path), "sha256": shard_sha256(path)}
-
 
 
 def count_complete_shards(store: Path) -> int:
@@ -235,5 +229,3 @@ def checked_source_root(manifest: dict[str, Any]) -> Path:
             "pass --source-root DIR, the folder that holds the embedded source now"
         )
     return Path(recorded)
-
-
