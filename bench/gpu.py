@@ -146,15 +146,15 @@ class Fixture:
 
 def compare_stores(reference: Path, other: Path, columns: tuple[str, ...]) -> dict[str, Any]:
     """Same ids in the same order, and the minimum row cosine of each column; raise when outside tolerance."""
-    from mpsclip.archive.store import open_store, read_shard
+    from mpsclip.archive.store_reader import open_store, stream
 
     ref_info, info = open_store(reference), open_store(other)
     if ref_info.n_rows != info.n_rows:
         raise AssertionError(f"{info.n_rows} rows, the CPU store has {ref_info.n_rows}")
     figures: dict[str, Any] = {"rows": ref_info.n_rows}
     for column in columns:
-        a = np.concatenate([read_shard(ref_info, s, [column])[column] for s in range(len(ref_info.shard_rows))])
-        b = np.concatenate([read_shard(info, s, [column])[column] for s in range(len(info.shard_rows))])
+        a = np.concatenate([part.columns[column] for part in stream(ref_info, [column])])
+        b = np.concatenate([part.columns[column] for part in stream(info, [column])])
         a, b = a.astype(np.float64).reshape(-1, a.shape[-1]), b.astype(np.float64).reshape(-1, b.shape[-1])
         norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         live = np.linalg.norm(a, axis=1) > 0  # padded perspective rows are zero on both sides
@@ -169,7 +169,7 @@ def compare_stores(reference: Path, other: Path, columns: tuple[str, ...]) -> di
 
 
 def _ids(info: Any) -> list[tuple[str, dict]]:
-    from mpsclip.archive.store import read_ids_metas
+    from mpsclip.archive.store_reader import read_ids_metas
 
     found = read_ids_metas(info, list(range(info.n_rows)))
     return [found[row] for row in range(info.n_rows)]
@@ -194,7 +194,7 @@ def check_zero_shot(fx: Fixture) -> dict[str, Any]:
     store = fx.store(f"{fx.device.type}-zero-shot", "jpeg", str(fx.device), perspectives="zero-shot")
     reference = fx.reference("jpeg", "zero-shot")
     figures = compare_stores(reference, store, ("retrieval", "global", "perspectives"))
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
 
     ref_kw = [m[1].get("keywords") for m in _ids(open_store(reference))]
     kw = [m[1].get("keywords") for m in _ids(open_store(store))]
@@ -206,7 +206,7 @@ def check_zero_shot(fx: Fixture) -> dict[str, Any]:
 
 def check_search(fx: Fixture, mode: str) -> dict[str, Any]:
     from mpsclip.archive.search import encode_queries, exact_topk
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
 
     info = open_store(fx.reference("jpeg"))
     queries = encode_queries(fx.model(), ["a harbour with boats", "dense forest", "a runway", "farmland"])

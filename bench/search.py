@@ -29,18 +29,8 @@ from tqdm import tqdm
 
 from mpsclip.archive.index import IndexSettings, build_index, import_faiss, load_index, recall_at_k
 from mpsclip.archive.search import Hit, exact_topk, to_hits
-from mpsclip.archive.store import (
-    FAILURES,
-    MANIFEST,
-    ShardRows,
-    StoreData,
-    StoreInfo,
-    load_store,
-    open_store,
-    shard_path,
-    write_manifest,
-    write_shard,
-)
+from mpsclip.archive.store import FAILURES, MANIFEST, ShardRows, shard_path, write_manifest, write_shard
+from mpsclip.archive.store_reader import StoreData, StoreInfo, load_store, open_store, read_shard
 from mpsclip.errors import MPSCLIPError
 from mpsclip.io import atomic_write
 from mpsclip.scoring import backend_for, mode_views, topk
@@ -144,14 +134,12 @@ def scratch_store(store: Path, scratch: Path) -> StoreInfo:
 
 def store_queries(info: StoreInfo, n: int, seed: int) -> torch.Tensor:
     """A seeded sample of ``n`` of the store's global embeddings (fp32), in store order."""
-    from mpsclip.archive.store import read_shard
-
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(info.n_rows, size=min(n, info.n_rows), replace=False))
     offsets = np.array(info.offsets())
     picked = []
     for shard in np.unique(np.searchsorted(offsets, rows, side="right") - 1):
-        glob = read_shard(info, int(shard), ["global"])["global"]
+        glob = read_shard(info, int(shard), ["global"]).columns["global"]
         mine = rows[(rows >= offsets[shard]) & (rows < offsets[shard] + info.shard_rows[shard])] - offsets[shard]
         picked.append(glob[mine])
     return torch.from_numpy(np.concatenate(picked).astype(np.float32))
@@ -201,9 +189,7 @@ def memory_search(data: StoreData, mode: str) -> Search:
     """Exact search over the store held in memory: one scored top-k over all rows (:func:`mpsclip.scoring.topk`
     along the backend of the queries' device), the views converted to fp32 once (as ``mpsclip serve`` holds them:
     a CPU has no fast fp16 matrix product)."""
-    columns = {"retrieval": data.retrieval, "global": data.glob, "perspectives": data.perspectives,
-               "valid": data.valid}
-    views, valid = mode_views(columns, mode)
+    views, valid = mode_views(data.columns, mode)
     views, rows = views.float(), torch.arange(len(views))
     return lambda q: topk(q, views, valid, rows, K, backend_for(q.device, mode))
 

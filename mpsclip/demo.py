@@ -149,7 +149,7 @@ def archive_step(out: Path, model_checkpoint: Path, data_dir: Path) -> float | N
     from mpsclip.archive.job import EmbedSettings, embed_archive
     from mpsclip.archive.render import to_geojson, to_html
     from mpsclip.archive.search import encode_queries, load_search_model, search_store
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
     from mpsclip.io import atomic_write
 
     try:
@@ -193,7 +193,7 @@ def zero_shot_step(archive: Path, model_checkpoint: Path, settings: EmbedSetting
 
     from mpsclip.archive.job import embed_archive
     from mpsclip.archive.search import encode_queries, load_search_model, search_store
-    from mpsclip.archive.store import open_store, read_ids_metas
+    from mpsclip.archive.store_reader import open_store, read_ids_metas
 
     settings = dataclasses.replace(settings, perspectives="zero-shot")
     out = archive / "store-zero-shot"
@@ -224,7 +224,7 @@ def serve_step(store: Path, model_checkpoint: Path, query: str, timeout_s: float
     """``mpsclip serve STORE`` as a user starts it, one ``POST /search``, then SIGINT; fails loudly when the
     server does not come up, answers differently from ``mpsclip search``, or does not stop cleanly."""
     from mpsclip.archive.search import encode_queries, load_search_model, search_store
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
 
     info = open_store(store)
     want = search_store(info, encode_queries(load_search_model(info.manifest, model_checkpoint), [query]), 1)[0][0].id

@@ -12,7 +12,6 @@ How a query is scored is :data:`SCORING` (also the OpenAPI description), chosen 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -30,30 +29,16 @@ from mpsclip.archive.filters import FilterArrays, item_filter, meta_arrays
 from mpsclip.archive.index import (
     CANDIDATE_FACTOR,
     INDEX_JSON,
-    VECTOR_COLUMNS,
     StoreIndex,
     index_answers,
     load_index,
 )
 from mpsclip.archive.search import BBox
-from mpsclip.archive.store import (
-    MANIFEST,
-    StoreInfo,
-    count_complete_shards,
-    open_store,
-    pruned_rows,
-    read_manifest,
-    read_shard,
-    relocate_source,
-    shard_path,
-    shard_rows,
-)
+from mpsclip.archive.store_reader import VECTOR_COLUMNS, StoreData, StoreInfo, StoreVersion, load_store, store_version
 from mpsclip.errors import MPSCLIPError
 from mpsclip.scoring import Backend, TopK, backend_for, mode_views, topk
 
 LOG = logging.getLogger("mpsclip.serve")
-COLUMNS = ["id", "meta", "retrieval", "global", "perspectives", "valid"]
-READ_TRIES = 3  # reads of a store that changed while being read, before the reload is reported as failed
 RELOAD_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, TypeError, pa.ArrowException)
 INDEX_ERRORS = (MPSCLIPError, OSError, ValueError, KeyError, RuntimeError)  # RuntimeError: FAISS's read_index
 ScoringPath = Literal["index"] | Backend
@@ -71,50 +56,24 @@ SCORING = (
 
 @dataclass(frozen=True)
 class DiskVersion:
-    """What a store folder holds now: ``(mtime_ns, size)`` of its manifest and of each finished shard."""
+    """What a store folder holds now: its manifest and finished shards, and ``index.json`` (written last by
+    'mpsclip index', so it stands for the whole index; None without one) as ``(mtime_ns, size)``."""
 
-    manifest: tuple[int, int]
-    shards: tuple[tuple[int, int], ...]
+    store: StoreVersion
     index: tuple[int, int] | None = None
-    """``index.json`` (written last by 'mpsclip index', so it stands for the whole index), None without one."""
+
+
+def _index_version(path: Path) -> tuple[int, int] | None:
+    try:
+        record = (path / INDEX_JSON).stat()
+    except FileNotFoundError:
+        return None
+    return record.st_mtime_ns, record.st_size
 
 
 def disk_version(path: Path) -> DiskVersion:
     """The store's :class:`DiskVersion` (a few ``stat`` calls: cheap enough to check every few seconds)."""
-    try:
-        stat = (path / MANIFEST).stat()
-    except FileNotFoundError as err:
-        raise MPSCLIPError(f"{path}: no {MANIFEST}; is this a store made by 'mpsclip embed'?") from err
-    shards: list[tuple[int, int]] = []
-    while True:
-        try:
-            shard = shard_path(path, len(shards)).stat()
-        except FileNotFoundError:
-            break
-        shards.append((shard.st_mtime_ns, shard.st_size))
-    try:
-        record = (path / INDEX_JSON).stat()
-    except FileNotFoundError:
-        index = None
-    else:
-        index = (record.st_mtime_ns, record.st_size)
-    return DiskVersion((stat.st_mtime_ns, stat.st_size), tuple(shards), index)
-
-
-def open_snapshot(path: Path) -> StoreInfo:
-    """The store as its finished shards show it: :func:`~mpsclip.archive.store.open_store` when complete; while
-    'mpsclip embed' still writes it, the shards finished so far."""
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise MPSCLIPError(f"{path}: no {MANIFEST}; is this a store made by 'mpsclip embed'?")
-    if manifest.get("complete"):
-        return open_store(path)
-    if "dim" not in manifest:
-        raise MPSCLIPError(f"{path}: 'mpsclip embed' has not finished a shard of it yet; reload once it has")
-    rows = shard_rows(path, manifest, count_complete_shards(path))
-    if sum(rows) == 0:
-        raise MPSCLIPError(f"{path}: the shards finished so far hold no embeddings; reload once more are written")
-    return StoreInfo(path, manifest, rows)
+    return DiskVersion(store_version(path), _index_version(path))
 
 
 @dataclass
@@ -224,47 +183,21 @@ def scoring_path(
 
 
 def load_store_memory(name: str, path: Path, old: Store | None = None, source_root: Path | None = None) -> Store:
-    """Read the finished shards of the store at ``path`` (those unchanged since ``old`` was read are taken from
-    ``old``); retried when the files change while being read, so the result is one version of the store.
-    ``source_root`` is where the store's SOURCE lies now (:func:`~mpsclip.archive.store.relocate_source`)."""
-    for _ in range(READ_TRIES):
-        version = disk_version(path)
-        info = open_snapshot(path)
-        info = info if source_root is None else relocate_source(info, source_root)
-        starts = old.info.offsets() if old is not None else []
-        parts = [shard_part(info, s, version, old, starts) for s in range(len(info.shard_rows))]
-        if disk_version(path) == version:
-            break
-    else:
-        raise MPSCLIPError(f"{path}: its files changed every time it was read ({READ_TRIES} tries); reload later")
-    columns = {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS if c not in ("id", "meta")}
-    ids = [i for p in parts for i in p["id"]]
-    metas = [m for p in parts for m in p["meta"]]
-    rows = {item_id: row for row, item_id in enumerate(ids)}
-    return Store(name, info, ids, metas, columns, rows, version=version, pruned=pruned_rows(info))
+    """The finished shards of the store at ``path`` in memory (:func:`~mpsclip.archive.store_reader.load_store`:
+    every shard checked, those unchanged since ``old`` was read taken from ``old``, one version of the files).
+    ``source_root`` is where the store's SOURCE lies now (:func:`~mpsclip.archive.store_reader.relocate_source`)."""
+    index = _index_version(path)
+    data = load_store(path, source_root, _held(old), finished_shards=True)
+    rows = {item_id: row for row, item_id in enumerate(data.ids)}
+    return Store(name, data.info, data.ids, data.metas, data.columns, rows, version=DiskVersion(data.version, index),
+                 pruned=data.pruned)
 
 
-def read_before(old: Store, info: StoreInfo, version: DiskVersion, shard: int) -> bool:
-    """Whether ``old`` holds shard ``shard`` as it is now: the same file (mtime, size), rows and layout."""
-    if old.version is None or shard >= min(len(old.version.shards), len(version.shards)):
-        return False
-    same_file = old.version.shards[shard] == version.shards[shard]
-    same_layout = (old.info.dim, old.info.views) == (info.dim, info.views)
-    return same_file and same_layout and old.info.shard_rows[shard] == info.shard_rows[shard]
-
-
-def shard_part(
-    info: StoreInfo, shard: int, version: DiskVersion, old: Store | None, old_starts: list[int]
-) -> dict[str, Any]:
-    """Shard ``shard``'s columns (ids as str, metas parsed): sliced from ``old`` (whose shards start at the rows
-    ``old_starts``) if the file is the one it read."""
-    if old is not None and read_before(old, info, version, shard):
-        start = old_starts[shard]
-        stop = start + info.shard_rows[shard]
-        part: dict[str, Any] = {c: old.columns[c][start:stop] for c in old.columns}
-        return part | {"id": old.ids[start:stop], "meta": old.metas[start:stop]}
-    cols = read_shard(info, shard, COLUMNS)
-    return cols | {"id": [str(i) for i in cols["id"]], "meta": [json.loads(m) for m in cols["meta"]]}
+def _held(store: Store | None) -> StoreData | None:
+    """What ``store`` holds, as the reader gave it (None: nothing to reuse)."""
+    if store is None or store.version is None:
+        return None
+    return StoreData(store.info, store.ids, store.metas, store.columns, store.version.store, store.pruned)
 
 
 def store_names(paths: list[Path]) -> list[str]:

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_adapters
@@ -11,7 +12,7 @@ from kills import killed_after_shards
 
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.sources import iter_items
-from mpsclip.archive.store import load_store
+from mpsclip.archive.store_reader import load_store
 from mpsclip.cli import main
 from mpsclip.commands.embed import summary_line
 from mpsclip.errors import MPSCLIPError
@@ -61,8 +62,9 @@ def test_embed_store_layout(store: Path) -> None:
     assert manifest["complete"] and manifest["precision"] == "fp16" and manifest["family"] == "mpsclip"
     assert manifest["counts"] == {"items": 6, "embedded": 6, "failed": 0, "shards": 3}
     data = load_store(store)
-    assert data.retrieval.dtype == torch.float16 and data.retrieval.shape == (6, manifest["dim"])
-    assert data.perspectives.shape == (6, manifest["views"], manifest["dim"]) and not data.valid.any()
+    retrieval, perspectives = data.columns["retrieval"], data.columns["perspectives"]
+    assert retrieval.dtype == np.float16 and retrieval.shape == (6, manifest["dim"])
+    assert perspectives.shape == (6, manifest["views"], manifest["dim"]) and not data.columns["valid"].any()
     assert data.ids == sorted(data.ids)
 
 
@@ -120,16 +122,15 @@ def test_embed_cli(synth: Path, ckpt: Path, tmp_path: Path, capsys: pytest.Captu
 
 def test_shards_with_fp16_list_columns_read_the_same(store: Path, tmp_path: Path) -> None:
     """Stores written before fp16 rows became fixed-size binary values (fixed-size lists) still read."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mpsclip.archive.store import open_store, read_shard
+    from mpsclip.archive.store_reader import open_store, read_shard
 
     copy = tmp_path / "old"
     shutil.copytree(store, copy)
     info = open_store(copy)
-    new = read_shard(info, 0, ["retrieval", "global", "perspectives", "valid"])
+    new = read_shard(info, 0, ["retrieval", "global", "perspectives", "valid"]).columns
     table = pq.read_table(copy / "shard-00000.parquet")
     for name in ("retrieval", "global", "perspectives"):
         assert pa.types.is_fixed_size_binary(table.schema.field(name).type)
@@ -140,6 +141,6 @@ def test_shards_with_fp16_list_columns_read_the_same(store: Path, tmp_path: Path
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["shards"]  # such stores were made before the manifest recorded shard digests
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    old = read_shard(open_store(copy), 0, ["retrieval", "global", "perspectives", "valid"])
+    old = read_shard(open_store(copy), 0, ["retrieval", "global", "perspectives", "valid"]).columns
     for name, values in new.items():
         np.testing.assert_array_equal(old[name], values)

@@ -16,7 +16,7 @@ from PIL import Image
 from mpsclip.archive.embedder import jpeg_pixels
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.perspectives import ZeroShotPerspectives, ZeroShotSettings
-from mpsclip.archive.store import load_store
+from mpsclip.archive.store_reader import StoreData, load_store
 from mpsclip.cli import main
 from mpsclip.data.transforms import eval_transform
 from mpsclip.errors import MPSCLIPError
@@ -37,9 +37,12 @@ def jpegs(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _global(data: StoreData) -> torch.Tensor:
+    return torch.from_numpy(data.columns["global"]).float()
+
+
 def _embeddings(store: Path) -> dict[str, np.ndarray]:
-    data = load_store(store)
-    return {name: getattr(data, name).float().numpy() for name in ("retrieval", "glob", "perspectives", "valid")}
+    return {name: values.astype(np.float32) for name, values in load_store(store).columns.items()}
 
 
 def test_jpeg_pixels_match_the_pil_transform(jpegs: Path) -> None:
@@ -69,7 +72,7 @@ def test_device_decoding_gives_the_same_store_layout_and_close_vectors(jpegs: Pa
     assert pil.ids == dev.ids and "truncated.jpg" not in dev.ids and len(dev.ids) == 6
     failures = [json.loads(line) for line in (tmp_path / "dev" / "failures.jsonl").read_text().splitlines()]
     assert [f["id"] for f in failures] == ["truncated.jpg"]
-    cosine = torch.nn.functional.cosine_similarity(pil.glob.float(), dev.glob.float(), dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(_global(pil), _global(dev), dim=-1)
     assert cosine.min() > 0.99
     assert json.loads((tmp_path / "dev" / "manifest.json").read_text())["decode"] == "device"
     with pytest.raises(MPSCLIPError, match="decode"):  # resuming with the other decoder would mix vectors
@@ -105,7 +108,7 @@ def test_zero_shot_store_has_keywords_and_is_resumable(jpegs: Path, ckpt: Path, 
     for name in ("shard-00000.parquet", "shard-00001.parquet", "manifest.json"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "part" / name).read_bytes()
     data = load_store(tmp_path / "full")
-    with_sub_images = [bool(v) for v in data.valid[:, 0]]
+    with_sub_images = [bool(v) for v in data.columns["valid"][:, 0]]
     assert with_sub_images == [bool(meta["keywords"]) for meta in data.metas]
     assert any(with_sub_images)
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
@@ -121,7 +124,7 @@ def test_zero_shot_changes_only_the_sub_image_side(jpegs: Path, ckpt: Path, tmp_
     embed_archive(jpegs, tmp_path / "none", ckpt, settings=SMALL, progress=False)
     embed_archive(jpegs, tmp_path / "zs", ckpt, settings=ZERO_SHOT, progress=False)
     none, zs = _embeddings(tmp_path / "none"), _embeddings(tmp_path / "zs")
-    np.testing.assert_allclose(none["glob"], zs["glob"], atol=2e-3)  # same global embeddings (fp16 store)
+    np.testing.assert_allclose(none["global"], zs["global"], atol=2e-3)  # same global embeddings (fp16 store)
     has = zs["valid"][:, 0] > 0
     assert not np.allclose(none["retrieval"][has], zs["retrieval"][has], atol=1e-2)
 
@@ -136,7 +139,7 @@ def test_onnxruntime_runtime_matches_torch(jpegs: Path, ckpt: Path, tmp_path: Pa
     ort = dataclasses.replace(SMALL, engine="onnxruntime", engine_dir=engine)
     embed_archive(jpegs, tmp_path / "ort", ckpt, settings=ort, progress=False)
     a, b = _embeddings(tmp_path / "torch"), _embeddings(tmp_path / "ort")
-    for name in ("retrieval", "glob", "perspectives"):
+    for name in ("retrieval", "global", "perspectives"):
         np.testing.assert_allclose(a[name], b[name], atol=2e-3)
     assert json.loads((tmp_path / "ort" / "manifest.json").read_text())["runtime"] == "onnxruntime"
 
@@ -178,7 +181,7 @@ def test_device_decoding_reads_jpeg_members_of_tar_shards(jpegs: Path, ckpt: Pat
     embed_archive(shard, tmp_path / "dev", ckpt, settings=dataclasses.replace(SMALL, decode="device"), progress=False)
     pil, dev = load_store(tmp_path / "pil"), load_store(tmp_path / "dev")
     assert pil.ids == dev.ids and len(dev.ids) == 6
-    assert torch.nn.functional.cosine_similarity(pil.glob.float(), dev.glob.float(), dim=-1).min() > 0.99
+    assert torch.nn.functional.cosine_similarity(_global(pil), _global(dev), dim=-1).min() > 0.99
 
 
 def test_zero_shot_needs_patch_tokens() -> None:

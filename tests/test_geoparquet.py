@@ -23,34 +23,23 @@ from rasterio.warp import transform as warp_points  # noqa: E402
 from shapely.geometry import MultiPolygon, box, shape  # noqa: E402
 
 from mpsclip.archive import geoparquet  # noqa: E402
+from mpsclip.archive.filters import ItemFilter, meta_arrays  # noqa: E402
 from mpsclip.archive.geoparquet import (  # noqa: E402
     ROW_GROUP_ROWS,
     BBox,
     footprint_array,
     footprint_from_wkb,
-    footprint_intersects,
+    footprint_parts,
     footprint_wkb,
     footprints_meeting,
     row_groups_in_bbox,
-    rows_in_box,
 )
 from mpsclip.archive.items import TileSettings  # noqa: E402
 from mpsclip.archive.render import to_geojson  # noqa: E402
 from mpsclip.archive.search import Hit, exact_topk  # noqa: E402
 from mpsclip.archive.sources import iter_items  # noqa: E402
-from mpsclip.archive.store import (  # noqa: E402
-    ShardRows,
-    load_store,
-    open_store,
-    read_geometry,
-    read_ids_metas,
-    read_shard,
-    read_shard_in_bbox,
-    shard_path,
-    store_rows_in_bbox,
-    write_manifest,
-    write_shard,
-)
+from mpsclip.archive.store import ShardRows, shard_path, write_manifest, write_shard  # noqa: E402
+from mpsclip.archive.store_reader import StoreInfo, load_store, open_store, read_ids_metas, read_shard, stream  # noqa: E402
 
 DIM, VIEWS = 8, 2
 CROSSING = [179.5, 10.0, -179.5, 11.0]  # west > east: across the antimeridian
@@ -82,6 +71,17 @@ def _store(path: Path, shards: list[list[dict[str, Any]]]) -> Path:
     return path
 
 
+def _rows_in_bbox(info: StoreInfo, box: BBox) -> np.ndarray:
+    """Store rows of the items whose footprint meets ``box``, as a search streams them."""
+    return np.concatenate([part.rows() for part in stream(info, ["id"], ItemFilter(bbox=box))])
+
+
+def _meets(fp: BBox, query: BBox) -> bool:
+    """The per-item reference: some part of ``fp`` overlaps some side of ``query`` (closed intervals)."""
+    pairs = [(a, b) for a in footprint_parts(fp) for b in footprint_parts(query)]
+    return any(a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3] for a, b in pairs)
+
+
 def _as_read(meta: dict[str, Any]) -> dict[str, Any]:
     """A meta as readers give it back: keys sorted, a lifted footprint's numbers as floats."""
     out = dict(sorted(meta.items()))
@@ -103,7 +103,7 @@ def test_meta_columns_round_trip(tmp_path: Path) -> None:
     info = open_store(store)
     assert [meta for _, meta in read_ids_metas(info, [0, 1, 2, 3, 4]).values()] == [_as_read(m) for m in METAS]
     assert load_store(store).metas == [_as_read(m) for m in METAS]
-    assert [json.loads(m) for m in read_shard(info, 0, ["meta"])["meta"]] == [_as_read(m) for m in METAS]
+    assert list(read_shard(info, 0, ["meta"]).columns["meta"]) == [_as_read(m) for m in METAS]
 
 
 def test_geo_metadata(tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_duckdb_selects_the_tiles_of_a_box(tmp_path: Path) -> None:
     got = duckdb.connect().execute(sql.replace("?", "[?, ?]", 1), [*files, east, west, north, south]).fetchall()
     assert [path for _, path in got] == [f"t{i}.png" for i in range(4, 14)]
     info = open_store(store)
-    assert store_rows_in_bbox(info, (west, south, east, north)).tolist() == list(range(4, 14))
+    assert _rows_in_bbox(info, (west, south, east, north)).tolist() == list(range(4, 14))
 
 
 def test_bbox_reads_only_row_groups_that_meet_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,16 +169,17 @@ def test_bbox_reads_only_row_groups_that_meet_it(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
     info = open_store(store)
-    positions, cols = read_shard_in_bbox(info, 0, ["retrieval", "id"], inside)
+    part = read_shard(info, 0, ["retrieval", "id"], ItemFilter(bbox=inside))
+    positions, cols = part.positions, part.columns
     want = [i for i, t in enumerate(tiles) if t["footprint"][0] <= inside[2] and t["footprint"][2] >= inside[0]]
     assert positions.tolist() == want and len(want) == 51 and read == [[2]]
     assert cols["id"].tolist() == [f"item{i:04d}" for i in want]
-    np.testing.assert_array_equal(cols["retrieval"], read_shard(info, 0, ["retrieval"])["retrieval"][want])
+    np.testing.assert_array_equal(cols["retrieval"], read_shard(info, 0, ["retrieval"]).columns["retrieval"][want])
     read.clear()
-    queries = torch.from_numpy(read_shard(info, 0, ["retrieval"])["retrieval"][want[:3]].astype(np.float32))
+    queries = torch.from_numpy(read_shard(info, 0, ["retrieval"]).columns["retrieval"][want[:3]].astype(np.float32))
     _, rows = exact_topk(info, queries, 5, "fused", inside)
     assert set(rows.flatten().tolist()) <= set(want) and read == [[2]]
-    assert store_rows_in_bbox(info, (100.0, 5.0, 110.0, 6.0)).tolist() == []
+    assert _rows_in_bbox(info, (100.0, 5.0, 110.0, 6.0)).tolist() == []
 
 
 def _write_old_shard(path: Path, metas: list[dict[str, Any]], seed: int) -> None:
@@ -197,15 +198,15 @@ def test_old_shards_still_read(tmp_path: Path) -> None:
         shard_path(store, 0)).names
     info = open_store(store)
     expected = [_as_read(m) for m in [*METAS, *METAS[:2]]]
-    assert load_store(store).metas == expected
+    in_memory = load_store(store)
+    assert in_memory.metas == expected
     assert [m for _, m in read_ids_metas(info, list(range(7))).values()] == expected
     near_a = (15.1, 45.1, 15.2, 45.2)
-    assert store_rows_in_bbox(info, near_a).tolist() == [0, 5]
-    in_memory = pa.concat_tables([read_geometry(info, 0), read_geometry(info, 1)])  # old and new shard alike
-    assert in_memory.schema == read_geometry(info, 1).schema and rows_in_box(in_memory, near_a).tolist() == [0, 5]
-    assert rows_in_box(in_memory, (179.6, 10.5, 179.7, 10.6)).tolist() == [3]
-    positions, cols = read_shard_in_bbox(info, 0, ["global"], (-179.9, 10.5, -179.6, 10.6))
-    assert positions.tolist() == [3] and cols["global"].shape == (1, DIM)
+    assert _rows_in_bbox(info, near_a).tolist() == [0, 5]  # old and new shard alike
+    assert ItemFilter(bbox=near_a).rows(meta_arrays(in_memory.metas)).tolist() == [0, 5]  # in memory, as served
+    assert _rows_in_bbox(info, (179.6, 10.5, 179.7, 10.6)).tolist() == [3]
+    part = read_shard(info, 0, ["global"], ItemFilter(bbox=(-179.9, 10.5, -179.6, 10.6)))
+    assert part.positions.tolist() == [3] and part.columns["global"].shape == (1, DIM)
 
 
 def test_antimeridian_footprints(tmp_path: Path) -> None:
@@ -214,9 +215,9 @@ def test_antimeridian_footprints(tmp_path: Path) -> None:
     assert footprint_from_wkb(footprint_wkb((1.0, 2.0, 3.0, 4.0))) == (1.0, 2.0, 3.0, 4.0)
     store = _store(tmp_path / "s", [METAS])
     info = open_store(store)
-    assert store_rows_in_bbox(info, (-179.8, 10.5, -179.7, 10.6)).tolist() == [3]  # east of the line
-    assert store_rows_in_bbox(info, (179.6, 10.5, 179.7, 10.6)).tolist() == [3]  # west of it
-    assert store_rows_in_bbox(info, (0.0, 10.0, 1.0, 11.0)).tolist() == []  # inside the covering, not the tile
+    assert _rows_in_bbox(info, (-179.8, 10.5, -179.7, 10.6)).tolist() == [3]  # east of the line
+    assert _rows_in_bbox(info, (179.6, 10.5, 179.7, 10.6)).tolist() == [3]  # west of it
+    assert _rows_in_bbox(info, (0.0, 10.0, 1.0, 11.0)).tolist() == []  # inside the covering, not the tile
 
 
 def test_geojson_is_rfc7946(tmp_path: Path) -> None:
@@ -282,15 +283,13 @@ def test_footprints_meeting_equals_the_per_item_test() -> None:
         west, east = np.sort(rng.uniform(-180, 180, 2).round(0))
         south, north = np.sort(rng.uniform(-90, 90, 2).round(0))
         box = (float(west), float(south), float(east), float(north))
-        want = [row for row, fp in enumerate(footprints) if fp is not None and footprint_intersects(fp, box)]
+        want = [row for row, fp in enumerate(footprints) if fp is not None and _meets(fp, box)]
         assert footprints_meeting(array, box).tolist() == want
 
 
 def test_query_boxes_across_the_antimeridian_meet_what_shapely_says() -> None:
     """A box with west > east is its two sides of 180°: rows meeting it are those whose footprint (split too)
     intersects the union of both, as shapely computes it."""
-    from mpsclip.archive.geoparquet import footprint_parts
-
     def geometry(b: BBox) -> MultiPolygon:
         return MultiPolygon([box(*side) for side in footprint_parts(b)])
 
@@ -307,4 +306,4 @@ def test_query_boxes_across_the_antimeridian_meet_what_shapely_says() -> None:
         query = (float(west), float(south), float(east), float(north))
         want = [row for row, fp in enumerate(footprints) if fp is not None and geometry(fp).intersects(geometry(query))]
         assert footprints_meeting(array, query).tolist() == want
-        assert [row for row, fp in enumerate(footprints) if fp is not None and footprint_intersects(fp, query)] == want
+        assert [row for row, fp in enumerate(footprints) if fp is not None and _meets(fp, query)] == want

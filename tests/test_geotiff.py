@@ -24,7 +24,7 @@ from mpsclip.archive import job as job_mod  # noqa: E402
 from mpsclip.archive.geotiff import Cut, read_tile, scan_scene, scene_windows, valid_pixels, window_offsets  # noqa: E402
 from mpsclip.archive.items import READ_ERRORS, Item, TileSettings  # noqa: E402
 from mpsclip.archive.sources import iter_items  # noqa: E402
-from mpsclip.archive.store import load_store  # noqa: E402
+from mpsclip.archive.store_reader import load_store  # noqa: E402
 from mpsclip.cli import main  # noqa: E402
 from mpsclip.commands import embed as embed_cmd  # noqa: E402
 from mpsclip.errors import MPSCLIPError  # noqa: E402

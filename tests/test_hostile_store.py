@@ -19,15 +19,8 @@ from PIL import Image
 from mpsclip.archive.items import item_from_meta
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import exact_topk, search_store
-from mpsclip.archive.store import (
-    ShardRows,
-    open_store,
-    read_manifest,
-    shard_path,
-    verify_store,
-    write_manifest,
-    write_shard,
-)
+from mpsclip.archive.store import ShardRows, read_manifest, shard_path, write_manifest, write_shard
+from mpsclip.archive.store_reader import open_store, verify_store
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 

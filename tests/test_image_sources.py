@@ -15,7 +15,7 @@ from mpsclip.archive.items import Item, TileSettings, image_windows, item_from_m
 from mpsclip.archive.job import EmbedSettings, embed_archive, list_items
 from mpsclip.archive.readers import open_item
 from mpsclip.archive.sources import iter_items
-from mpsclip.archive.store import load_store
+from mpsclip.archive.store_reader import load_store
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
 

@@ -20,7 +20,8 @@ from mpsclip.archive.index import (
 )
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import exact_topk
-from mpsclip.archive.store import open_store, write_manifest
+from mpsclip.archive.store import write_manifest
+from mpsclip.archive.store_reader import open_store
 from mpsclip.choices import MODES
 from mpsclip.cli import main
 from mpsclip.data.synth import generate

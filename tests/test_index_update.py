@@ -23,7 +23,8 @@ from mpsclip.archive.index import (
     vector_path,
 )
 from mpsclip.archive.search import exact_topk
-from mpsclip.archive.store import open_store, read_manifest, read_shard, shard_path, write_manifest
+from mpsclip.archive.store import read_manifest, shard_path, write_manifest
+from mpsclip.archive.store_reader import open_store, read_shard
 from mpsclip.choices import MODES
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
@@ -87,7 +88,7 @@ def test_grown_store_gets_its_new_items_without_retraining(full: Path, tmp_path:
     assert np.array_equal(_centroids(index.index), centroids)  # not trained again
     for column in ("retrieval", "perspectives", "valid"):
         copy = np.load(vector_path(store, column), mmap_mode="r")
-        assert copy.shape[0] == GROWN and np.array_equal(copy[ROWS:], read_shard(info, 5, [column])[column])
+        assert copy.shape[0] == GROWN and np.array_equal(copy[ROWS:], read_shard(info, 5, [column]).columns[column])
     new_rows = torch.from_numpy(np.asarray(index.vectors["retrieval"][ROWS:ROWS + 8], dtype=np.float32))
     found = index.candidates(new_rows, 20, nprobe=8)  # PQ codes: an item is among its own first candidates
     assert all(row in candidates for row, candidates in zip(range(ROWS, ROWS + 8), found.tolist(), strict=True))

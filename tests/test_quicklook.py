@@ -151,7 +151,7 @@ def test_scene_catalog_lists_once_per_loaded_store(geo_client: TestClient) -> No
 
 def test_served_bbox_filter_equals_search_store(geo_client: TestClient) -> None:
     from mpsclip.archive.search import encode_queries, load_search_model, search_store
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
 
     store = geo_client.app.state.catalog.get("geo")
     harbour = geo_client.get("/stores").json()["stores"][0]["scenes"][1]["bounds"]

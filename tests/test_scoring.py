@@ -18,7 +18,8 @@ from mpsclip.bench.search import memory_search
 
 from mpsclip import scoring
 from mpsclip.archive.search import exact_topk
-from mpsclip.archive.store import ShardRows, load_store, open_store, shard_path, write_manifest, write_shard
+from mpsclip.archive.store import ShardRows, shard_path, write_manifest, write_shard
+from mpsclip.archive.store_reader import load_store, open_store
 from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
 from mpsclip.evaluate import EvalEmbeddings, mode_similarity

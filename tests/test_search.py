@@ -25,7 +25,8 @@ from mpsclip.archive.search import (
     search_store,
 )
 from mpsclip.archive.sources import iter_items
-from mpsclip.archive.store import ShardRows, load_store, open_store, shard_path, write_manifest, write_shard
+from mpsclip.archive.store import ShardRows, shard_path, write_manifest, write_shard
+from mpsclip.archive.store_reader import VECTOR_COLUMNS, load_store, open_store
 from mpsclip.choices import MODES
 from mpsclip.cli import main
 from mpsclip.errors import MPSCLIPError
@@ -69,6 +70,7 @@ def dyadic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _brute_force(path: Path, queries: torch.Tensor, k: int, mode: str, bbox: tuple | None) -> list[list[tuple]]:
     """Every item scored in float64 from the in-memory store, sorted by (score desc, row asc)."""
     data = load_store(path)
+    retrieval, glob, perspectives, valid = (torch.from_numpy(data.columns[c]) for c in VECTOR_COLUMNS)
     results = []
     for q in queries.double():
         scored = []
@@ -80,13 +82,11 @@ def _brute_force(path: Path, queries: torch.Tensor, k: int, mode: str, bbox: tup
             if outside:
                 continue
             if mode == "fused":
-                score = float(data.retrieval[row].double() @ q)
+                score = float(retrieval[row].double() @ q)
             elif mode == "global":
-                score = float(data.glob[row].double() @ q)
+                score = float(glob[row].double() @ q)
             else:
-                views = [data.glob[row]] + [
-                    p for p, ok in zip(data.perspectives[row], data.valid[row], strict=True) if ok
-                ]
+                views = [glob[row]] + [p for p, ok in zip(perspectives[row], valid[row], strict=True) if ok]
                 score = max(float(v.double() @ q) for v in views)
             scored.append((-score, row))
         results.append([(data.ids[row], -neg) for neg, row in sorted(scored)[:k]])
@@ -112,7 +112,7 @@ def test_streamed_search_matches_brute_force(dyadic_store: Path, mode: str) -> N
 
 def test_ties_go_to_the_lower_row(dyadic_store: Path) -> None:
     data = load_store(dyadic_store)
-    query = data.retrieval[1].float().unsqueeze(0)
+    query = torch.from_numpy(data.columns["retrieval"][1]).float().unsqueeze(0)
     scores, rows = exact_topk(open_store(dyadic_store), query, 16, "fused")
     scores, rows = scores[0].tolist(), rows[0].tolist()
     tied = [r for r, s in zip(rows, scores, strict=True) if s == scores[rows.index(1)]]
@@ -156,14 +156,15 @@ def test_text_and_image_queries(synth: Path, store: Path) -> None:
     info = open_store(store)
     model = load_search_model(info.manifest, None)
     data = load_store(store)
-    assert data.valid.any()
+    assert data.columns["valid"].any()
     queries = encode_queries(model, ["an airport", "a harbor with boats"])
     for mode in MODES:
         hits = search_store(info, queries, 4, mode)
         assert [len(h) for h in hits] == [4, 4] and [h.rank for h in hits[0]] == [1, 2, 3, 4]
         assert [h.score for h in hits[0]] == sorted((h.score for h in hits[0]), reverse=True)
     fused = search_store(info, queries, 6, "fused")[0]
-    assert fused[0].score == pytest.approx((data.retrieval.float() @ queries[0]).max().item(), abs=1e-5)
+    best = (torch.from_numpy(data.columns["retrieval"]).float() @ queries[0]).max().item()
+    assert fused[0].score == pytest.approx(best, abs=1e-5)
     assert len(search_store(info, queries, 50, "global")[0]) == 6
     images = [synth / "images" / name for name in data.ids[:3]]
     image_hits = search_store(info, encode_images(model, images), 1, "global")

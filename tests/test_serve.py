@@ -16,7 +16,7 @@ from PIL import Image
 
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
-from mpsclip.archive.store import open_store
+from mpsclip.archive.store_reader import open_store
 from mpsclip.errors import MPSCLIPError
 
 
@@ -325,7 +325,7 @@ def growing(synth: Path, ckpt: Path, tmp_path: Path) -> Path:
 def test_reload_serves_finished_shards_and_keeps_the_last_good_version(
     growing: Path, synth: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from mpsclip.serve import catalog as catalog_module
+    from mpsclip.archive import store_reader
 
     catalog = Catalog([growing], lambda info: load_search_model(info.manifest, None))
     model = catalog.get("grow").model
@@ -355,9 +355,9 @@ def test_reload_serves_finished_shards_and_keeps_the_last_good_version(
         assert reload() == {"items": 3, "reload": "unchanged"} and listed()["reload"]["error"] is None
 
         reads: list[int] = []
-        read_shard = catalog_module.read_shard
-        counted = lambda info, s, cols: reads.append(s) or read_shard(info, s, cols)  # noqa: E731
-        monkeypatch.setattr(catalog_module, "read_shard", counted)
+        read_shard = store_reader.read_shard
+        counted = lambda info, s, *rest: reads.append(s) or read_shard(info, s, *rest)  # noqa: E731
+        monkeypatch.setattr(store_reader, "read_shard", counted)
         embed_archive(synth / "images", growing, ckpt, settings=GROW, progress=False)  # the second run finishes it
         assert reload() == {"items": 6, "reload": "reloaded"} and reads == [1]  # shard 0 kept from memory
         assert (listed()["items"], listed()["complete"], listed()["shards"]) == (6, True, 2)

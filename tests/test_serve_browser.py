@@ -36,7 +36,7 @@ import georef  # noqa: E402
 from mpsclip.archive.items import TileSettings  # noqa: E402
 from mpsclip.archive.job import EmbedSettings, embed_archive  # noqa: E402
 from mpsclip.archive.search import encode_queries, load_search_model, search_store  # noqa: E402
-from mpsclip.archive.store import open_store  # noqa: E402
+from mpsclip.archive.store_reader import open_store  # noqa: E402
 
 README_SHOT = Path(__file__).parents[1] / "docs" / "serve-page.png"
 CHROMIUM_ARGS = [

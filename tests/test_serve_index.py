@@ -13,7 +13,7 @@ from mpsclip.bench.search import synthetic_queries, synthetic_store
 
 from mpsclip.archive.index import IndexSettings, build_index, index_answers, load_index
 from mpsclip.archive.search import exact_topk, search_store
-from mpsclip.archive.store import open_store
+from mpsclip.archive.store_reader import open_store
 from mpsclip.choices import MODES
 from tests.interpreter import INTERPRETED, interpreted, run_in_interpreter
 

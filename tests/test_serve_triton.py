@@ -28,7 +28,7 @@ from extras import expect, require
 from fastapi.testclient import TestClient
 
 from mpsclip.archive.search import encode_queries, load_search_model, search_store
-from mpsclip.archive.store import open_store
+from mpsclip.archive.store_reader import open_store
 
 pytestmark = pytest.mark.triton
 

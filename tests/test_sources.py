@@ -14,7 +14,7 @@ from mpsclip.archive.items import READ_ERRORS, Item, item_from_meta
 from mpsclip.archive.job import EmbedSettings, embed_archive
 from mpsclip.archive.readers import open_item
 from mpsclip.archive.sources import iter_items
-from mpsclip.archive.store import load_store
+from mpsclip.archive.store_reader import load_store
 from mpsclip.archive.webdataset import expand_braces, split_key
 from mpsclip.errors import MPSCLIPError
 from mpsclip.model import MPSCLIP

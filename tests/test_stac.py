@@ -255,8 +255,10 @@ def test_search_urls_and_hrefs_keep_no_secrets() -> None:
     assert public_href("/data/a.tif") == "/data/a.tif"
     assert stac.parse_query(["eo:cloud_cover<20"]) == ["eo:cloud_cover<20"]
     assert stac.parse_query(['{"eo:cloud_cover": {"lt": 20}}']) == {"eo:cloud_cover": {"lt": 20}}
-    with pytest.raises(MPSCLIPError, match="--bbox"):
-        stac.parse_bbox("1,2,3")
+    with pytest.raises(MPSCLIPError, match=r"stac\.example/v1/search: bbox '1,2,3': expected four numbers"):
+        stac.StacSearch.from_url("https://stac.example/v1/search?bbox=1,2,3")
+    with pytest.raises(MPSCLIPError, match=r"bbox \(1, 2, 3\): expected four numbers"):
+        stac.StacSearch("https://stac.example/v1", bbox=(1, 2, 3))  # type: ignore[arg-type]
 
 
 def test_embed_flags_give_the_source_a_store_records(archive: Path) -> None:
@@ -285,6 +287,10 @@ def test_embed_flags_give_the_source_a_store_records(archive: Path) -> None:
         source()
     with pytest.raises(MPSCLIPError, match="give one asset"):
         source(catalog, "--assets", "red,green")
+    across = stac.StacSearch.from_url(source("--stac-api", "http://127.0.0.1:9/v1", "--bbox", "170,-20,-170,-10"))
+    assert across.bbox == (170, -20, -170, -10)  # west > east: across the antimeridian, as 'mpsclip search' reads it
+    with pytest.raises(SystemExit):  # a usage error, checked as 'mpsclip search --bbox' checks it
+        source("--stac-api", "http://127.0.0.1:9/v1", "--bbox", "15,95,16,96")
 
 
 def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
@@ -293,7 +299,7 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
     """``mpsclip embed`` of the catalog served by nginx (visual assets, 32 px tiles) gives the embeddings of the
     same COGs embedded from a local folder, and so does ``mpsclip embed --stac-api`` searching May 2024 in
     rustac's API over the same items; scene-2 (no visual asset, June) is left out and named."""
-    from mpsclip.archive.store import load_store
+    from mpsclip.archive.store_reader import load_store
     from mpsclip.cli import main
 
     disk = tmp_path / "disk"
@@ -316,9 +322,9 @@ def test_embed_a_catalog_over_http_equals_its_cogs_from_disk(
     assert len(http.ids) == len(local.ids) == 8  # 2 scenes of 64 px in 32 px tiles
     local_rows = {i.replace("/visual.tif", ""): row for row, i in enumerate(local.ids)}
     order = [local_rows[i.removeprefix("s2/")] for i in http.ids]
-    assert np.array_equal(http.retrieval.numpy(), local.retrieval[order].numpy())
+    assert np.array_equal(http.columns["retrieval"], local.columns["retrieval"][order])
     searched = load_store(tmp_path / "api.store")
-    assert searched.ids == http.ids and np.array_equal(searched.retrieval.numpy(), http.retrieval.numpy())
+    assert searched.ids == http.ids and np.array_equal(searched.columns["retrieval"], http.columns["retrieval"])
     assert "/search?collections=s2&datetime=2024-05-01" in searched.manifest["source"]  # the search, recorded
     meta = http.metas[http.ids.index("s2/scene-1/" + http.ids[-1].rsplit("/", 1)[1])]
     assert meta["stac_item"] == "scene-1" and meta["collection"] == "s2" and meta["datetime"] == "2024-05-10T12:00:00Z"

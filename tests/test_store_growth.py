@@ -17,7 +17,8 @@ from mpsclip.archive.embedder import Embedder
 from mpsclip.archive.job import EmbedSettings, EmbedSummary, LocalExecutor, open_job, run_job
 from mpsclip.archive.search import search_store, to_hits
 from mpsclip.archive.sources import iter_items
-from mpsclip.archive.store import load_store, open_store, pruned_rows, read_failures, read_pruned
+from mpsclip.archive.store import read_failures, read_pruned
+from mpsclip.archive.store_reader import load_store, open_store, pruned_rows
 from mpsclip.cli import main
 
 SMALL = EmbedSettings(batch_size=2, shard_size=2, workers=0, device="cpu")

@@ -18,17 +18,8 @@ from mpsclip.archive.dates import Interval, format_datetime, parse_datetime, par
 from mpsclip.archive.filters import ItemFilter, meta_arrays
 from mpsclip.archive.job import model_identity
 from mpsclip.archive.search import exact_topk
-from mpsclip.archive.store import (
-    ShardRows,
-    StoreInfo,
-    load_store,
-    open_store,
-    read_ids_metas,
-    read_shard_where,
-    shard_path,
-    write_manifest,
-    write_shard,
-)
+from mpsclip.archive.store import ShardRows, shard_path, write_manifest, write_shard
+from mpsclip.archive.store_reader import StoreInfo, load_store, open_store, read_ids_metas, read_shard
 from mpsclip.cli import main
 
 UTC = timezone.utc  # noqa: UP017 - the project supports Python 3.10
@@ -161,7 +152,7 @@ def test_filters_skip_row_groups_and_keep_exactly_the_passing_items(
 
 
 def _filter_shard(info: StoreInfo, shard: int, where: ItemFilter) -> list[int]:
-    return read_shard_where(info, shard, ["id"], where)[0].tolist()
+    return read_shard(info, shard, ["id"], where).positions.tolist()
 
 
 def test_old_shards_filter_on_their_metas(dated: Path, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ readers take as is (no wrapped polygon covering the rest of the globe). Exterior
 
 The ``bbox`` covering of a row is the plain bounds of its geometry (``[-180, south, 180, north]`` for a split
 footprint): a conservative box, so readers that compare ``bbox.xmin <= east AND bbox.xmax >= west`` (DuckDB SQL,
-row-group statistics) never miss a row; the exact test (:func:`footprint_intersects`) then looks at each part.
+row-group statistics) never miss a row; the exact test (:func:`footprints_meeting`) then looks at each part.
 
 The CRS is left out of the ``geo`` metadata, which per the GeoParquet specification means OGC:CRS84: WGS 84 with
 lon/lat axis order, exactly these coordinates (EPSG:4326 itself is lat/lon by its definition). Edges are planar.
@@ -68,16 +68,6 @@ def covering(fp: BBox) -> BBox:
     return (min(p[0] for p in parts), fp[1], max(p[2] for p in parts), fp[3])
 
 
-def boxes_intersect(a: BBox, b: BBox) -> bool:
-    """Closed-interval overlap of two plain boxes (touching counts)."""
-    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
-
-
-def footprint_intersects(fp: BBox, box: BBox) -> bool:
-    """Whether a footprint meets a query ``box`` (either possibly crossing the antimeridian)."""
-    return any(boxes_intersect(part, side) for part in footprint_parts(fp) for side in footprint_parts(box))
-
-
 def footprint_array(footprints: list[BBox | None]) -> np.ndarray:
     """Footprints as a float64 ``[n, 4]`` array (NaN rows for items without one), for :func:`footprints_meeting`."""
     array = np.full((len(footprints), 4), np.nan)
@@ -88,8 +78,8 @@ def footprint_array(footprints: list[BBox | None]) -> np.ndarray:
 
 
 def footprints_meeting(footprints: np.ndarray, box: BBox) -> np.ndarray:
-    """Rows of a :func:`footprint_array` whose footprint meets ``box``: the test of
-    :func:`footprint_intersects` on every row at once (NaN rows never meet). A ``box`` with west > east (across
+    """Rows of a :func:`footprint_array` whose footprint meets ``box``: some part of it (:func:`footprint_parts`)
+    overlaps the box, closed intervals (touching counts; NaN rows never meet). A ``box`` with west > east (across
     the antimeridian) is its two sides."""
     if box[0] > box[2]:
         return np.unique(np.concatenate([footprints_meeting(footprints, side) for side in footprint_parts(box)]))
@@ -223,8 +213,3 @@ def table_footprints(table: pa.Table) -> np.ndarray:
         footprints[row] = footprint_from_wkb(table.column(GEOMETRY)[int(row)].as_py())
     return footprints
 
-
-def rows_in_box(table: pa.Table, box: BBox) -> np.ndarray:
-    """Positions of the rows of ``table`` (with ``bbox`` and ``geometry`` columns) whose footprint meets ``box``
-    (:func:`footprints_meeting` on its :func:`table_footprints`)."""
-    return footprints_meeting(table_footprints(table), box)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from mpsclip.archive.dates import Interval
 from mpsclip.archive.filters import item_filter
 from mpsclip.archive.search import BBox, exact_topk
-from mpsclip.archive.store import MANIFEST, StoreInfo, read_shard, shard_path
+from mpsclip.archive.store import MANIFEST, shard_path
+from mpsclip.archive.store_reader import VECTOR_COLUMNS, StoreInfo, stream
 from mpsclip.checkpoints import file_sha256
 from mpsclip.choices import MODES
 from mpsclip.errors import MPSCLIPError
@@ -37,7 +38,6 @@ from mpsclip.scoring import MODE_COLUMNS, backend_for, check_mode, mode_views, t
 
 INDEX_FILE = "index.faiss"
 INDEX_JSON = "index.json"
-VECTOR_COLUMNS = ("retrieval", "global", "perspectives", "valid")
 CANDIDATE_FACTOR = 10  # candidates re-ranked per requested hit unless --candidates says otherwise
 RECALL_K = 10
 ADD_CHUNK = 65536  # rows added to FAISS at once
@@ -124,10 +124,9 @@ def _write_vectors(info: StoreInfo, column: str, progress: bool, kept_shards: in
                 stop = min(kept_rows, start + ADD_CHUNK)
                 out[start:stop] = present[start:stop]
             del present
-        shards = list(zip(range(len(info.shard_rows)), info.offsets(), strict=True))[kept_shards:]
-        for shard, offset in tqdm(shards, desc=f"copy {column}", unit="shard", disable=not progress):
-            values = read_shard(info, shard, [column])[column]
-            out[offset : offset + len(values)] = values
+        shards = range(kept_shards, len(info.shard_rows))
+        for part in stream(info, [column], shards=shards, progress=f"copy {column}" if progress else None):
+            out[part.offset : part.offset + len(part.columns[column])] = part.columns[column]
         out.flush()
         del out
 

@@ -151,7 +151,7 @@ def contained_path(root: str | Path, relative: str | Path, item_id: str | None =
 
 def resolve_source_path(info_or_root: Any, relative: str | Path, item_id: str | None = None) -> Path:
     """The file a meta path names: ``relative`` joined to the source root, given as a path, a store manifest
-    (dict with ``source_root``) or a :class:`~mpsclip.archive.store.StoreInfo`; refused (naming ``item_id``) when it
+    (dict with ``source_root``) or a :class:`~.store_reader.StoreInfo`; refused (naming ``item_id``) when it
     does not lie inside the root (:func:`contained_path`)."""
     root = info_or_root
     if hasattr(root, "manifest"):

@@ -43,10 +43,8 @@ from mpsclip.archive.store import (
     MANIFEST,
     PRUNED,
     ShardRows,
-    check_shard,
     count_complete_shards,
     read_failures,
-    read_ids,
     read_manifest,
     read_pruned,
     shard_path,
@@ -56,6 +54,7 @@ from mpsclip.archive.store import (
     write_pruned,
     write_shard,
 )
+from mpsclip.archive.store_reader import check_shard, read_ids
 from mpsclip.checkpoints import config_path, file_sha256, read_saved_config, resolve_checkpoint
 from mpsclip.devices import resolve_device
 from mpsclip.errors import MPSCLIPError

@@ -2,8 +2,8 @@
 
 Every renderer takes the query labels and their hits (:class:`~mpsclip.archive.search.Hit`, best first) and returns
 what is written; only :func:`to_html` opens the items' pixels, below the store's source root (which must exist:
-``--source-root`` relocates it, see :func:`mpsclip.archive.store.relocate_source`). Text in the HTML (queries, ids,
-keywords) is escaped with :func:`html.escape`.
+``--source-root`` relocates it, see :func:`mpsclip.archive.store_reader.relocate_source`). Text in the HTML
+(queries, ids, keywords) is escaped with :func:`html.escape`.
 """
 
 from __future__ import annotations

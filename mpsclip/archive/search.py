@@ -11,9 +11,6 @@ hits only. Writing the hits out (table, JSON, GeoJSON, HTML) is :mod:`mpsclip.ar
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,20 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from mpsclip.archive.dates import Interval
-from mpsclip.archive.filters import ItemFilter, item_filter
+from mpsclip.archive.filters import item_filter
 from mpsclip.archive.geoparquet import valid_footprint
 from mpsclip.archive.items import READ_ERRORS
 from mpsclip.archive.readers import open_rgb
-from mpsclip.archive.store import StoreInfo, pruned_rows, read_ids_metas, read_shard, read_shard_where
+from mpsclip.archive.store_reader import StoreInfo, pruned_rows, read_ids_metas, stream
 from mpsclip.checkpoints import file_sha256, resolve_checkpoint
 from mpsclip.errors import MPSCLIPError
 from mpsclip.scoring import MODE_COLUMNS, backend_for, merge, mode_views, padding, topk
 
 BBox = tuple[float, float, float, float]
-READ_AHEAD = 2  # shards decoded ahead of the one being scored
 
 
 @dataclass(frozen=True)
@@ -125,7 +120,7 @@ def exact_topk(
     """Exhaustive top-``k`` per query over the store, streamed shard by shard on the queries' device:
     ``(scores [Q, k], store rows [Q, k])`` on the CPU, sorted by (score desc, row asc); padding row ``-1``.
     Only items passing the :class:`~mpsclip.archive.filters.ItemFilter` of ``bbox``, ``interval`` and
-    ``max_cloud`` are scored; pruned items (:func:`~mpsclip.archive.store.pruned_rows`) are skipped."""
+    ``max_cloud`` are scored; pruned items (:func:`~mpsclip.archive.store_reader.pruned_rows`) are skipped."""
     if k < 1:
         raise MPSCLIPError(f"-k must be 1 or more, got {k}")
     queries = queries.float()
@@ -133,42 +128,15 @@ def exact_topk(
     best = padding(len(queries), k, queries.device)
     skip = pruned_rows(info)
     where = item_filter(bbox, interval, max_cloud)
-    for offset, (positions, cols) in _prefetched(info, MODE_COLUMNS[mode], where, progress):
-        views, valid = mode_views(cols, mode)
-        rows = torch.arange(offset, offset + len(views)) if positions is None else torch.from_numpy(positions) + offset
+    for part in stream(info, MODE_COLUMNS[mode], where, progress="search" if progress else None):
+        views, valid = mode_views(part.columns, mode)
+        rows = torch.from_numpy(part.rows())
         if len(skip):
             keep = torch.from_numpy(~np.isin(rows.numpy(), skip))
             views, valid, rows = views[keep], None if valid is None else valid[keep], rows[keep]
         if len(rows):
             best = merge(best, topk(queries, views, valid, rows, k, backend), k)
     return best[0].cpu(), best[1].cpu()
-
-
-ShardPart = tuple[np.ndarray | None, dict[str, np.ndarray]]
-"""The positions in its shard of the rows read (None: all of them) and their columns."""
-
-
-def _read_part(info: StoreInfo, shard: int, columns: list[str], where: ItemFilter | None) -> ShardPart:
-    """A shard's ``columns``; with ``where``, of its items that pass it (pushed down to the Parquet reader: row
-    groups whose statistics exclude it are not decoded)."""
-    if where is None:
-        return None, read_shard(info, shard, columns)
-    return read_shard_where(info, shard, columns, where)
-
-
-def _prefetched(
-    info: StoreInfo, columns: list[str], where: ItemFilter | None, progress: bool
-) -> Iterator[tuple[int, ShardPart]]:
-    """``(first row, part)`` of every shard in order, decoding the next shards in threads meanwhile."""
-    offsets = info.offsets()
-    with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
-        ahead = range(min(READ_AHEAD, len(offsets)))
-        pending = deque(pool.submit(_read_part, info, s, columns, where) for s in ahead)
-        for shard in tqdm(range(len(offsets)), desc="search", unit="shard", disable=not progress):
-            part = pending.popleft().result()
-            if shard + READ_AHEAD < len(offsets):
-                pending.append(pool.submit(_read_part, info, shard + READ_AHEAD, columns, where))
-            yield offsets[shard], part
 
 
 def to_hits(info: StoreInfo, scores: torch.Tensor, rows: torch.Tensor) -> list[list[Hit]]:

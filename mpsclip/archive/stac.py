@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mpsclip.archive.hrefs import is_url, public_href
+from mpsclip.bbox import BBox, check_bbox, parse_bbox
 from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class StacSearch:
 
     api: str
     collections: tuple[str, ...] = ()
-    bbox: tuple[float, ...] | None = None
+    bbox: BBox | None = None
     datetime: str | None = None
     query: dict[str, Any] | list[str] | None = None
     filter: str | dict[str, Any] | None = None
@@ -96,8 +97,11 @@ class StacSearch:
     def __post_init__(self) -> None:
         if urlsplit(self.api).scheme not in ("http", "https"):
             raise MPSCLIPError(f"--stac-api {self.api!r}: expected the http(s):// URL of a STAC API's landing page")
-        if self.bbox is not None and len(self.bbox) != 4:
-            raise MPSCLIPError(f"--bbox {self.bbox}: expected 4 numbers W,S,E,N")
+        if self.bbox is not None:
+            try:
+                check_bbox(self.bbox)
+            except MPSCLIPError as err:
+                raise MPSCLIPError(f"bbox {self.bbox}: {err}") from None
 
     def url(self) -> str:
         params: list[tuple[str, str]] = []
@@ -127,7 +131,10 @@ class StacSearch:
                 f"{public_href(url)}: unknown search parameters {sorted(set(params) - known)}; "
                 f"use {', '.join(sorted(known))}"
             )
-        bbox = tuple(parse_bbox(params["bbox"])) if "bbox" in params else None
+        try:
+            bbox = parse_bbox(params["bbox"]) if "bbox" in params else None
+        except MPSCLIPError as err:
+            raise MPSCLIPError(f"{public_href(url)}: bbox {err}") from None
         filter_: str | dict[str, Any] | None = params.get("filter")
         if filter_ is not None and params.get("filter-lang") == "cql2-json":
             filter_ = json.loads(filter_)
@@ -139,16 +146,6 @@ class StacSearch:
             query=json.loads(params["query"]) if "query" in params else None,
             filter=filter_,
         )
-
-
-def parse_bbox(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError as err:
-        raise MPSCLIPError(f"--bbox {text!r}: expected 4 numbers W,S,E,N in degrees") from err
-    if len(values) != 4:
-        raise MPSCLIPError(f"--bbox {text!r}: expected 4 numbers W,S,E,N in degrees")
-    return values
 
 
 def parse_query(texts: Sequence[str]) -> dict[str, Any] | list[str] | None:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpsclip.choices import DECODERS, PERSPECTIVES, PRECISIONS, RUNTIMES
-from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet
+from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet, bbox
 from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def _stac_arguments(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--stac-api", default=None, metavar="URL", help="search this STAC API instead of a SOURCE")
     group.add_argument("--collections", default=None, metavar="C,...", help="with --stac-api: collection ids")
-    group.add_argument("--bbox", default=None, metavar="W,S,E,N", help="with --stac-api: area in degrees")
+    group.add_argument("--bbox", type=bbox, default=None, metavar="W,S,E,N", help="with --stac-api: area in degrees")
     group.add_argument(
         "--datetime", default=None, metavar="START/END", help="with --stac-api: RFC 3339 interval ('..': open end)"
     )
@@ -203,7 +203,7 @@ def embed_source(args: argparse.Namespace) -> str:
         source = stac.StacSearch(
             api=args.stac_api,
             collections=tuple(c for c in (args.collections or "").split(",") if c),
-            bbox=tuple(stac.parse_bbox(args.bbox)) if args.bbox else None,
+            bbox=args.bbox,
             datetime=args.datetime,
             query=stac.parse_query(args.query or []),
             filter=stac.parse_filter(args.filter),

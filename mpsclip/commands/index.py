@@ -65,7 +65,7 @@ def _text_queries(args: argparse.Namespace, manifest: dict[str, Any]) -> torch.T
 
 def run(args: argparse.Namespace) -> int:
     from mpsclip.archive.index import IndexSettings, IndexUpdate, build_index, update_index
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
     from mpsclip.errors import MPSCLIPError
 
     for name in ("nprobe", "train_rows", "recall_queries"):

@@ -49,7 +49,7 @@ from mpsclip.errors import MPSCLIPError
 
 if TYPE_CHECKING:
     from mpsclip.archive.index import StoreIndex
-    from mpsclip.archive.store import StoreInfo
+    from mpsclip.archive.store_reader import StoreInfo
 
 HELP = "search an embedding store with text or image queries"
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mpsclip.archive.render import format_table, to_geojson, to_html, to_json
     from mpsclip.archive.search import encode_images, encode_queries, exact_topk, load_search_model, to_hits
-    from mpsclip.archive.store import open_store
+    from mpsclip.archive.store_reader import open_store
     from mpsclip.devices import resolve_device
     from mpsclip.engines.precision import precision_note
 

@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpsclip.archive.store import verify_store
+    from mpsclip.archive.store_reader import verify_store
 
     report = verify_store(args.store)
     if not args.quiet:
