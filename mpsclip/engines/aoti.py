@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mpsclip.engines.base import ExportedEngine, Tower, no_autocast
+from mpsclip.engines.base import ExportedEngine, TowerFn, no_autocast
 from mpsclip.engines.manifest import ExportedTowers
 from mpsclip.errors import MPSCLIPError
 
@@ -39,7 +39,7 @@ class AotiEngine(ExportedEngine):
                 f"use --device {compiled_for} or export again with --device {device.type}"
             )
 
-    def load_tower(self, path: Path) -> Tower:
+    def load_tower(self, path: Path) -> TowerFn:
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             runner = torch._inductor.aoti_load_package(str(path))
 

@@ -66,7 +66,9 @@ def no_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, enabled=False)
 
 
-Tower = Callable[[torch.Tensor], torch.Tensor]
+TowerFn = Callable[[torch.Tensor], torch.Tensor]
+"""One loaded tower artefact: pixels or tokens in, embeddings out (not :class:`mpsclip.serve.towers.Tower`, a
+checkpoint's query towers)."""
 
 
 class ExportedEngine:
@@ -96,7 +98,7 @@ class ExportedEngine:
     def check_export(self, export: ExportedTowers, device: torch.device) -> None:
         """Raise when ``export`` cannot run on ``device`` (beyond :meth:`availability`)."""
 
-    def load_tower(self, path: Path) -> Tower:
+    def load_tower(self, path: Path) -> TowerFn:
         raise NotImplementedError
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

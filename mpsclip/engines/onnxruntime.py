@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpsclip.engines.base import ExportedEngine, Tower
+from mpsclip.engines.base import ExportedEngine, TowerFn
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64}
@@ -68,5 +68,5 @@ class OrtEngine(ExportedEngine):
     kind = "onnxruntime"
     availability = staticmethod(availability)
 
-    def load_tower(self, path: Path) -> Tower:
+    def load_tower(self, path: Path) -> TowerFn:
         return _Session(path, self.device)

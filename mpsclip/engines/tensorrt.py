@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mpsclip.engines.base import ExportedEngine, Tower
+from mpsclip.engines.base import ExportedEngine, TowerFn
 from mpsclip.errors import MPSCLIPError
 
 
@@ -59,5 +59,5 @@ class TrtEngine(ExportedEngine):
     kind = "tensorrt"
     availability = staticmethod(availability)
 
-    def load_tower(self, path: Path) -> Tower:
+    def load_tower(self, path: Path) -> TowerFn:
         return _Plan(path, self.device)
