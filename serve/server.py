@@ -130,11 +130,13 @@ def serve(
     towers: TowerSet,
     settings: ServerSettings,
     make_app: Callable[[QueryEncoder], Any],
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> int:
-    """Run until SIGINT/SIGTERM (see the module docstring); ``make_app(encoder)`` builds the FastAPI app."""
+    """Run until SIGINT/SIGTERM (see the module docstring); ``make_app(encoder)`` builds the FastAPI app. Messages
+    go to ``out`` (default: the ``sys.stderr`` of the call, not of the module's import)."""
     import uvicorn
 
+    out = sys.stderr if out is None else out
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in STOP_SIGNALS}
     sock = bind_socket(settings.host, settings.port)
