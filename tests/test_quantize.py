@@ -153,3 +153,18 @@ def test_min_overlap_outside_0_to_1_is_refused(tmp_path, capsys) -> None:
     rc = main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "onnx", "--precision", "int8",
                "--out", str(tmp_path / "q8"), "--min-overlap", "95"])
     assert rc == 2 and "--min-overlap 95.0: give a fraction of the top-10 lists, 0 to 1" in capsys.readouterr().err
+
+
+def test_bench_takes_an_fp32_and_an_int8_folder_of_one_engine(int8_dir, ckpt, tmp_path, capsys) -> None:
+    fp32 = export(ckpt, "onnx", tmp_path / "fp32", towers=("image",), verify=False)
+    out = tmp_path / "out"
+    assert main(["bench", "--checkpoint", str(ckpt), "--engines", "onnxruntime", "--engine-dir",
+                 f"onnxruntime:int8={int8_dir}", "--engine-dir", f"onnxruntime:fp32={fp32}", "--precision",
+                 "fp32,int8", "--towers", "image", "--batch-sizes", "2", "--repeats", "2", "--baseline", "none",
+                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())["engines"]
+    assert [(r["precision"], r["source"], r["export_s"]) for r in records] == [
+        ("fp32", str(fp32), None), ("int8", str(int8_dir), None)]
+    assert main(["bench", "--checkpoint", str(ckpt), "--engine-dir", f"onnxruntime:int4={int8_dir}", "--out",
+                 str(out)]) == 2
+    assert "write KIND=DIR or KIND:PRECISION=DIR" in capsys.readouterr().err

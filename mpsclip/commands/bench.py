@@ -117,8 +117,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="untimed calls per cell after its first, the probe included (default: 2)")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds for all timed rounds: each group of cells gets its share (at least 3 rounds)")
-    parser.add_argument("--engine-dir", action="append", default=[], metavar="KIND=DIR",
-                        help="an mpsclip export folder for engine KIND (onnxruntime, aoti, tensorrt)")
+    parser.add_argument("--engine-dir", action="append", default=[], metavar="KIND[:PRECISION]=DIR",
+                        help="an mpsclip export folder for engine KIND (onnxruntime, aoti, tensorrt), for one "
+                        "PRECISION only if given (onnxruntime:int8=q8/ beside onnxruntime:fp32=fp32/)")
     parser.add_argument("--build-workers", type=int, default=None, metavar="N",
                         help="processes exporting towers on the fly (default: one per CPU core)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
@@ -185,10 +186,12 @@ def _engine_dirs(values: list[str]) -> dict[str, str]:
 
     out = {}
     for value in values:
-        kind, sep, folder = value.partition("=")
-        if not sep or kind not in EXPORTED:
-            raise MPSCLIPError(f"--engine-dir {value!r}: write KIND=DIR with KIND one of {', '.join(EXPORTED)}")
-        out[kind] = folder
+        key, sep, folder = value.partition("=")
+        kind, colon, precision = key.partition(":")
+        if not sep or kind not in EXPORTED or (colon and precision not in PRECISIONS):
+            raise MPSCLIPError(f"--engine-dir {value!r}: write KIND=DIR or KIND:PRECISION=DIR with KIND one of "
+                               f"{', '.join(EXPORTED)} and PRECISION one of {', '.join(PRECISIONS)}")
+        out[key] = folder
     return out
 
 
