@@ -56,10 +56,15 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in flags for flag in CPU_FLAGS}
 
 
-def tower_input(tower: str, rng: np.random.Generator) -> np.ndarray:
-    if tower == "image":
-        return rng.standard_normal((BATCH, 3, 224, 224)).astype(np.float32)
-    tokens = np.zeros((BATCH, 77), dtype=np.int64)
+def tower_input(fp32: Path, rng: np.random.Generator) -> np.ndarray:
+    """A batch of ``BATCH`` for the tower in ``fp32``: pixels, or 20-token captions padded to its context length."""
+    import onnx
+
+    graph_input = onnx.load(str(fp32), load_external_data=False).graph.input[0]
+    shape = [BATCH, *(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:])]
+    if graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+        return rng.standard_normal(shape).astype(np.float32)
+    tokens = np.zeros(shape, dtype=np.int64)
     tokens[:, :20] = rng.integers(1, 49000, (BATCH, 20))
     tokens[:, 20] = 49407
     return tokens
@@ -226,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"int8_speed: quantizing {tower} as {variant} ...", file=sys.stderr, flush=True)
                 rng = np.random.default_rng(1)
                 make_variant(fp32, paths[variant], variant,
-                             np.concatenate([tower_input(tower, rng) for _ in range(args.calibration // BATCH)]))
+                             np.concatenate([tower_input(fp32, rng) for _ in range(args.calibration // BATCH)]))
         print(f"int8_speed: timing the {tower} tower ...", file=sys.stderr, flush=True)
-        towers[tower] = tower_timing(paths, tower_input(tower, np.random.default_rng(0)), args.rounds, args.work)
+        towers[tower] = tower_timing(paths, tower_input(fp32, np.random.default_rng(0)), args.rounds, args.work)
         gemm += [gemm_timing(shape, args.gemm_rounds) for shape in GEMM_SHAPES[tower]]
     result = {"schema": SCHEMA, "command": "python -m mpsclip.bench.int8_speed " + " ".join(sys.argv[1:]),
               "cpu": cpu_model(), "cpu_flags": cpu_flags(), "onnxruntime": onnxruntime.__version__,

@@ -117,6 +117,7 @@ def test_gate_figures_of_an_unquantized_copy_are_perfect(tiny_model, tmp_path) -
     assert figures["retrieval"]["top_k_overlap"] == 1.0
 
 
+@pytest.mark.slow
 def test_bench_archive_sets_int8_against_fp32_on_the_same_source(int8_dir, ckpt, synth, tmp_path) -> None:
     fp32 = export(ckpt, "onnx", tmp_path / "fp32", towers=("image",), verify=False)
     out = tmp_path / "out"
@@ -155,6 +156,7 @@ def test_min_overlap_outside_0_to_1_is_refused(tmp_path, capsys) -> None:
     assert rc == 2 and "--min-overlap 95.0: give a fraction of the top-10 lists, 0 to 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_takes_an_fp32_and_an_int8_folder_of_one_engine(int8_dir, ckpt, tmp_path, capsys) -> None:
     fp32 = export(ckpt, "onnx", tmp_path / "fp32", towers=("image",), verify=False)
     out = tmp_path / "out"
@@ -168,3 +170,38 @@ def test_bench_takes_an_fp32_and_an_int8_folder_of_one_engine(int8_dir, ckpt, tm
     assert main(["bench", "--checkpoint", str(ckpt), "--engine-dir", f"onnxruntime:int4={int8_dir}", "--out",
                  str(out)]) == 2
     assert "write KIND=DIR or KIND:PRECISION=DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_int8_gate_bench_searches_distinct_scenes(ckpt, tmp_path) -> None:
+    from mpsclip.bench import int8_gate
+
+    out = tmp_path / "gate"
+    rc = int8_gate.main(["--checkpoint", str(ckpt), "--items", "20", "--queries", "5", "--calibration-items", "8",
+                         "--min-overlap", "0.3", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    gate = result["gate"]
+    assert rc == (0 if gate["passed"] else 1) and result["calibration_items"] == 8
+    assert (gate["retrieval"]["store_items"], gate["retrieval"]["queries"]) == (20, 5)
+    assert set(gate["embedding"]) == {"image", "text"} and set(result["quantization"]) == {"image", "text"}
+    assert "distinct synthetic scenes" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_int8_speed_bench_times_the_variants_it_fuses(tiny_model, tmp_path, monkeypatch) -> None:
+    from mpsclip.bench import int8_speed
+    from mpsclip.export.onnx import write_onnx
+
+    fp32 = tmp_path / "text.onnx"
+    write_onnx(tiny_model, "text", fp32)
+    monkeypatch.setitem(int8_speed.GEMM_SHAPES, "text", ((8, 16, 16),))
+    out = tmp_path / "out"
+    assert int8_speed.main(["--onnx", f"text={fp32}", "--calibration", "8", "--rounds", "2", "--gemm-rounds", "2",
+                            "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    text = result["towers"]["text"]
+    assert list(text) == ["fp32", *int8_speed.VARIANTS] and text["fp32"]["ratio_to_fp32_p50"] == 1.0
+    fused = {name: set(v["kernel_ms_per_op"]) for name, v in text.items()}
+    assert "QLinearMatMul" in fused["qdq"] and "MatMulIntegerToFloat" in fused["qdq-float-out"]
+    assert "DynamicQuantizeMatMul" in fused["dynamic"] and "QLinearMatMul" not in fused["fp32"]
+    assert result["gemm"][0]["shape_mkn"] == [8, 16, 16] and isinstance(result["cpu_flags"]["avx2"], bool)
