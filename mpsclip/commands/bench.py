@@ -57,7 +57,7 @@ examples:
   mpsclip bench archive synth/images --checkpoint m.safetensors --batch 16 --workers 0,2 --device cpu --out b
   mpsclip bench archive --synthetic 131072 --checkpoint m.safetensors --batch 512 --out bench-gpu-archive
   # int8 against fp32 ONNX Runtime towers on the same tiles (folders from mpsclip export --format onnx)
-  mpsclip bench archive synth/images --checkpoint m.safetensors --engine onnxruntime --engine-dir fp32/ \
+  mpsclip bench archive synth/images --checkpoint m.safetensors --engine onnxruntime --engine-dir fp32/ \\
       --engine-dir q8/ --precision fp32,int8 --workers 0 --perspectives none --device cpu --out b-int8
 """
 
