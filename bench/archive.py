@@ -8,6 +8,11 @@
   warm-up shard (compilation, CUDA graph capture and worker start-up are not timed). Zero-shot perspectives
   use threshold 0, so every item gets its top-k keywords' sub-images: the path's full cost.
 
+Each engine of :func:`engine_choices` (``--engine``, ``--engine-dir``, ``--precision``, as ``mpsclip embed`` takes
+them: torch at one or more precisions, or several export folders, an int8 and an fp32 one say) gets its own
+model-alone row and pipeline rows; the engines take turns at each setting, and ``vs first engine`` sets each
+row against the first engine's row of the same setting (on a shared machine, compare these ratios).
+
 ``synthetic`` writes that many JPEG tiles (smooth colour fields with texture, so they compress like aerial
 imagery) instead of reading SOURCE. Results: ``results.json`` (schema :data:`SCHEMA`), ``results.md`` and
 ``throughput.png`` in the output folder.
@@ -36,6 +41,8 @@ from mpsclip.archive.job import LocalExecutor, list_items, open_job, run_job
 from mpsclip.archive.perspectives import ZeroShotSettings
 from mpsclip.checkpoints import file_sha256
 from mpsclip.devices import resolve_device
+from mpsclip.engines.manifest import read_export
+from mpsclip.errors import MPSCLIPError
 from mpsclip.factory import load_model
 from mpsclip.io import atomic_write
 
@@ -56,6 +63,37 @@ class ArchiveSettings:
     perspectives: tuple[str, ...] = ("none", "zero-shot")
     model_repeats: int = 20
     device: str = "auto"
+    engine: str = "torch"
+    engine_dirs: tuple[Path, ...] = ()
+    """Export folders of ``engine`` (not torch), each measured at the precision its manifest says."""
+    precisions: tuple[str, ...] | None = None
+    """The precisions to measure (None: the engine's own, or each folder's)."""
+
+
+def engine_choices(settings: ArchiveSettings) -> list[tuple[Path | None, str | None]]:
+    """The (export folder, precision) of each engine to measure, in order; a precision None is the engine's own.
+
+    torch takes no folder and runs at each precision; an exported engine runs each folder, or, with
+    ``precisions``, the folder exported at each of them."""
+    if settings.engine == "torch":
+        if settings.engine_dirs:
+            raise MPSCLIPError("--engine-dir is only used with --engine onnxruntime or tensorrt; drop it")
+        return [(None, p) for p in settings.precisions or (None,)]
+    if not settings.engine_dirs:
+        raise MPSCLIPError(f"--engine {settings.engine} needs --engine-dir DIR (repeat it for several), folders "
+                           "written by mpsclip export")
+    own = {folder: read_export(folder, settings.engine).precision for folder in settings.engine_dirs}
+    if settings.precisions is None:
+        return [(folder, precision) for folder, precision in own.items()]
+    chosen = []
+    for precision in settings.precisions:
+        folders = [folder for folder, p in own.items() if p == precision]
+        if not folders:
+            have = ", ".join(f"{folder} ({p})" for folder, p in own.items())
+            raise MPSCLIPError(f"--precision {precision}: no --engine-dir was exported in {precision} (given: {have}); "
+                               f"export one with mpsclip export --precision {precision}")
+        chosen += [(folder, precision) for folder in folders]
+    return chosen
 
 
 def _write_tile(args: tuple[Path, int, int]) -> None:
@@ -114,32 +152,67 @@ def decoders(settings: ArchiveSettings, device: torch.device) -> tuple[str, ...]
 
 
 def measure(settings: ArchiveSettings, source: Path, work: Path, progress: bool) -> tuple[list[dict], dict]:
-    """The model-alone row and one pipeline row per perspectives × decode × workers; the resolved settings."""
+    """One model-alone row per engine, then per perspectives × decode × workers one pipeline row per engine (the
+    engines take turns); the resolved settings."""
     device = resolve_device(settings.device)
-    base = EmbedSettings(batch_size=settings.batch, shard_size=settings.shard_size, device=str(device))
+    base = EmbedSettings(batch_size=settings.batch, shard_size=settings.shard_size, device=str(device),
+                         engine=settings.engine)
     sha = file_sha256(settings.checkpoint)
     model = load_model(settings.checkpoint)
-    alone = Embedder(model, base, sha)
-    rows: list[dict[str, Any]] = [{"what": "model alone (image tower)", "perspectives": None, "decode": None,
-                                   "workers": None, "items_per_s": round(model_rate(alone, settings.batch,
-                                                                                    settings.model_repeats), 1)}]
+    engines = []
+    for folder, precision in engine_choices(settings):
+        chosen = dataclasses.replace(base, engine_dir=folder, precision=precision)
+        engines.append((chosen, Embedder(model, chosen, sha)))
+    rows: list[dict[str, Any]] = []
+    for _, alone in engines:
+        rows.append({"what": f"model alone (image tower), {_engine_name(alone)}", **_engine_columns(alone),
+                     "perspectives": None, "decode": None, "workers": None,
+                     "items_per_s": round(model_rate(alone, settings.batch, settings.model_repeats), 1)})
     for perspectives in settings.perspectives:
         for decode in decoders(settings, device):
             for workers in settings.workers:
-                chosen = dataclasses.replace(base, perspectives=perspectives, decode=decode, workers=workers,
-                                             zero_shot=ZeroShotSettings(threshold=0.0))
-                print(f"bench archive: perspectives={perspectives} decode={decode} workers={workers} ...",
-                      file=sys.stderr, flush=True)
-                embedder = Embedder(alone.model, chosen, sha)
-                store = work / f"store-{len(rows)}"
-                result = pipeline_rate(embedder, source, store, settings.checkpoint, progress)
-                rows.append({"what": f"pipeline, perspectives={perspectives}, decode={decode}, workers={workers}",
-                             "perspectives": perspectives, "decode": decode, "workers": workers, **result})
-    for row in rows:
-        row["vs_model_alone"] = round(row["items_per_s"] / rows[0]["items_per_s"], 3)
-    resolved = {"dtype": alone.precision.precision, "runtime": alone.engine.kind,
+                for chosen, alone in engines:
+                    setting = dataclasses.replace(chosen, perspectives=perspectives, decode=decode, workers=workers,
+                                                  zero_shot=ZeroShotSettings(threshold=0.0))
+                    print(f"bench archive: {_engine_name(alone)} perspectives={perspectives} decode={decode} "
+                          f"workers={workers} ...", file=sys.stderr, flush=True)
+                    embedder = Embedder(alone.model, setting, sha)
+                    store = work / f"store-{len(rows)}"
+                    result = pipeline_rate(embedder, source, store, settings.checkpoint, progress)
+                    rows.append({"what": f"pipeline, perspectives={perspectives}, decode={decode}, workers={workers}, "
+                                 f"{_engine_name(alone)}", **_engine_columns(alone), "perspectives": perspectives,
+                                 "decode": decode, "workers": workers, **result})
+    _ratios(rows)
+    first = engines[0][1]
+    resolved = {"dtype": first.precision.precision, "runtime": first.engine.kind,
+                "engines": [_engine_name(alone) for _, alone in engines],
                 "items": len(list_items(source, base)), "arch": str(model.config_dict()["arch"])}
     return rows, resolved
+
+
+def _engine_name(embedder: Embedder) -> str:
+    return f"{embedder.engine.kind} {embedder.engine.precision}"
+
+
+def _engine_columns(embedder: Embedder) -> dict[str, Any]:
+    folder = embedder.settings.engine_dir
+    return {"engine": embedder.engine.kind, "precision": embedder.engine.precision,
+            "engine_dir": str(folder) if folder is not None else None}
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """``vs_model_alone``: over the same engine's model-alone row; ``vs_first_engine``: over the first engine's
+    row of the same setting."""
+    def setting(row: dict[str, Any]) -> tuple:
+        return row["perspectives"], row["decode"], row["workers"]
+
+    alone = {(r["engine"], r["precision"], r["engine_dir"]): r["items_per_s"] for r in rows if r["workers"] is None}
+    first: dict[tuple, float] = {}
+    for row in rows:
+        first.setdefault(setting(row), row["items_per_s"])
+        row["vs_model_alone"] = round(row["items_per_s"] / alone[(row["engine"], row["precision"],
+                                                                  row["engine_dir"])], 3)
+        row["vs_first_engine"] = round(row["items_per_s"] / first[setting(row)], 3)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -153,17 +226,19 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {where}; load average {m['load_average']} at the start; torch {m['torch']}. Source: {source} "
         f"({s['items']} items); model {result['model']['arch']} (`{result['model']['checkpoint']}`), "
-        f"{s['dtype']} on {m['device']} ({s['runtime']} engine), batch {s['batch']}, shards of {s['shard_size']}. "
+        f"on {m['device']}, engines: {', '.join(s['engines'])}; batch {s['batch']}, shards of {s['shard_size']}. "
         "Pipeline rows embed the whole source into a fresh store after one warm-up shard; `vs model alone` is "
-        "the row's items/s over the image tower's own on a resident batch.",
+        "the row's items/s over the same engine's image tower on a resident batch; `vs first engine` is the row's "
+        "items/s over the first engine's in the same setting (the engines take turns).",
         *(["", result["note"]] if result.get("note") else []),
         "",
-        "| what | items/s | seconds | vs model alone |",
-        "|---|---:|---:|---:|",
+        "| what | items/s | seconds | vs model alone | vs first engine |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         seconds = f"{r['seconds']:.1f}" if "seconds" in r else ""
-        lines.append(f"| {r['what']} | {r['items_per_s']:,.1f} | {seconds} | {r['vs_model_alone']:.2f}x |")
+        lines.append(f"| {r['what']} | {r['items_per_s']:,.1f} | {seconds} | {r['vs_model_alone']:.2f}x | "
+                     f"{r['vs_first_engine']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -50,9 +50,15 @@ class GridSettings:
     duration: float | None = None
     """Seconds for the whole grid's timed rounds (each group gets its share), or None."""
     engine_dirs: dict[str, str] = field(default_factory=dict)
+    """Export folders by ``KIND`` (any precision) or ``KIND:PRECISION`` (that precision only: an fp32 and an int8
+    folder of one engine side by side)."""
     seed: int = 0
     build_workers: int | None = None
     """Processes exporting on the fly (None: one per CPU core, at most one per export)."""
+
+    def engine_dir(self, kind: str, precision: str) -> str | None:
+        """The export folder given for ``kind`` at ``precision``, or None (then it is exported on the fly)."""
+        return self.engine_dirs.get(f"{kind}:{precision}", self.engine_dirs.get(kind))
 
     @property
     def timing(self) -> TimingSettings:
@@ -169,9 +175,9 @@ def export_jobs(models: list[tuple[str, Path]], settings: GridSettings, device: 
     not skipped here), each into its own folder under ``folder``."""
     jobs = []
     for name, checkpoint in models:
-        for kind in (k for k in settings.engines if k in EXPORTED and k not in settings.engine_dirs):
+        for kind in (k for k in settings.engines if k in EXPORTED):
             for precision in settings.precisions:
-                if skip_reason(kind, precision, device) is None:
+                if skip_reason(kind, precision, device) is None and settings.engine_dir(kind, precision) is None:
                     jobs += [ExportJob(name, checkpoint, kind, precision, tower, max(settings.batch_sizes),
                                        device.type, folder / f"{len(jobs) + i:02d}-{kind}-{precision}-{tower}")
                              for i, tower in enumerate(settings.towers)]
@@ -193,11 +199,12 @@ def _engines(kind: str, source: RetrievalModel | dict[str, Path], settings: Grid
     if not isinstance(source, dict):
         engine = load_engine(kind, source, device, precision=precision)
         return {t: engine for t in settings.towers if t in engine.towers}
-    if kind in settings.engine_dirs:
-        engine = load_engine(kind, settings.engine_dirs[kind], device, precision=precision, checkpoint_sha256=sha)
+    folder = settings.engine_dir(kind, precision)
+    if folder is not None:
+        engine = load_engine(kind, folder, device, precision=precision, checkpoint_sha256=sha)
         return {t: engine for t in settings.towers if t in engine.towers}
-    return {t: load_engine(kind, folder, device, precision=precision, checkpoint_sha256=sha)
-            for t, folder in source.items()}
+    return {t: load_engine(kind, path, device, precision=precision, checkpoint_sha256=sha)
+            for t, path in source.items()}
 
 
 def prepare(name: str, model: RetrievalModel, sha: str, settings: GridSettings, device: torch.device,
@@ -241,8 +248,8 @@ def prepare(name: str, model: RetrievalModel, sha: str, settings: GridSettings, 
                 t: folder for t, (folder, _) in built.items()}
             if built:
                 record.export_s, record.source = round(sum(s for _, s in built.values()), 3), "exported on the fly"
-            elif kind in settings.engine_dirs:
-                record.source = settings.engine_dirs[kind]
+            elif settings.engine_dir(kind, precision) is not None:
+                record.source = settings.engine_dir(kind, precision)
             start = time.perf_counter()
             engines = _engines(kind, source, settings, precision, device, sha)
             record.load_s = round(time.perf_counter() - start, 3)

@@ -60,15 +60,16 @@ def run_gate(
         fp32 = _encoder(reference, tower, settings.batch)
         pairs[tower] = (fp32, _encoder(engine, tower, settings.batch) if tower in engine.towers else fp32)
     inputs = {"image": calibration.pixels, "text": model.tokenize(calibration.captions)}
+    embedded = {tower: _both(pairs[tower], inputs[tower]) for tower in inputs}
     failures: list[str] = []
     embedding = {}
     for tower in sorted(engine.towers):
-        figures = _embedding_level(pairs[tower], inputs[tower], calibration.split(tower))
+        figures = _embedding_level(embedded[tower], calibration.split(tower))
         embedding[tower] = figures
         worst = min(figures.values())
         if not worst >= settings.min_cosine:
             failures.append(f"{tower} tower: min cosine to fp32 {worst:.4f} < {settings.min_cosine}")
-    retrieval = _retrieval_level(pairs, calibration, inputs["text"], settings)
+    retrieval = _retrieval_level(pairs, embedded, calibration.pixels, settings)
     if not retrieval["top_k_overlap"] >= settings.min_overlap:
         failures.append(
             f"top-{settings.k} overlap with fp32 over {retrieval['queries']} queries on {retrieval['store_items']} "
@@ -101,31 +102,30 @@ def _encoder(engine: Engine, tower: str, batch: int) -> Encode:
     return run
 
 
-def _embedding_level(pair: tuple[Encode, Encode], x: torch.Tensor, split: tuple[list[int], list[int]]
+def _embedding_level(embedded: tuple[torch.Tensor, torch.Tensor], split: tuple[list[int], list[int]]
                      ) -> dict[str, float]:
-    reference, quantized = (encode(x) for encode in pair)
-    cosine = F.cosine_similarity(reference, quantized, dim=-1)
+    cosine = F.cosine_similarity(*embedded, dim=-1)
     calibrated, held_back = split
     return {"calibration_min_cosine": round(float(cosine[calibrated].min()), 6),
             "held_back_min_cosine": round(float(cosine[held_back].min()), 6) if held_back else 1.0}
 
 
 def _store_batches(pixels: torch.Tensor, items: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
-    """The gate's store: ``pixels`` first, then seeded crops, flips and quarter turns of them, ``batch`` at a time."""
+    """The gate's store past ``pixels`` (items ``len(pixels)`` to ``items``): seeded crops, flips and quarter turns
+    of them, ``batch`` at a time."""
     gen = torch.Generator().manual_seed(seed)
     size = pixels.shape[-1]
-    for start in range(0, items, batch):
+    for start in range(len(pixels), items, batch):
         rows = []
         for index in range(start, min(start + batch, items)):
             image = pixels[index % len(pixels)]
-            if index >= len(pixels):
-                side = int(size * (0.4 + 0.6 * float(torch.rand((), generator=gen))))
-                top, left = (int(torch.randint(0, size - side + 1, (), generator=gen)) for _ in range(2))
-                crop = image[:, top : top + side, left : left + side][None]
-                image = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-                image = torch.rot90(image, int(torch.randint(0, 4, (), generator=gen)), dims=(1, 2))
-                if bool(torch.rand((), generator=gen) < 0.5):
-                    image = image.flip(-1)
+            side = int(size * (0.4 + 0.6 * float(torch.rand((), generator=gen))))
+            top, left = (int(torch.randint(0, size - side + 1, (), generator=gen)) for _ in range(2))
+            crop = image[:, top : top + side, left : left + side][None]
+            image = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            image = torch.rot90(image, int(torch.randint(0, 4, (), generator=gen)), dims=(1, 2))
+            if bool(torch.rand((), generator=gen) < 0.5):
+                image = image.flip(-1)
             rows.append(image)
         yield torch.stack(rows)
 
@@ -136,16 +136,19 @@ def _both(pair: tuple[Encode, Encode], x: torch.Tensor) -> tuple[torch.Tensor, t
     return first, (first if pair[1] is pair[0] else pair[1](x))
 
 
-def _retrieval_level(pairs: dict[str, tuple[Encode, Encode]], calibration: CalibrationSet, tokens: torch.Tensor,
-                     settings: GateSettings) -> dict[str, Any]:
-    batches = _store_batches(calibration.pixels, settings.store_items, settings.batch, settings.seed)
-    store = [torch.cat(parts) for parts in zip(*(_both(pairs["image"], b) for b in batches), strict=True)]
-    queries = tokens[: settings.queries]
+def _retrieval_level(pairs: dict[str, tuple[Encode, Encode]], embedded: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     pixels: torch.Tensor, settings: GateSettings) -> dict[str, Any]:
+    """Top-k overlap on the store: the calibration images' embeddings (``embedded``, made once), then the
+    augmented items of :func:`_store_batches`."""
+    extra = [_both(pairs["image"], b) for b in _store_batches(pixels, settings.store_items, settings.batch,
+                                                              settings.seed)]
+    store = [torch.cat([side[: settings.store_items], *parts]) for side, parts in
+             zip(embedded["image"], zip(*extra, strict=True) if extra else ((), ()), strict=True)]
+    queries = [side[: settings.queries] for side in embedded["text"]]
     k = min(settings.k, settings.store_items)
-    top = [(text @ images.T).topk(k, dim=1).indices for text, images in zip(_both(pairs["text"], queries), store,
-                                                                          strict=True)]
+    top = [(text @ images.T).topk(k, dim=1).indices for text, images in zip(queries, store, strict=True)]
     overlap = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(*top, strict=True)]
-    return {"store_items": settings.store_items, "queries": len(queries), "k": k,
+    return {"store_items": settings.store_items, "queries": len(queries[0]), "k": k,
             "top_k_overlap": round(float(np.mean(overlap)), 6), "worst_query_overlap": round(float(min(overlap)), 6)}
 
 

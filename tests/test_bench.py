@@ -257,10 +257,11 @@ def test_archive_subverb_measures_the_pipeline_next_to_the_model(ckpt: Path, syn
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["schema"] == ARCHIVE_SCHEMA and result["settings"]["items"] == 6
     alone, pipeline = result["rows"]
-    assert alone["what"] == "model alone (image tower)" and alone["vs_model_alone"] == 1.0
+    assert alone["what"] == "model alone (image tower), torch fp32" and alone["vs_model_alone"] == 1.0
+    assert (pipeline["engine"], pipeline["precision"], pipeline["vs_first_engine"]) == ("torch", "fp32", 1.0)
     assert pipeline["items"] == 6 and pipeline["failed"] == 0 and pipeline["items_per_s"] > 0
     assert pipeline["vs_model_alone"] == pytest.approx(pipeline["items_per_s"] / alone["items_per_s"], rel=1e-2)
-    assert "| pipeline, perspectives=none, decode=cpu, workers=0 |" in (tmp_path / "results.md").read_text()
+    assert "| pipeline, perspectives=none, decode=cpu, workers=0, torch fp32 |" in (tmp_path / "results.md").read_text()
     with Image.open(tmp_path / "throughput.png") as image:
         assert image.format == "PNG"
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpsclip.choices import ENGINES, MODES, PERSPECTIVES, PRECISIONS
+from mpsclip.choices import ENGINES, MODES, PERSPECTIVES, PRECISIONS, RUNTIMES
 from mpsclip.commands._args import add_checkpoint, add_device, add_out, add_quiet, add_trust_checkpoint
 
 HELP = "benchmark engines (latency, throughput, ratio to plain open_clip), archive embedding and search"
@@ -47,13 +47,18 @@ ARCHIVE_HELP = """The archive embedding path next to the image tower alone, on t
 For each --perspectives x --decode x --workers setting, SOURCE (anything 'mpsclip embed' reads) is embedded
 into a fresh temporary store after one warm-up shard (compilation and worker start-up are not timed), and
 its items/s is set next to the image tower's own items/s on a resident batch of --batch. --synthetic N writes
-N synthetic JPEG tiles instead of reading a SOURCE. Writes OUT/results.json, OUT/results.md and
-OUT/throughput.png.
+N synthetic JPEG tiles instead of reading a SOURCE. --engine, --engine-dir and --precision choose the image
+engine as for 'mpsclip embed'; several --engine-dir folders (an int8 and an fp32 export, say) or several
+--precision values for torch are measured in turns, each row set against the first engine's. Writes
+OUT/results.json, OUT/results.md and OUT/throughput.png.
 
 examples:
   mpsclip synth --out synth --train 0 --test 64
   mpsclip bench archive synth/images --checkpoint m.safetensors --batch 16 --workers 0,2 --device cpu --out b
   mpsclip bench archive --synthetic 131072 --checkpoint m.safetensors --batch 512 --out bench-gpu-archive
+  # int8 against fp32 ONNX Runtime towers on the same tiles (folders from mpsclip export --format onnx)
+  mpsclip bench archive synth/images --checkpoint m.safetensors --engine onnxruntime --engine-dir fp32/ \\
+      --engine-dir q8/ --precision fp32,int8 --workers 0 --perspectives none --device cpu --out b-int8
 """
 
 SEARCH_HELP = """Search latency and recall@10 on a store: exact streamed, in memory, and FAISS at several nprobe.
@@ -87,6 +92,7 @@ def _list(kind: type, choices: tuple[str, ...] | None = None):  # noqa: ANN202
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.allow_abbrev = False  # else `bench archive --engine` reads as an ambiguous --engines/--engine-dir
     sub = parser.add_subparsers(dest="subverb", metavar="[archive|search]", required=False)
     configure_archive(sub.add_parser("archive", help="archive embedding throughput", description=ARCHIVE_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -112,8 +118,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds for all timed rounds, warm-up calls aside: each group of cells gets its share "
                              "(at least 3 rounds, at most --repeats)")
-    parser.add_argument("--engine-dir", action="append", default=[], metavar="KIND=DIR",
-                        help="an mpsclip export folder for engine KIND (onnxruntime, aoti, tensorrt)")
+    parser.add_argument("--engine-dir", action="append", default=[], metavar="KIND[:PRECISION]=DIR",
+                        help="an mpsclip export folder for engine KIND (onnxruntime, aoti, tensorrt), for one "
+                        "PRECISION only if given (onnxruntime:int8=q8/ beside onnxruntime:fp32=fp32/)")
     parser.add_argument("--build-workers", type=int, default=None, metavar="N",
                         help="processes exporting towers on the fly (default: one per CPU core)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
@@ -140,6 +147,13 @@ def configure_archive(parser: argparse.ArgumentParser) -> None:
                         default=("none", "zero-shot"), help="comma list of none,zero-shot (default: both)")
     parser.add_argument("--model-repeats", type=int, default=20,
                         help="timed calls of the image tower alone (default: 20)")
+    parser.add_argument("--engine", choices=RUNTIMES, default="torch", metavar="KIND", dest="archive_engine",
+                        help=f"image-tower engine, as for mpsclip embed: {', '.join(RUNTIMES)} (default: torch)")
+    parser.add_argument("--engine-dir", type=Path, action="append", default=None, metavar="DIR",
+                        dest="archive_engine_dirs", help="an 'mpsclip export' folder for --engine; repeat it to "
+                        "measure several (an int8 and an fp32 export)")
+    parser.add_argument("--precision", type=_list(str, PRECISIONS), default=None, dest="archive_precisions",
+                        help="comma list of the precisions to measure (default: the engine's own, or each folder's)")
     parser.add_argument("--note", default=None, help="a line for results.md (e.g. how SOURCE was made)")
     add_out(parser, "output folder", metavar="DIR")
     add_device(parser, "where the model runs")
@@ -173,10 +187,12 @@ def _engine_dirs(values: list[str]) -> dict[str, str]:
 
     out = {}
     for value in values:
-        kind, sep, folder = value.partition("=")
-        if not sep or kind not in EXPORTED:
-            raise MPSCLIPError(f"--engine-dir {value!r}: write KIND=DIR with KIND one of {', '.join(EXPORTED)}")
-        out[kind] = folder
+        key, sep, folder = value.partition("=")
+        kind, colon, precision = key.partition(":")
+        if not sep or kind not in EXPORTED or (colon and precision not in PRECISIONS):
+            raise MPSCLIPError(f"--engine-dir {value!r}: write KIND=DIR or KIND:PRECISION=DIR with KIND one of "
+                               f"{', '.join(EXPORTED)} and PRECISION one of {', '.join(PRECISIONS)}")
+        out[key] = folder
     return out
 
 
@@ -208,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
             source=args.source, synthetic=args.synthetic, tile=args.tile, checkpoint=args.checkpoint,
             batch=args.batch, shard_size=args.shard_size, workers=args.workers, decode=args.decode,
             perspectives=args.perspectives, model_repeats=args.model_repeats, device=args.device,
+            engine=args.archive_engine, engine_dirs=tuple(args.archive_engine_dirs or ()),
+            precisions=args.archive_precisions,
         )
         bench_archive(settings, out, progress=not args.quiet, note=args.note)
         return 0

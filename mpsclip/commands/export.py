@@ -52,6 +52,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="int8: images and captions to calibrate on, one in five held back (256)")
     parser.add_argument("--gate-items", type=int, default=2000, metavar="N",
                         help="int8: items in the quality gate's store (2000)")
+    parser.add_argument("--min-overlap", type=float, default=0.95, metavar="F",
+                        help="int8: the least mean top-10 overlap with fp32 over the gate's queries (0.95)")
     parser.add_argument("--eval-file", type=Path, default=None, metavar="JSON",
                         help="int8: evaluation file whose R@1/5/10 may drop at most 1 point against fp32")
     parser.add_argument("--towers", default="image,text", help="comma-separated towers to export (image,text)")
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     int8 = args.precision == "int8"
     if not int8 and (args.calibration is not None or args.eval_file is not None):
         raise MPSCLIPError("--calibration and --eval-file are for --precision int8; add it or drop them")
+    if not 0.0 <= args.min_overlap <= 1.0:
+        raise MPSCLIPError(f"--min-overlap {args.min_overlap}: give a fraction of the top-10 lists, 0 to 1")
 
     if args.device != "auto" and args.fmt != "aoti":
         raise MPSCLIPError(f"--device {args.device}: only --format aoti compiles for a device; drop --device")
@@ -94,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         calibration=args.calibration,
         calibration_items=args.calibration_items,
-        gate=GateSettings(store_items=args.gate_items, eval_file=args.eval_file) if int8 else None,
+        gate=GateSettings(store_items=args.gate_items, min_overlap=args.min_overlap, eval_file=args.eval_file)
+        if int8 else None,
     )
     manifest = json.loads((out / MANIFEST).read_text())
     if int8:
