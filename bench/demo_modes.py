@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,6 @@ def regions_embeddings(
     model: MPSCLIP, images: list, paths: dict[str, Path], max_sub_images: int | None
 ) -> torch.Tensor:
     """The sub-image ("regions") embedding of every evaluation image, as the fused embedding uses it."""
-    from functools import partial
-
     from torch.utils.data import DataLoader
 
     from mpsclip.data.collate import collate
@@ -87,6 +86,29 @@ def diagnostics(model: MPSCLIP, emb: EvalEmbeddings, regions: torch.Tensor) -> d
     }
 
 
+def score_checkpoint(checkpoint: Path, paths: dict[str, Path], max_sub_images: int | None) -> dict[str, Any]:
+    """The three modes' mR and the :func:`diagnostics` of ``checkpoint`` on the held-out images."""
+    model = load_model(checkpoint).eval()
+    images = load_eval(paths["eval_file"])
+    emb = embed_eval_set(model, images, paths["image_root"], paths["sub_root"], 64, 0, max_sub_images,
+                         progress=False)
+    regions = regions_embeddings(model, images, paths, max_sub_images)
+    return {
+        "modes": {mode: round(m["r_mean"], 2) for mode, m in score_all_modes(emb).items()},
+        "diagnostics": {k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in diagnostics(model, emb, regions).items()},
+        "chance_r_mean": round(chance_r_mean(len(images), 5), 2),
+    }
+
+
+def score_snapshot(label: str, checkpoint: Path, data: Path) -> dict[str, Any]:
+    """A row for a checkpoint copied during a run (e.g. ``last.safetensors`` after epoch 2 of ``baseline``)."""
+    load_start = load_average()
+    row = score_checkpoint(checkpoint, dataset_paths(data), 1)
+    return {"variant": label, "changes": {"snapshot": str(checkpoint)}, "seed": 0, **row,
+            "train_seconds": None, "load_average": {"start": load_start, "end": load_average()}}
+
+
 def run_variant(name: str, data: Path, work: Path, epochs: int, resume: bool) -> dict[str, Any]:
     paths = dataset_paths(data)
     overrides = {"epochs": epochs, **VARIANTS[name]}
@@ -100,20 +122,9 @@ def run_variant(name: str, data: Path, work: Path, epochs: int, resume: bool) ->
     train(cfg, run_dir, resume=resume, device="cpu", progress=False)
     wall_s = time.perf_counter() - start
     epochs_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    model = load_model(run_dir / "last.safetensors").eval()
-    images = load_eval(paths["eval_file"])
-    emb = embed_eval_set(model, images, paths["image_root"], paths["sub_root"], 64, 0, cfg.max_sub_images,
-                         progress=False)
-    modes = {mode: round(m["r_mean"], 2) for mode, m in score_all_modes(emb).items()}
-    regions = regions_embeddings(model, images, paths, cfg.max_sub_images)
-    return {
-        "variant": name,
-        "changes": overrides,
-        "seed": cfg.seed,
-        "modes": modes,
-        "diagnostics": {k: round(v, 4) if isinstance(v, float) else v
-                        for k, v in diagnostics(model, emb, regions).items()},
-        "chance_r_mean": round(chance_r_mean(len(images), 5), 2),
+    row = {"variant": name, "changes": overrides, "seed": cfg.seed,
+           **score_checkpoint(run_dir / "last.safetensors", paths, cfg.max_sub_images)}
+    return row | {
         "train_seconds": round(sum(e["seconds"] for e in epochs_log), 1),  # all epochs, resumed ones too
         "wall_seconds_this_call": round(wall_s, 1),
         "load_average": {"start": load_start, "end": load_average()},
@@ -130,7 +141,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['variant']} | {change} | {r['seed']} | {m['global']:.2f} | {m['fused']:.2f} | "
             f"{m['max-response']:.2f} | {d['regions_only']:.2f} | {d['perspectives_only']:.2f} | "
-            f"{r['train_seconds']:.0f} | {r['load_average']['start'][0]:.2f}/{r['load_average']['end'][0]:.2f} |"
+            f"{'-' if r['train_seconds'] is None else round(r['train_seconds'])} | "
+            f"{r['load_average']['start'][0]:.2f}/{r['load_average']['end'][0]:.2f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -142,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["baseline"], choices=sorted(VARIANTS))
     parser.add_argument("--epochs", type=int, default=5, help="the demo's default")
     parser.add_argument("--resume", action="store_true", help="continue each variant's run after its last epoch")
+    parser.add_argument("--snapshot", nargs=2, action="append", default=[], metavar=("LABEL", "CHECKPOINT"),
+                        help="score a checkpoint copied during a run (tiny.yaml's max_sub_images) instead of training")
     parser.add_argument("--train-images", type=int, default=400)
     parser.add_argument("--test-images", type=int, default=500)
     args = parser.parse_args(argv)
@@ -150,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         generate(data, n_train=args.train_images, n_test=args.test_images, seed=0)
     out_json = args.out.with_suffix(".json")
     rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
-    for name in args.variants:
-        row = run_variant(name, data, args.work, args.epochs, args.resume)
+    jobs = [(label, partial(score_snapshot, label, Path(path), data)) for label, path in args.snapshot] or [
+        (name, partial(run_variant, name, data, args.work, args.epochs, args.resume)) for name in args.variants
+    ]
+    for name, job in jobs:
+        row = job()
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["variant"] != name] + [row]
         payload = {"cpu": cpu_model(), "cores": torch.get_num_threads(), "synth_seed": 0,

@@ -96,9 +96,9 @@ def run_demo(out: Path, n_train: int, n_test: int, epochs: int) -> dict[str, dic
 FUSED_NOTE = (
     "fused averages the global embedding with the embedding of the image's black-background sub-image. The loss "
     "trains the global embedding directly, the sub-image one only through the MPR head's terms (weight 0.2), and "
-    "this tiny tower is trained from scratch on whole scenes for a few minutes: its sub-image embeddings score "
-    "near chance on their own, so averaging them in dilutes the global one (bench/results/demo-modes.md). The "
-    "authors' fused embedding starts from a pretrained CLIP, which already embeds a cut-out object meaningfully."
+    "this tiny tower is trained from scratch on whole scenes: on their own its sub-image embeddings score far "
+    "below the global ones, so averaging them in dilutes the global embedding (bench/results/demo-modes.md). "
+    "The authors' fused embedding starts from a pretrained CLIP."
 )
 
 
