@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -59,3 +60,22 @@ def test_evaluate_step_headline_matches_what_it_writes(
     scores = mode_similarity(dataclasses.replace(emb, text=queries), mode)
     want = [[Path(images[i].image).name for i in column.topk(3).indices] for column in scores.t()]
     assert tops == want
+
+
+def test_fused_never_goes_through_the_mpr_head(tiny_model: MPSCLIP, synth: Path, tmp_path: Path) -> None:
+    """The premise of bench/results/demo-modes.md: training or re-initialising the head cannot move fused."""
+    from mpsclip.bench.demo_modes import score_checkpoint
+
+    paths = dataset_paths(synth)
+    row = score_checkpoint(tiny_model.save(tmp_path / "m"), paths, 1)
+    assert row["diagnostics"]["fused_recomputed_max_abs_diff"] == 0.0
+    assert set(row["modes"]) == {"fused", "global", "max-response"}
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    regions, mask = torch.randn(2, 1, 3, 224, 224), torch.tensor([[True], [True]])
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for param in moved.mpr_head.parameters():
+            param.add_(1.0)
+        before, after = tiny_model.embed_all(images, regions, mask), moved.embed_all(images, regions, mask)
+    assert torch.equal(before["retrieval"], after["retrieval"])
+    assert not torch.allclose(before["perspectives"], after["perspectives"])
