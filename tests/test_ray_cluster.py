@@ -146,7 +146,10 @@ def test_lost_driver_resumes_from_finished_shards(
     cluster: RayCluster, images: Path, ckpt: Path, reference: Path, tmp_path: Path
 ) -> None:
     log, store = tmp_path / "shards.jsonl", tmp_path / "s"
-    driver = subprocess.Popen(_driver(cluster, images, store, ckpt, log), stdout=subprocess.PIPE,
+    # two actors, not "as many as fit": until Ray's health checks mark the host the previous test killed as dead,
+    # its CPU still counts, and a pool sized on it waits (ACTOR_START_TIMEOUT_S) for an actor that cannot start
+    two = ("--ray-actors", "2")
+    driver = subprocess.Popen(_driver(cluster, images, store, ckpt, log, *two), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_records(log, 4, driver)  # a shard is logged as it arrives, then written
@@ -156,7 +159,7 @@ def test_lost_driver_resumes_from_finished_shards(
         driver.kill()
     finished = len(list(store.glob("shard-*.parquet")))
     assert 3 <= finished < 10
-    done = _run(_driver(cluster, images, store, ckpt, log))
+    done = _run(_driver(cluster, images, store, ckpt, log, *two))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"new items embedded after {finished} existing shards" in done.stdout
     assert _files(store) == _files(reference)
@@ -175,7 +178,7 @@ def test_driver_memory_stays_flat_as_shards_grow(
         for image in sorted((source / "images").iterdir())[:shards]:
             os.link(image, folder / image.name)
         out = tmp_path_factory.mktemp(f"store{shards}")
-        command = _driver(cluster, folder, out / "s", ckpt, out / "log.jsonl")
+        command = _driver(cluster, folder, out / "s", ckpt, out / "log.jsonl", "--ray-actors", "2")  # see above
         command[command.index("--shard-size") + 1] = "1"
         done = _run(command)
         assert done.returncode == 0, done.stderr[-3000:]
