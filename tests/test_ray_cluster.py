@@ -32,6 +32,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SHARD = 2
 RUN_TIMEOUT_S = 300
+TWO_ACTORS = ("--ray-actors", "2")
+"""Drivers after a host was killed ask for two actors, not "as many as fit": until Ray's health checks mark the
+killed host dead its CPU still counts, and a pool sized on it waits (ACTOR_START_TIMEOUT_S) for an actor that
+cannot start."""
 PEAK_RSS = (
     "import resource, sys\n"
     "from mpsclip.cli import main\n"
@@ -125,7 +129,7 @@ def test_lost_worker_host_the_job_finishes_on_the_others(
     store is the single-process one."""
     spare = cluster.add_node("w8")
     log = tmp_path / "shards.jsonl"
-    command = _driver(cluster, images, tmp_path / "s", ckpt, log, "--ray-actors", "2")
+    command = _driver(cluster, images, tmp_path / "s", ckpt, log, *TWO_ACTORS)
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_records(log, 2, driver)
@@ -146,10 +150,7 @@ def test_lost_driver_resumes_from_finished_shards(
     cluster: RayCluster, images: Path, ckpt: Path, reference: Path, tmp_path: Path
 ) -> None:
     log, store = tmp_path / "shards.jsonl", tmp_path / "s"
-    # two actors, not "as many as fit": until Ray's health checks mark the host the previous test killed as dead,
-    # its CPU still counts, and a pool sized on it waits (ACTOR_START_TIMEOUT_S) for an actor that cannot start
-    two = ("--ray-actors", "2")
-    driver = subprocess.Popen(_driver(cluster, images, store, ckpt, log, *two), stdout=subprocess.PIPE,
+    driver = subprocess.Popen(_driver(cluster, images, store, ckpt, log, *TWO_ACTORS), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_records(log, 4, driver)  # a shard is logged as it arrives, then written
@@ -159,7 +160,7 @@ def test_lost_driver_resumes_from_finished_shards(
         driver.kill()
     finished = len(list(store.glob("shard-*.parquet")))
     assert 3 <= finished < 10
-    done = _run(_driver(cluster, images, store, ckpt, log, *two))
+    done = _run(_driver(cluster, images, store, ckpt, log, *TWO_ACTORS))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"new items embedded after {finished} existing shards" in done.stdout
     assert _files(store) == _files(reference)
@@ -178,7 +179,7 @@ def test_driver_memory_stays_flat_as_shards_grow(
         for image in sorted((source / "images").iterdir())[:shards]:
             os.link(image, folder / image.name)
         out = tmp_path_factory.mktemp(f"store{shards}")
-        command = _driver(cluster, folder, out / "s", ckpt, out / "log.jsonl", "--ray-actors", "2")  # see above
+        command = _driver(cluster, folder, out / "s", ckpt, out / "log.jsonl", *TWO_ACTORS)
         command[command.index("--shard-size") + 1] = "1"
         done = _run(command)
         assert done.returncode == 0, done.stderr[-3000:]
